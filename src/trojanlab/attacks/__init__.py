@@ -1,0 +1,1 @@
+"""Backdoor attacks. Each method is one module: :mod:`trojanlab.attacks.trojannet`."""

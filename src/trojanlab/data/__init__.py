@@ -1,0 +1,29 @@
+"""Data sets: the embedded GTSRB (32x32), any ``.npz``, image folders and the official GTSRB layout.
+
+Images are held as raw uint8 arrays ``(N, H, W, C)`` so triggers are stamped in raw pixel space before any
+model-specific normalisation; models receive float ``(N, C, H, W)`` tensors in [0, 1].
+"""
+
+from .datasets import (
+    EMBEDDED_GTSRB,
+    GTSRB_CLASS_NAMES,
+    DataSplits,
+    ImageSet,
+    load_dataset,
+    load_image_folder,
+    load_npz,
+    load_torchvision_gtsrb,
+    to_tensor,
+)
+
+__all__ = [
+    "EMBEDDED_GTSRB",
+    "GTSRB_CLASS_NAMES",
+    "DataSplits",
+    "ImageSet",
+    "load_dataset",
+    "load_image_folder",
+    "load_npz",
+    "load_torchvision_gtsrb",
+    "to_tensor",
+]

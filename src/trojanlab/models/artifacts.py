@@ -1,0 +1,191 @@
+"""Model artefacts: weights in ``model.safetensors``, everything needed to rebuild the model in ``model.json``.
+
+Nothing is ever unpickled: a model under audit comes from a stranger, so the spec names an architecture from
+a fixed registry (our GTSRB CNN, torchvision classifiers, the TrojanNet pieces) and only tensors are loaded.
+A user's own ``nn.Module`` is saved the same way and loaded back into an instance the user passes in.
+
+``model.json`` keys: ``format``, ``kind`` (``classifier``, ``trojannet`` or ``trojannet_injected``), ``arch``,
+``num_classes``, ``classes``, ``input_size`` ([C, H, W]), ``normalization`` ({mean, std} applied to inputs in
+[0, 1]), ``provenance`` (command, data, seed, version, time) and, for an attacked model, ``triggers`` (the
+triggers that travel with it, so ``trojanlab evaluate`` measures ASR without extra flags).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ArtifactError, ConfigError
+from ..io import atomic_write, write_json
+from ..triggers import Trigger
+from .gtsrb_cnn import GTSRBCNN
+
+SPEC_FORMAT = "trojanlab-model/1"
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+
+_ARCHITECTURES: dict[str, Callable[[int, tuple[int, int, int]], nn.Module]] = {
+    "gtsrb_cnn": lambda n, shape: GTSRBCNN(n, in_channels=shape[0], image_size=shape[1]),
+}
+
+
+def register_architecture(name: str, factory: Callable[[int, tuple[int, int, int]], nn.Module]) -> None:
+    """Make ``name`` buildable from a spec: ``factory(num_classes, (C, H, W))`` returns an untrained network."""
+    _ARCHITECTURES[name] = factory
+
+
+def _torchvision_network(arch: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    names = set(torchvision.models.list_models(module=torchvision.models))
+    if arch not in names:
+        known = ", ".join(sorted(_ARCHITECTURES) + ["resnet18", "vgg16", "inception_v3", "..."])
+        raise ConfigError(f"unknown architecture '{arch}' (known: {known}; any torchvision classifier name)")
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    if arch in ("inception_v3", "googlenet"):
+        kwargs.update(aux_logits=False, init_weights=False)
+    return torchvision.models.get_model(arch, **kwargs)
+
+
+def build_network(arch: str, num_classes: int, input_size: Sequence[int]) -> nn.Module:
+    """An untrained network by name: ``gtsrb_cnn``, a registered name or any torchvision classifier."""
+    if num_classes < 2:
+        raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
+    shape = tuple(int(v) for v in input_size)
+    if arch in _ARCHITECTURES:
+        return _ARCHITECTURES[arch](num_classes, shape)  # type: ignore[arg-type]
+    return _torchvision_network(arch, num_classes)
+
+
+class Classifier(nn.Module):
+    """A network plus its input normalisation: takes raw images as floats in [0, 1], returns logits."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def classifier_spec(
+    arch: str,
+    classes: Sequence[str],
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "format": SPEC_FORMAT,
+        "kind": "classifier",
+        "arch": arch,
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "input_size": [int(v) for v in input_size],
+        "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+        "provenance": provenance or {},
+    }
+
+
+def build_classifier(spec: dict[str, Any], net: nn.Module | None = None) -> Classifier:
+    """An untrained :class:`Classifier` from a ``classifier`` spec (or around the user's ``net``)."""
+    try:
+        norm = spec["normalization"]
+        net = net if net is not None else build_network(spec["arch"], int(spec["num_classes"]), spec["input_size"])
+        return Classifier(net, norm["mean"], norm["std"])
+    except KeyError as exc:
+        raise ArtifactError(f"model spec lacks the key {exc}") from exc
+
+
+def build_from_spec(spec: dict[str, Any], net: nn.Module | None = None) -> nn.Module:
+    """Rebuild any artefact's module (untrained) from its spec."""
+    kind = spec.get("kind")
+    if kind == "classifier":
+        return build_classifier(spec, net)
+    if kind in ("trojannet", "trojannet_injected"):
+        from ..attacks import trojannet
+
+        return trojannet.module_from_spec(spec, net)
+    raise ArtifactError(f"unknown model kind {kind!r} in spec (expected classifier, trojannet, trojannet_injected)")
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    spec: dict[str, Any]
+    path: Path
+
+    @property
+    def triggers(self) -> list[Trigger]:
+        return [Trigger.from_json(t) for t in self.spec.get("triggers", [])]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.spec["num_classes"])
+
+
+def _provenance_defaults(provenance: dict[str, Any]) -> dict[str, Any]:
+    from .. import __version__
+
+    out = {"trojanlab_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    out.update(provenance)
+    return out
+
+
+def save_model(model: nn.Module, out_dir: str | Path, spec: dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``out_dir`` (atomically; tensors only)."""
+    out = Path(out_dir)
+    spec = dict(spec)
+    spec.setdefault("format", SPEC_FORMAT)
+    spec["provenance"] = _provenance_defaults(spec.get("provenance", {}))
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": SPEC_FORMAT}))
+    write_json(out / SPEC_FILE, spec)
+    return out
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    folder = Path(path)
+    spec_path = folder / SPEC_FILE
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: model folder not found")
+    if not spec_path.is_file():
+        raise ArtifactError(f"{spec_path}: missing (a model artefact is {WEIGHTS_FILE} + {SPEC_FILE})")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{spec_path}: not valid JSON ({exc})") from exc
+    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
+        raise ArtifactError(f"{spec_path}: not a trojanlab model spec (format {SPEC_FORMAT!r} expected)")
+    return spec
+
+
+def load_model(path: str | Path, net: nn.Module | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an artefact folder; ``net`` is the user's own module when the spec's architecture is not buildable."""
+    folder = Path(path)
+    spec = read_spec(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"{weights}: missing (a model artefact is {WEIGHTS_FILE} + {SPEC_FILE})")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    module = build_from_spec(spec, net)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{weights}: weights do not fit the architecture in {SPEC_FILE}: {exc}") from exc
+    module.to(device).eval()
+    return LoadedModel(module, spec, folder)

@@ -1,0 +1,45 @@
+"""The GTSRB CNN of Neural Cleanse / TrojanNet / thesis Table 5.9 (methods sheet section 1.5).
+
+Six 3x3 ReLU convolutions (32, 32, 64, 64, 128, 128 channels; the first of each pair pads "same", the second is
+"valid"), max-pooling and dropout 0.2 after each pair, FC 512 with dropout 0.5, FC ``num_classes``. The thesis's
+table lists the fourth convolution as 32 channels; the official model has 64, which we follow. 571,723
+parameters for 43 classes, as the official Keras model.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class GTSRBCNN(nn.Module):
+    def __init__(self, num_classes: int = 43, in_channels: int = 3, image_size: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for width in (32, 64, 128):
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+                nn.Dropout(0.2),
+            ]
+            channels, size = width, (size - 2) // 2
+        if size < 1:
+            raise ValueError(f"GTSRBCNN needs images of at least 22x22 pixels, got {image_size}")
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * size * size, 512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(512, num_classes),
+        )
+        for module in self.modules():  # Keras's Glorot-uniform initialisation, zero bias
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))

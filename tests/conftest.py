@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "data"
+GTSRB5 = FIXTURES / "gtsrb5"
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def gtsrb():
+    from trojanlab.data.datasets import load_gtsrb
+
+    return load_gtsrb()
+
+
+@pytest.fixture()
+def small_npz(tmp_path):
+    """A tiny 3-class data set with a learnable rule (class = which third of the image is bright)."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 3, n)
+        x = rng.integers(0, 60, (n, 32, 32, 3)).astype(np.uint8)
+        for i, label in enumerate(y):
+            x[i, :, label * 10 : label * 10 + 10] += 150
+        return x, y.astype(np.int64)
+
+    x_train, y_train = make(300)
+    x_test, y_test = make(90)
+    path = tmp_path / "small.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
