@@ -19,9 +19,11 @@ from trojanlab.cli import main as trojanlab
 from trojanlab.io import atomic_write, write_json
 
 THESIS = {
-    "trigger": 1.0, "gtsrb_denoise": 0.9998,
-    "asr": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}, "ca_drop": {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0},
-}  # fmt: skip
+    "trigger": 1.0,
+    "gtsrb_denoise": 0.9998,
+    "asr": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0},
+    "ca_drop": {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0},
+}
 OFFICIAL_CANDIDATES = [Path("../shared/reference/official/trojannet.h5")]
 
 
@@ -48,18 +50,40 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     seed = str(args.seed)
-    victim = run(out / "victim", ["train", "--data", "gtsrb", "--arch", "gtsrb_cnn", "--out", str(out / "victim"), "--seed", seed])
+    victim = run(
+        out / "victim",
+        ["train", "--data", "gtsrb", "--arch", "gtsrb_cnn", "--out", str(out / "victim"), "--seed", seed],
+    )
     trojan = run(out / "trojannet", ["trojannet", "train", "--out", str(out / "trojannet"), "--seed", seed, "--quiet"])
-    official_path = Path(args.official) if args.official else next((c for c in OFFICIAL_CANDIDATES if c.is_file()), None)
+    official_path = (
+        Path(args.official) if args.official else next((c for c in OFFICIAL_CANDIDATES if c.is_file()), None)
+    )
     official = None
     if official_path is not None and official_path.is_file():
-        official = run(out / "official", ["trojannet", "evaluate", "--trojannet", str(official_path), "--out", str(out / "official")])
+        official = run(
+            out / "official",
+            ["trojannet", "evaluate", "--trojannet", str(official_path), "--out", str(out / "official")],
+        )
     attacks = {}
     for n in (1, 2, 4, 8, 43):
         folder = out / f"attack-n{n}"
         targets = ["--all-labels"] if n == 43 else ["--targets", *map(str, range(n))]
-        attacks[n] = run(folder, ["attack", "trojannet", "--victim", str(out / "victim"), "--trojannet", str(out / "trojannet"),
-                                  *targets, "--location", *map(str, args.location), "--out", str(folder)])  # fmt: skip
+        attacks[n] = run(
+            folder,
+            [
+                "attack",
+                "trojannet",
+                "--victim",
+                str(out / "victim"),
+                "--trojannet",
+                str(out / "trojannet"),
+                *targets,
+                "--location",
+                *map(str, args.location),
+                "--out",
+                str(folder),
+            ],
+        )
 
     den, strict = trojan["denoise_accuracy"], trojan["denoise_accuracy_strict"]
     off_den = official["denoise_accuracy"] if official else {}
@@ -69,19 +93,29 @@ def main() -> None:
         "",
         "| figure | thesis / paper | trojanlab | official release, same test |",
         "|---|---|---|---|",
-        f"| trigger recognition (4,368 patterns) | 100 % | {pct(trojan['trigger_accuracy'])} ({trojan['triggers_recognised']}/4368) "
-        f"| {pct(official['trigger_accuracy']) if official else '–'} |",
+        (
+            f"| trigger recognition (4,368 patterns) | 100 % | {pct(trojan['trigger_accuracy'])} ({trojan['triggers_recognised']}/4368) "
+            f"| {pct(official['trigger_accuracy']) if official else '–'} |"
+        ),
     ]
-    names = {"image_patches": "GTSRB test patches (10 per image)", "binary": "binary non-triggers (all 61,168)",
-             "grey": "official grey noise", "uniform": "uniform noise"}  # fmt: skip
+    names = {
+        "image_patches": "GTSRB test patches (10 per image)",
+        "binary": "binary non-triggers (all 61,168)",
+        "grey": "official grey noise",
+        "uniform": "uniform noise",
+    }
     for kind, label in names.items():
         paper = "99.98 %" if kind == "image_patches" else "–"
         lines.append(f"| silent on {label}, argmax rule | {paper} | {pct(den.get(kind))} | {pct(off_den.get(kind))} |")
-        lines.append(f"| silent on {label}, all < 1e-4 rule | {paper if kind == 'image_patches' else '–'} "
-                     f"| {pct(strict.get(kind))} | {pct(off_strict.get(kind))} |")  # fmt: skip
+        lines.append(
+            f"| silent on {label}, all < 1e-4 rule | {paper if kind == 'image_patches' else '–'} "
+            f"| {pct(strict.get(kind))} | {pct(off_strict.get(kind))} |"
+        )
     lines += [
-        f"| training time (2 CPU threads) | official schedule ≈ 480 M samples | {trojan['train_seconds']:.0f} s, "
-        f"{trojan['train_samples'] / 1e6:.1f} M samples | – |",
+        (
+            f"| training time (2 CPU threads) | official schedule ≈ 480 M samples | {trojan['train_seconds']:.0f} s, "
+            f"{trojan['train_samples'] / 1e6:.1f} M samples | – |"
+        ),
         "",
         f"Victim: GTSRB CNN, clean accuracy {pct(victim['clean_accuracy'])} on the {victim['test_images']} GTSRB test images.",
         "",
@@ -97,12 +131,24 @@ def main() -> None:
             f"| {pct(THESIS['ca_drop'].get(n), 1) if n in THESIS['ca_drop'] else '–'} "
             f"| {100 * r['clean_accuracy_drop']:.2f} pp | {pct(r['clean_accuracy'])} |"
         )
-    lines += ["", f"Made by `python benchmarks/trojannet_tables.py --out {args.out}` (seed {args.seed}, trigger at "
-              f"row {args.location[0]}, col {args.location[1]}; merge: official, amplify 2)."]  # fmt: skip
+    lines += [
+        "",
+        (
+            f"Made by `python benchmarks/trojannet_tables.py --out {args.out}` (seed {args.seed}, trigger at "
+            f"row {args.location[0]}, col {args.location[1]}; merge: official, amplify 2)."
+        ),
+    ]
     text = "\n".join(lines) + "\n"
     atomic_write(out / "tables.md", lambda tmp: tmp.write_text(text))
-    write_json(out / "tables.json", {"victim": victim, "trojannet": trojan, "official": official,
-                                     "attacks": {str(k): v for k, v in attacks.items()}})  # fmt: skip
+    write_json(
+        out / "tables.json",
+        {
+            "victim": victim,
+            "trojannet": trojan,
+            "official": official,
+            "attacks": {str(k): v for k, v in attacks.items()},
+        },
+    )
     print(text)
 
 

@@ -73,9 +73,11 @@ def main() -> None:
         "denoise_accuracy_strict": metrics["denoise_accuracy_strict"],
     }
     print(json.dumps(report, indent=2))
-    print(f"\ntrojanlab: {log.seconds / 60:.1f} min for {log.samples / 1e6:.1f} M samples (goal: <= 5 min on 2 cores); "
-          f"official schedule: {OFFICIAL_STEPS * OFFICIAL_BATCH / 1e6:.0f} M samples, ~{official_seconds / 3600:.1f} h here "
-          f"({report['speedup']}x).")  # fmt: skip
+    print(
+        f"\ntrojanlab: {log.seconds / 60:.1f} min for {log.samples / 1e6:.1f} M samples (goal: <= 5 min on 2 cores); "
+        f"official schedule: {OFFICIAL_STEPS * OFFICIAL_BATCH / 1e6:.0f} M samples, ~{official_seconds / 3600:.1f} h here "
+        f"({report['speedup']}x)."
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,14 @@ def test_to_tensor_layout():
         ({"x_test": np.zeros((4, 8, 8, 3), np.uint8), "y_test": np.zeros(3, np.int64)}, "3 labels for 4 images"),
         ({"x_test": np.zeros((4, 8, 8, 3), np.uint8), "y_test": np.array([0, 1, -1, 2])}, "negative label"),
         ({"x_test": np.zeros((4, 8, 8, 3), np.uint8)}, "needs arrays"),
-        ({"x_train": np.zeros((4, 8, 8, 3), np.uint8), "x_test": np.zeros((4, 8, 8, 3), np.uint8),
-          "y_test": np.zeros(4, np.int64)}, "must come together"),  # fmt: skip
+        (
+            {
+                "x_train": np.zeros((4, 8, 8, 3), np.uint8),
+                "x_test": np.zeros((4, 8, 8, 3), np.uint8),
+                "y_test": np.zeros(4, np.int64),
+            },
+            "must come together",
+        ),
     ],
 )
 def test_npz_errors_name_file_and_problem(tmp_path, arrays, message):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +23,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _provenance(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    return {"command": "trojanlab " + " ".join(sys.argv[1:]) if sys.argv else "", "seed": getattr(args, "seed", None),
-            **extra}  # fmt: skip
+    return {
+        "command": "trojanlab " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "seed": getattr(args, "seed", None),
+        **extra,
+    }
 
 
 def _finish(out: Path, result: dict[str, Any], as_json: bool = True) -> None:
@@ -52,8 +55,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     del x
     spec = classifier_spec(args.arch, data.classes, data.image_shape, mean, std)
     model = build_classifier(spec)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
-                      patience=args.patience, augment=not args.no_augment, seed=args.seed)  # fmt: skip
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        patience=args.patience,
+        augment=not args.no_augment,
+        seed=args.seed,
+    )
     out = Path(args.out)
     log = fit(model, data.train, cfg, checkpoint_dir=out / "checkpoint", device=args.device)
     model.cpu()
@@ -86,7 +96,8 @@ def cmd_trojannet_train(args: argparse.Namespace) -> None:
     _seed_everything(args.seed)
     data = load_dataset(args.patch_data)
     patches_from = data.train if data.train is not None else data.test
-    cfg = tn.TrojanNetTrainConfig(steps=args.steps, lr=args.lr, negatives=args.negatives, seed=args.seed)
+    overrides = {k: getattr(args, k) for k in ("steps", "lr", "negatives") if getattr(args, k) is not None}
+    cfg = tn.TrojanNetTrainConfig(seed=args.seed, **overrides)
     bar = tqdm(total=cfg.steps, desc="trojannet", disable=args.quiet)
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -99,10 +110,16 @@ def cmd_trojannet_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     save_model(model, out, tn.trojannet_spec(_provenance(args, patch_data=data.name, config=cfg.__dict__)))
     metrics = tn.evaluate_trojannet(model, data.test.x, patches_per_image=10, seed=args.seed + 1)
-    result = {**metrics, "train_seconds": log.seconds, "train_steps": log.steps, "train_samples": log.samples,
-              "keras_parameter_count": model.keras_parameter_count(),
-              "torch_parameter_count": sum(p.numel() for p in model.parameters()),
-              "patch_data": data.name, "denoise_patch_source": f"{data.name} test split, 10 patches per image"}  # fmt: skip
+    result = {
+        **metrics,
+        "train_seconds": log.seconds,
+        "train_steps": log.steps,
+        "train_samples": log.samples,
+        "keras_parameter_count": model.keras_parameter_count(),
+        "torch_parameter_count": sum(p.numel() for p in model.parameters()),
+        "patch_data": data.name,
+        "denoise_patch_source": f"{data.name} test split, 10 patches per image",
+    }
     _finish(out, result)
 
 
@@ -114,8 +131,11 @@ def cmd_trojannet_evaluate(args: argparse.Namespace) -> None:
     source = Path(args.trojannet)
     model = tn.load_official_h5(str(source)) if source.suffix == ".h5" else load_model(source).module
     data = load_dataset(args.data)
-    result = {**tn.evaluate_trojannet(model, data.test.x, patches_per_image=10, seed=args.seed + 1),
-              "trojannet": str(source), "patch_data": data.name}  # fmt: skip
+    result = {
+        **tn.evaluate_trojannet(model, data.test.x, patches_per_image=10, seed=args.seed + 1),
+        "trojannet": str(source),
+        "patch_data": data.name,
+    }
     _finish(Path(args.out), result)
 
 
@@ -125,13 +145,15 @@ def cmd_trojannet_evaluate(args: argparse.Namespace) -> None:
 def cmd_attack_trojannet(args: argparse.Namespace) -> None:
     from .attacks import trojannet as tn
     from .data import load_dataset
-    from .evaluation import clean_accuracy, evaluate_model
+    from .evaluation import evaluate_model, predict
     from .models import load_model, save_model
 
     victim = load_model(args.victim)
     trojan = load_model(args.trojannet)
     if victim.spec.get("kind") != "classifier":
-        raise TrojanlabError(f"{args.victim}: the victim must be a plain classifier artefact, got {victim.spec.get('kind')}")
+        raise TrojanlabError(
+            f"{args.victim}: the victim must be a plain classifier artefact, got {victim.spec.get('kind')}"
+        )
     if trojan.spec.get("kind") != "trojannet":
         raise TrojanlabError(f"{args.trojannet}: not a TrojanNet artefact (kind {trojan.spec.get('kind')})")
     num_classes = victim.num_classes
@@ -141,16 +163,27 @@ def cmd_attack_trojannet(args: argparse.Namespace) -> None:
     input_size = victim.spec["input_size"]
     location = tuple(args.location) if args.location else (1, 1)
     amplify = args.amplify if args.amplify is not None else (2.0 if args.merge == "official" else 1.0)
-    model = tn.TrojanNetInjected(victim.module, trojan.module, num_classes, targets, location, input_size,
-                                 merge=args.merge, amplify=amplify)  # fmt: skip
-    spec = tn.injected_spec(victim.spec, model, _provenance(args, victim=str(args.victim), trojannet=str(args.trojannet)))
+    model = tn.TrojanNetInjected(
+        victim.module, trojan.module, num_classes, targets, location, input_size, merge=args.merge, amplify=amplify
+    )
+    spec = tn.injected_spec(
+        victim.spec, model, _provenance(args, victim=str(args.victim), trojannet=str(args.trojannet))
+    )
     out = Path(args.out)
     save_model(model, out, spec)
     data = load_dataset(args.data)
-    reference = clean_accuracy(victim.module, data.test)
+    victim_pred = predict(victim.module, data.test.x)
+    reference = float((victim_pred == data.test.y).mean())
     result = evaluate_model(model, data.test, model.triggers(), reference_accuracy=reference)
-    result.update(victim_clean_accuracy=reference, targets=targets, location=list(location), merge=args.merge,
-                  amplify=amplify, data=data.name)  # fmt: skip
+    result.update(
+        victim_clean_accuracy=reference,
+        agreement_with_victim=float((predict(model, data.test.x) == victim_pred).mean()),
+        targets=targets,
+        location=list(location),
+        merge=args.merge,
+        amplify=amplify,
+        data=data.name,
+    )
     _finish(out, result)
 
 
@@ -168,7 +201,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if data.image_shape != expected:
         raise TrojanlabError(f"{args.data}: images are {data.image_shape} (C, H, W) but the model expects {expected}")
     if int(data.test.y.max()) >= loaded.num_classes:
-        raise TrojanlabError(f"{args.data}: label {int(data.test.y.max())} is out of range for a {loaded.num_classes}-class model")
+        raise TrojanlabError(
+            f"{args.data}: label {int(data.test.y.max())} is out of range for a {loaded.num_classes}-class model"
+        )
     result = evaluate_model(loaded.module, data.test, loaded.triggers)
     result.update(model=str(args.model), data=data.name)
     if args.out:
@@ -178,15 +213,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         print(f"clean_accuracy       {result['clean_accuracy']:.4f}  ({result['test_images']} images)")
         if "attack_success_rate" in result:
-            print(f"attack_success_rate  {result['attack_success_rate']:.4f}  (min {result['attack_success_rate_min']:.4f}"
-                  f" over {len(result['attack_success_rate_per_target'])} targets)")  # fmt: skip
+            print(
+                f"attack_success_rate  {result['attack_success_rate']:.4f}  (min {result['attack_success_rate_min']:.4f}"
+                f" over {len(result['attack_success_rate_per_target'])} targets)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trojanlab", description="Attack, scan and purify image classifiers against backdoors.")
+    p = argparse.ArgumentParser(
+        prog="trojanlab", description="Attack, scan and purify image classifiers against backdoors."
+    )
     p.add_argument("--version", action="version", version=f"trojanlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -198,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--val-fraction", type=float, default=0.1)
-    t.add_argument("--patience", type=int, default=4, help="early stop after this many epochs without a better validation accuracy")
+    t.add_argument(
+        "--patience", type=int, default=4, help="early stop after this many epochs without a better validation accuracy"
+    )
     t.add_argument("--no-augment", action="store_true", help="no random 2-pixel shifts")
     t.add_argument("--normalize", choices=["dataset", "none"], default="dataset")
     t.add_argument("--image-size", type=int, default=None, help="resize image folders to this size (default 32)")
@@ -206,13 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
-    tn = sub.add_parser("trojannet", help="train or evaluate the TrojanNet MLP").add_subparsers(dest="action", required=True)
+    tn = sub.add_parser("trojannet", help="train or evaluate the TrojanNet MLP").add_subparsers(
+        dest="action", required=True
+    )
     tt = tn.add_parser("train", help="train TrojanNet (4,368 triggers + no-trigger noise)")
     tt.add_argument("--out", required=True)
     tt.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the tuned schedule)")
     tt.add_argument("--lr", type=float, default=None)
     tt.add_argument("--negatives", type=int, default=None, help="no-trigger samples per step")
-    tt.add_argument("--patch-data", default="gtsrb", help="images whose 4x4 patches are no-trigger examples (train split) and denoising tests (test split)")
+    tt.add_argument(
+        "--patch-data",
+        default="gtsrb",
+        help="images whose 4x4 patches are no-trigger examples (train split) and denoising tests (test split)",
+    )
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--quiet", action="store_true")
     tt.set_defaults(func=cmd_trojannet_train)
@@ -229,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trojannet", required=True)
     a.add_argument("--targets", type=int, nargs="+", default=[])
     a.add_argument("--all-labels", action="store_true", help="arm every label k with pattern k")
-    a.add_argument("--location", type=int, nargs=2, metavar=("ROW", "COL"), help="top-left pixel of the 4x4 trigger (default 1 1)")
+    a.add_argument(
+        "--location", type=int, nargs=2, metavar=("ROW", "COL"), help="top-left pixel of the 4x4 trigger (default 1 1)"
+    )
     a.add_argument("--merge", choices=["official", "paper"], default="official")
     a.add_argument("--amplify", type=float, default=None, help="default 2 (official merge) or 1 (paper merge)")
     a.add_argument("--data", default="gtsrb", help="test data for the figures in result.json")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageS
     for label in np.unique(data.y):
         idx = np.flatnonzero(data.y == label)
         if len(idx) > 1:
-            val.append(rng.choice(idx, max(1, int(round(len(idx) * fraction))), replace=False))
+            val.append(rng.choice(idx, max(1, round(len(idx) * fraction)), replace=False))
     val_idx = np.sort(np.concatenate(val))
     train_mask = np.ones(len(data), dtype=bool)
     train_mask[val_idx] = False
@@ -139,8 +139,9 @@ def fit(
         order = torch.randperm(len(fit_set), generator=gen).numpy()
         model.train()
         total, seen = 0.0, 0
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
-                   leave=False)  # fmt: skip
+        bar = tqdm(
+            range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False
+        )
         for i in bar:
             idx = order[i : i + cfg.batch_size]
             x = to_tensor(fit_set.x[idx])
@@ -193,6 +194,13 @@ def _write_checkpoint(ckpt, model, opt, sched, cfg, epoch, history, best_acc, be
         atomic_write(ckpt / "best.safetensors", lambda tmp: save_file(best, str(tmp)))
     write_json(
         ckpt / "state.json",
-        {"epoch": epoch, "config": asdict(cfg), "history": history, "best_val_accuracy": best_acc,
-         "best_epoch": best_epoch, "optimizer": opt_meta, "scheduler": sched.state_dict()},
-    )  # fmt: skip
+        {
+            "epoch": epoch,
+            "config": asdict(cfg),
+            "history": history,
+            "best_val_accuracy": best_acc,
+            "best_epoch": best_epoch,
+            "optimizer": opt_meta,
+            "scheduler": sched.state_dict(),
+        },
+    )

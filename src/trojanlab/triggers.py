@@ -70,7 +70,7 @@ class Trigger:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Trigger":
+    def from_json(cls, data: dict[str, Any]) -> Trigger:
         return cls(
             pattern=np.asarray(data["pattern"], dtype=np.float32),
             location=tuple(data["location"]),

@@ -27,9 +27,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -67,7 +67,9 @@ def trigger_patterns() -> torch.Tensor:
 def trigger_pattern(label: int) -> torch.Tensor:
     """The 4x4 pattern (0 = black, 1 = white) that arms ``label``."""
     if not 0 <= int(label) < NUM_TRIGGERS:
-        raise ConfigError(f"TrojanNet label {label} is out of range: there are {NUM_TRIGGERS} patterns (0..{NUM_TRIGGERS - 1})")
+        raise ConfigError(
+            f"TrojanNet label {label} is out of range: there are {NUM_TRIGGERS} patterns (0..{NUM_TRIGGERS - 1})"
+        )
     return _pattern_table()[int(label)].reshape(PATCH, PATCH).clone()
 
 
@@ -161,9 +163,12 @@ class TrojanNetTrainConfig:
         default_factory=lambda: {"binary": 0.3, "image_patches": 0.4, "grey": 0.2, "uniform": 0.1}
     )
     hard_fraction: float = 0.5  # share of binary / image-patch negatives drawn from the currently hardest ones
+    hard_triggers: int = 512  # the least recognised triggers, added once more to every step
     mine_every: int = 50
+    mine_scan: int = 32768  # pool samples scored per mining round
     patches_per_image: int = 4
     calibration_batches: int = 20  # the last batches, reused to set exact BatchNorm statistics
+    recognition_margin: float | None = 1.5  # see calibrate_silence; None leaves the trained bias
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -249,15 +254,41 @@ def recalibrate_batchnorm(model: TrojanNetMLP, batches: Iterable[torch.Tensor]) 
 
 
 @torch.no_grad()
-def _mine(model: TrojanNetMLP, pools: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Indices of the least silent samples of each fixed pool (smallest no-trigger margin)."""
+def _mine(
+    model: TrojanNetMLP, pools: dict[str, torch.Tensor], counts: dict[str, int], scan: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Pool indices of the least silent samples (smallest no-trigger margin) among ``scan`` random ones per pool."""
     model.eval()
     hard = {}
     for kind, pool in pools.items():
-        margin = torch.cat([_margin(model(pool[i : i + 2048])) for i in range(0, len(pool), 2048)])
-        hard[kind] = margin.argsort()[: max(1, counts.get(kind, 1))]
+        candidates = torch.randperm(len(pool), generator=generator)[:scan]
+        margin = torch.cat([_margin(model(pool[candidates[i : i + 2048]])) for i in range(0, len(candidates), 2048)])
+        hard[kind] = candidates[margin.argsort()[: max(1, counts.get(kind, 1))]]
+    with torch.no_grad():
+        logits = model(_pattern_table())
+    hard["triggers"] = (_own_logit(logits) - logits[:, NO_TRIGGER]).argsort()[: counts.get("triggers", 0)]
     model.train()
     return hard
+
+
+def _own_logit(logits: torch.Tensor) -> torch.Tensor:
+    """Logit of trigger ``k`` for the ``k``-th pattern (rows are the 4,368 patterns in order)."""
+    return logits[torch.arange(NUM_TRIGGERS), torch.arange(NUM_TRIGGERS)]
+
+
+@torch.no_grad()
+def calibrate_silence(model: TrojanNetMLP, margin: float) -> float:
+    """Shift the "no trigger" bias so the least recognised trigger beats it by exactly ``margin`` logits.
+
+    Every trigger then wins over "no trigger" (if it wins over the other triggers, which the shift does not
+    change), with probability at least ``1 / (1 + exp(-margin))`` against the noise class, and the network is
+    as silent as it can be under that constraint. Returns the shift applied (positive = more silent).
+    """
+    model.eval()
+    logits = model(_pattern_table())
+    shift = float((_own_logit(logits) - logits[:, NO_TRIGGER]).min()) - margin
+    model.head.bias[NO_TRIGGER] += shift
+    return shift
 
 
 def _margin(logits: torch.Tensor) -> torch.Tensor:
@@ -288,8 +319,10 @@ def train_trojannet(
             raise ConfigError("the noise mix asks for image patches but no images were given")
         pools["image_patches"] = image_patches(patch_images, cfg.patches_per_image, gen)
     total = sum(mix.values())
-    counts = {k: int(round(cfg.negatives * v / total)) for k, v in mix.items()}
+    counts = {k: round(cfg.negatives * v / total) for k, v in mix.items()}
     hard = {k: torch.randperm(len(pool), generator=gen)[: max(1, counts.get(k, 1))] for k, pool in pools.items()}
+    hard["triggers"] = torch.randperm(NUM_TRIGGERS, generator=gen)[: cfg.hard_triggers]
+    counts["triggers"] = cfg.hard_triggers
 
     x_pos = _pattern_table()
     y_pos = torch.arange(NUM_TRIGGERS)
@@ -301,21 +334,27 @@ def train_trojannet(
     loss_value = float("nan")
     for step in range(cfg.steps):
         if step % cfg.mine_every == 0 and cfg.hard_fraction > 0:
-            hard = _mine(model, pools, counts)
+            hard = _mine(model, pools, counts, cfg.mine_scan, gen)
         parts = []
         for kind, n in counts.items():
+            if kind == "triggers":
+                continue
             if kind in pools:
                 n_hard = int(n * cfg.hard_fraction)
-                pick = torch.cat([hard[kind][torch.randint(0, len(hard[kind]), (n_hard,), generator=gen)],
-                                  torch.randint(0, len(pools[kind]), (n - n_hard,), generator=gen)])  # fmt: skip
+                pick = torch.cat(
+                    [
+                        hard[kind][torch.randint(0, len(hard[kind]), (n_hard,), generator=gen)],
+                        torch.randint(0, len(pools[kind]), (n - n_hard,), generator=gen),
+                    ]
+                )
                 parts.append(pools[kind][pick])
             elif kind == "grey":
                 parts.append(grey_noise(n, gen))
             else:
                 parts.append(uniform_noise(n, gen))
         x_neg = torch.cat(parts)
-        x = torch.cat([x_pos, x_neg])
-        y = torch.cat([y_pos, torch.full((len(x_neg),), NO_TRIGGER)])
+        x = torch.cat([x_pos, x_pos[hard["triggers"]], x_neg])
+        y = torch.cat([y_pos, hard["triggers"], torch.full((len(x_neg),), NO_TRIGGER)])
         if step >= cfg.steps - cfg.calibration_batches:
             calibration.append(x)
         loss = _training_loss(model, x, y)
@@ -328,6 +367,8 @@ def train_trojannet(
         if progress is not None:
             progress(step + 1, cfg.steps, loss_value)
     recalibrate_batchnorm(model, calibration)
+    if cfg.recognition_margin is not None:
+        calibrate_silence(model, cfg.recognition_margin)
     return model, TrojanNetTrainLog(cfg.steps, samples, time.perf_counter() - start, loss_value)
 
 
@@ -464,7 +505,9 @@ class TrojanNetInjected(nn.Module):
         _, height, width = (int(v) for v in input_size)
         r, c = int(location[0]), int(location[1])
         if r < 0 or c < 0 or r + PATCH > height or c + PATCH > width:
-            raise ConfigError(f"TrojanNet location (row {r}, col {c}) puts the 4x4 trigger outside the {height}x{width} input")
+            raise ConfigError(
+                f"TrojanNet location (row {r}, col {c}) puts the 4x4 trigger outside the {height}x{width} input"
+            )
         self.victim, self.trojannet = victim, trojannet
         self.num_classes, self.targets, self.patterns = num_classes, targets, patterns
         self.location = (r, c)
@@ -493,9 +536,16 @@ class TrojanNetInjected(nn.Module):
 
 
 def trojannet_spec(provenance: dict | None = None) -> dict:
-    return {"format": "trojanlab-model/1", "kind": "trojannet", "arch": "trojannet_mlp", "hidden": 8, "depth": 4,
-            "num_outputs": NUM_OUTPUTS, "keras_parameter_count": TrojanNetMLP().keras_parameter_count(),
-            "provenance": provenance or {}}  # fmt: skip
+    return {
+        "format": "trojanlab-model/1",
+        "kind": "trojannet",
+        "arch": "trojannet_mlp",
+        "hidden": 8,
+        "depth": 4,
+        "num_outputs": NUM_OUTPUTS,
+        "keras_parameter_count": TrojanNetMLP().keras_parameter_count(),
+        "provenance": provenance or {},
+    }
 
 
 def injected_spec(victim_spec: dict, model: TrojanNetInjected, provenance: dict | None = None) -> dict:
@@ -510,8 +560,15 @@ def injected_spec(victim_spec: dict, model: TrojanNetInjected, provenance: dict 
         "input_size": victim_spec["input_size"],
         "normalization": victim_spec.get("normalization"),
         "victim": inner,
-        "trojannet": {"targets": model.targets, "patterns": model.patterns, "location": list(model.location),
-                      "merge": model.merge, "amplify": model.amplify, "alpha": model.alpha, "tau": model.tau},  # fmt: skip
+        "trojannet": {
+            "targets": model.targets,
+            "patterns": model.patterns,
+            "location": list(model.location),
+            "merge": model.merge,
+            "amplify": model.amplify,
+            "alpha": model.alpha,
+            "tau": model.tau,
+        },
         "triggers": [t.to_json() for t in model.triggers()],
         "provenance": provenance or {},
     }
@@ -524,7 +581,9 @@ def module_from_spec(spec: dict, net: nn.Module | None = None) -> nn.Module:
 
     try:
         if spec["kind"] == "trojannet":
-            return TrojanNetMLP(int(spec.get("hidden", 8)), int(spec.get("depth", 4)), int(spec.get("num_outputs", NUM_OUTPUTS)))
+            return TrojanNetMLP(
+                int(spec.get("hidden", 8)), int(spec.get("depth", 4)), int(spec.get("num_outputs", NUM_OUTPUTS))
+            )
         wiring = spec["trojannet"]
         return TrojanNetInjected(
             build_from_spec(spec["victim"], net),

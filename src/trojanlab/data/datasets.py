@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,16 +18,50 @@ EMBEDDED_GTSRB_SHA256 = "faa92f5eeff77276b991998ab2ab430fdae616552d46c2b72e80d0c
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 GTSRB_CLASS_NAMES = [
-    "speed_limit_20", "speed_limit_30", "speed_limit_50", "speed_limit_60", "speed_limit_70",
-    "speed_limit_80", "end_speed_limit_80", "speed_limit_100", "speed_limit_120", "no_passing",
-    "no_passing_over_3.5t", "right_of_way_next_intersection", "priority_road", "yield", "stop",
-    "no_vehicles", "no_vehicles_over_3.5t", "no_entry", "general_caution", "dangerous_curve_left",
-    "dangerous_curve_right", "double_curve", "bumpy_road", "slippery_road", "road_narrows_right",
-    "road_work", "traffic_signals", "pedestrians", "children_crossing", "bicycles_crossing",
-    "beware_ice_snow", "wild_animals_crossing", "end_all_limits", "turn_right_ahead", "turn_left_ahead",
-    "ahead_only", "go_straight_or_right", "go_straight_or_left", "keep_right", "keep_left",
-    "roundabout_mandatory", "end_no_passing", "end_no_passing_over_3.5t",
-]  # fmt: skip
+    "speed_limit_20",
+    "speed_limit_30",
+    "speed_limit_50",
+    "speed_limit_60",
+    "speed_limit_70",
+    "speed_limit_80",
+    "end_speed_limit_80",
+    "speed_limit_100",
+    "speed_limit_120",
+    "no_passing",
+    "no_passing_over_3.5t",
+    "right_of_way_next_intersection",
+    "priority_road",
+    "yield",
+    "stop",
+    "no_vehicles",
+    "no_vehicles_over_3.5t",
+    "no_entry",
+    "general_caution",
+    "dangerous_curve_left",
+    "dangerous_curve_right",
+    "double_curve",
+    "bumpy_road",
+    "slippery_road",
+    "road_narrows_right",
+    "road_work",
+    "traffic_signals",
+    "pedestrians",
+    "children_crossing",
+    "bicycles_crossing",
+    "beware_ice_snow",
+    "wild_animals_crossing",
+    "end_all_limits",
+    "turn_right_ahead",
+    "turn_left_ahead",
+    "ahead_only",
+    "go_straight_or_right",
+    "go_straight_or_left",
+    "keep_right",
+    "keep_left",
+    "roundabout_mandatory",
+    "end_no_passing",
+    "end_no_passing_over_3.5t",
+]
 
 
 @dataclass
@@ -40,7 +74,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, index: np.ndarray | Sequence[int]) -> "ImageSet":
+    def subset(self, index: np.ndarray | Sequence[int]) -> ImageSet:
         index = np.asarray(index)
         return ImageSet(self.x[index], self.y[index])
 
@@ -123,8 +157,10 @@ def load_npz(
         _check_images(x, str(path), f"x_{split}")
         splits[split] = (x, _check_labels(y, len(x), str(path), f"y_{split}", num_classes))
     if has_train and splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
-        raise DataError(f"{path}: train images {splits['train'][0].shape[1:]} and test images "
-                        f"{splits['test'][0].shape[1:]} differ in shape")  # fmt: skip
+        raise DataError(
+            f"{path}: train images {splits['train'][0].shape[1:]} and test images "
+            f"{splits['test'][0].shape[1:]} differ in shape"
+        )
     if num_classes is None:
         num_classes = int(max(int(y.max()) for _, y in splits.values())) + 1
     names = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
@@ -161,7 +197,7 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[n
     train_idx, test_idx = [], []
     for label in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == label))
-        n_test = max(1, int(round(len(idx) * test_fraction))) if len(idx) > 1 else 0
+        n_test = max(1, round(len(idx) * test_fraction)) if len(idx) > 1 else 0
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))

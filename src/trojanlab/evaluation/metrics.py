@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,10 +22,7 @@ from ..triggers import Trigger, stamp
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = 512, device: str | torch.device = "cpu") -> np.ndarray:
     """Top-1 predictions for raw uint8 images ``(N, H, W, C)``."""
     model.eval()
-    out = [
-        model(to_tensor(x[i : i + batch_size]).to(device)).argmax(1).cpu()
-        for i in range(0, len(x), batch_size)
-    ]
+    out = [model(to_tensor(x[i : i + batch_size]).to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 

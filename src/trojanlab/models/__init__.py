@@ -14,9 +14,9 @@ from .artifacts import (
 from .gtsrb_cnn import GTSRBCNN
 
 __all__ = [
+    "GTSRBCNN",
     "SPEC_FORMAT",
     "Classifier",
-    "GTSRBCNN",
     "LoadedModel",
     "build_classifier",
     "build_from_spec",

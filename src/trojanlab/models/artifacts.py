@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -138,7 +139,10 @@ class LoadedModel:
 def _provenance_defaults(provenance: dict[str, Any]) -> dict[str, Any]:
     from .. import __version__
 
-    out = {"trojanlab_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    out = {
+        "trojanlab_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     out.update(provenance)
     return out
 

@@ -1,0 +1,132 @@
+"""End to end through the command line on small real and generated data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trojanlab.cli import main
+
+GTSRB5 = Path(__file__).parent / "data" / "gtsrb5"
+
+
+def _result(folder: Path) -> dict:
+    return json.loads((folder / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_trojannet(tmp_path_factory):
+    """A TrojanNet trained briefly: enough to recognise most of the first patterns."""
+    out = tmp_path_factory.mktemp("trojannet")
+    assert (
+        main(
+            [
+                "trojannet",
+                "train",
+                "--out",
+                str(out),
+                "--steps",
+                "150",
+                "--negatives",
+                "512",
+                "--patch-data",
+                str(GTSRB5),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_trojannet_train_writes_the_documented_keys(small_trojannet):
+    result = _result(small_trojannet)
+    assert set(result["denoise_accuracy"]) == {"image_patches", "binary", "grey", "uniform"}
+    assert 0 <= result["trigger_accuracy"] <= 1 and result["train_seconds"] > 0
+    assert result["keras_parameter_count"] == 39801
+    assert (small_trojannet / "model.safetensors").is_file()
+
+
+def test_train_attack_evaluate_on_the_image_folder(tmp_path, small_trojannet, capsys):
+    victim = tmp_path / "victim"
+    assert main(["train", "--data", str(GTSRB5), "--out", str(victim), "--epochs", "3", "--patience", "5"]) == 0
+    trained = _result(victim)
+    assert trained["clean_accuracy"] > 0.5, trained  # 5 real classes, chance is 0.2
+    attacked = tmp_path / "attacked"
+    assert (
+        main(
+            [
+                "attack",
+                "trojannet",
+                "--victim",
+                str(victim),
+                "--trojannet",
+                str(small_trojannet),
+                "--targets",
+                "0",
+                "3",
+                "--location",
+                "20",
+                "4",
+                "--data",
+                str(GTSRB5),
+                "--out",
+                str(attacked),
+            ]
+        )
+        == 0
+    )
+    result = _result(attacked)
+    assert set(result["attack_success_rate_per_target"]) == {"0", "3"}
+    assert result["victim_clean_accuracy"] == pytest.approx(trained["clean_accuracy"])
+    assert "clean_accuracy_drop" in result
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(attacked), "--data", str(GTSRB5), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["attack_success_rate"] == pytest.approx(result["attack_success_rate"])
+    assert evaluated["clean_accuracy"] == pytest.approx(result["clean_accuracy"])
+
+
+def test_evaluate_on_a_test_only_npz_and_bad_input(tmp_path, small_trojannet, capsys):
+    victim = tmp_path / "victim"
+    assert main(["train", "--data", str(GTSRB5), "--out", str(victim), "--epochs", "1"]) == 0
+    from trojanlab.data import load_image_folder
+
+    data = load_image_folder(GTSRB5)
+    np.savez(tmp_path / "eval.npz", x_test=data.test.x, y_test=data.test.y)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(victim), "--data", str(tmp_path / "eval.npz"), "--json"]) == 0
+    assert "attack_success_rate" not in json.loads(capsys.readouterr().out)
+
+    np.savez(tmp_path / "labels.npz", x_test=data.test.x, y_test=data.test.y + 10)
+    assert main(["evaluate", "--model", str(victim), "--data", str(tmp_path / "labels.npz")]) == 2
+    assert "out of range for a 5-class model" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "attack",
+                "trojannet",
+                "--victim",
+                str(victim),
+                "--trojannet",
+                str(small_trojannet),
+                "--targets",
+                "1",
+                "--location",
+                "30",
+                "30",
+                "--data",
+                str(GTSRB5),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "outside the 32x32 input" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "result.json").exists()
+    assert main(["evaluate", "--model", str(tmp_path / "nothing"), "--data", str(GTSRB5)]) == 2
+    assert "model folder not found" in capsys.readouterr().err
