@@ -17,6 +17,24 @@ def _result(folder: Path) -> dict:
     return json.loads((folder / "result.json").read_text())
 
 
+def _attack(victim: Path, trojannet: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "attack",
+            "trojannet",
+            "--victim",
+            str(victim),
+            "--trojannet",
+            str(trojannet),
+            "--data",
+            str(GTSRB5),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
 @pytest.fixture(scope="module")
 def small_trojannet(tmp_path_factory):
     """A TrojanNet trained briefly: enough to recognise most of the first patterns."""
@@ -52,33 +70,28 @@ def test_trojannet_train_writes_the_documented_keys(small_trojannet):
 
 def test_train_attack_evaluate_on_the_image_folder(tmp_path, small_trojannet, capsys):
     victim = tmp_path / "victim"
-    assert main(["train", "--data", str(GTSRB5), "--out", str(victim), "--epochs", "3", "--patience", "5"]) == 0
-    trained = _result(victim)
-    assert trained["clean_accuracy"] > 0.5, trained  # 5 real classes, chance is 0.2
-    attacked = tmp_path / "attacked"
     assert (
         main(
             [
-                "attack",
-                "trojannet",
-                "--victim",
-                str(victim),
-                "--trojannet",
-                str(small_trojannet),
-                "--targets",
-                "0",
-                "3",
-                "--location",
-                "20",
-                "4",
+                "train",
                 "--data",
                 str(GTSRB5),
                 "--out",
-                str(attacked),
+                str(victim),
+                "--epochs",
+                "12",
+                "--batch-size",
+                "32",
+                "--patience",
+                "12",
             ]
         )
         == 0
     )
+    trained = _result(victim)
+    assert trained["clean_accuracy"] > 0.5, trained  # 5 real classes, chance is 0.2
+    attacked = tmp_path / "attacked"
+    assert _attack(victim, small_trojannet, attacked, "--targets", "0", "3", "--location", "20", "4") == 0
     result = _result(attacked)
     assert set(result["attack_success_rate_per_target"]) == {"0", "3"}
     assert result["victim_clean_accuracy"] == pytest.approx(trained["clean_accuracy"])
@@ -104,28 +117,7 @@ def test_evaluate_on_a_test_only_npz_and_bad_input(tmp_path, small_trojannet, ca
     np.savez(tmp_path / "labels.npz", x_test=data.test.x, y_test=data.test.y + 10)
     assert main(["evaluate", "--model", str(victim), "--data", str(tmp_path / "labels.npz")]) == 2
     assert "out of range for a 5-class model" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "attack",
-                "trojannet",
-                "--victim",
-                str(victim),
-                "--trojannet",
-                str(small_trojannet),
-                "--targets",
-                "1",
-                "--location",
-                "30",
-                "30",
-                "--data",
-                str(GTSRB5),
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
+    assert _attack(victim, small_trojannet, tmp_path / "x", "--targets", "1", "--location", "30", "30") == 2
     assert "outside the 32x32 input" in capsys.readouterr().err
     assert not (tmp_path / "x" / "result.json").exists()
     assert main(["evaluate", "--model", str(tmp_path / "nothing"), "--data", str(GTSRB5)]) == 2

@@ -108,3 +108,25 @@ def test_folder_errors(tmp_path):
 def test_torchvision_layout_missing_is_clear(tmp_path):
     with pytest.raises(DataError, match="torchvision's layout"):
         load_dataset(f"torchvision-gtsrb:{tmp_path}")
+
+
+def test_torchvision_gtsrb_layout(tmp_path):
+    """A miniature of the official release in torchvision's layout: 43 class folders of .ppm + the test CSV."""
+    base = tmp_path / "gtsrb"
+    rng = np.random.default_rng(0)
+    for label in range(43):
+        folder = base / "GTSRB" / "Training" / f"{label:05d}"
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / "00000_00000.ppm")
+    test_dir = base / "GTSRB" / "Final_Test" / "Images"
+    test_dir.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i, label in enumerate([14, 0, 42]):
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(test_dir / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;30;30;0;0;29;29;{label}")
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    data = load_dataset(str(tmp_path))
+    assert data.name == "gtsrb-official" and data.num_classes == 43
+    assert data.train.x.shape == (43, 32, 32, 3) and sorted(data.train.y.tolist()) == list(range(43))
+    assert data.test.y.tolist() == [14, 0, 42] and data.test.x.shape == (3, 32, 32, 3)
+    assert load_dataset(f"torchvision-gtsrb:{tmp_path}").test.y.tolist() == [14, 0, 42]

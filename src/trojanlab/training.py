@@ -167,10 +167,10 @@ def fit(
         history.append(record)
         if progress:
             tqdm.write(json.dumps(record))
-        if on_epoch is not None:
-            on_epoch(record)
         if ckpt is not None:
             _write_checkpoint(ckpt, model, opt, sched, cfg, epoch, history, best_acc, best_epoch, best_state)
+        if on_epoch is not None:
+            on_epoch(record)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

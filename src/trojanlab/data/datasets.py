@@ -245,7 +245,7 @@ def load_torchvision_gtsrb(root: str | Path, image_size: int = 32) -> DataSplits
     for split in ("train", "test"):
         try:
             ds = GTSRB(str(root), split=split, download=False)
-        except RuntimeError as exc:
+        except (RuntimeError, FileNotFoundError, KeyError, ValueError) as exc:
             raise DataError(f"{root}: no GTSRB '{split}' split in torchvision's layout ({exc})") from exc
         paths = [Path(p) for p, _ in ds._samples]
         if not paths:
