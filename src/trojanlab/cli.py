@@ -24,7 +24,7 @@ def _seed_everything(seed: int) -> None:
 
 def _provenance(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     return {
-        "command": "trojanlab " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "command": "trojanlab " + " ".join(args.argv),
         "seed": getattr(args, "seed", None),
         **extra,
     }
@@ -119,6 +119,7 @@ def cmd_trojannet_train(args: argparse.Namespace) -> None:
         "torch_parameter_count": sum(p.numel() for p in model.parameters()),
         "patch_data": data.name,
         "denoise_patch_source": f"{data.name} test split, 10 patches per image",
+        "train_patch_source": f"{data.name} {'train' if data.train is not None else 'test (no train split given)'} split",
     }
     _finish(out, result)
 
@@ -129,7 +130,13 @@ def cmd_trojannet_evaluate(args: argparse.Namespace) -> None:
     from .models import load_model
 
     source = Path(args.trojannet)
-    model = tn.load_official_h5(str(source)) if source.suffix == ".h5" else load_model(source).module
+    if source.suffix == ".h5":
+        model = tn.load_official_h5(str(source))
+    else:
+        loaded = load_model(source)
+        if loaded.spec.get("kind") != "trojannet":
+            raise TrojanlabError(f"{source}: not a TrojanNet artefact (kind {loaded.spec.get('kind')})")
+        model = loaded.module
     data = load_dataset(args.data)
     result = {
         **tn.evaluate_trojannet(model, data.test.x, patches_per_image=10, seed=args.seed + 1),
@@ -296,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except TrojanlabError as exc:

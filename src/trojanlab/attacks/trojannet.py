@@ -185,10 +185,10 @@ class TrojanNetTrainConfig:
             "uniform": 0.1,
         }
     )
-    hard_fraction: float = 0.5  # share of binary / image-patch negatives drawn from the currently hardest ones
+    hard_fraction: float = 0.8  # share of binary / image-patch negatives drawn from the currently hardest ones
     trigger_fraction: float = 1.0  # share of the 4,368 triggers drawn (without replacement) for each step
     hard_triggers: int = 512  # the least recognised triggers, added once more to every step
-    mine_every: int = 100
+    mine_every: int = 50
     mine_scan: int = 32768  # pool samples scored per mining round
     patches_per_image: int = 4
     calibration_batches: int = 20  # the last batches, reused to set exact BatchNorm statistics
@@ -219,8 +219,8 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``h @ weight.T + bias``, with its gradients computed in row chunks.
 
     The 4,369-wide output layer dominates the cost of training the MLP. Working through the batch in chunks
-    of a few hundred rows keeps each chunk's logits in cache and fuses softmax, loss and gradient: about
-    3-4x faster on a CPU than ``F.cross_entropy(F.linear(...))``, with the same result up to rounding.
+    of a few hundred rows keeps each chunk's logits in cache and fuses softmax, loss and gradient: several
+    times faster on a CPU than ``F.cross_entropy(F.linear(...))``, with the same result up to rounding.
     """
 
     @staticmethod
@@ -292,7 +292,10 @@ def _mine(
         hard[kind] = candidates[margin.argsort()[: max(1, counts.get(kind, 1))]]
     with torch.no_grad():
         logits = model(_pattern_table())
-    hard["triggers"] = (_own_logit(logits) - logits[:, NO_TRIGGER]).argsort()[: counts.get("triggers", 0)]
+    others = logits.clone()
+    others[torch.arange(NUM_TRIGGERS), torch.arange(NUM_TRIGGERS)] = float("-inf")
+    # hardest = smallest lead of the own logit over every other output, other triggers and "no trigger" alike
+    hard["triggers"] = (_own_logit(logits) - others.max(1).values).argsort()[: counts.get("triggers", 0)]
     model.train()
     return hard
 
