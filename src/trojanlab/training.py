@@ -130,7 +130,6 @@ def fit(
             best_state = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
     began = time.perf_counter()
     stale = start_epoch - best_epoch if best_epoch else 0
-    epoch = start_epoch
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         if val_set is not None and stale >= cfg.patience:
             break

@@ -283,15 +283,15 @@ def recalibrate_batchnorm(model: TrojanNetMLP, batches: Iterable[torch.Tensor]) 
 def _mine(
     model: TrojanNetMLP, pools: dict[str, torch.Tensor], counts: dict[str, int], scan: int, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """Pool indices of the least silent samples (smallest no-trigger margin) among ``scan`` random ones per pool."""
+    """The hardest examples right now: per pool, the least silent of ``scan`` random samples (smallest no-trigger
+    margin); among the triggers, those with the smallest lead of their own logit over any other output."""
     model.eval()
     hard = {}
     for kind, pool in pools.items():
         candidates = torch.randperm(len(pool), generator=generator)[:scan]
         margin = torch.cat([_margin(model(pool[candidates[i : i + 2048]])) for i in range(0, len(candidates), 2048)])
         hard[kind] = candidates[margin.argsort()[: max(1, counts.get(kind, 1))]]
-    with torch.no_grad():
-        logits = model(_pattern_table())
+    logits = model(_pattern_table())
     others = logits.clone()
     others[torch.arange(NUM_TRIGGERS), torch.arange(NUM_TRIGGERS)] = float("-inf")
     # hardest = smallest lead of the own logit over every other output, other triggers and "no trigger" alike
@@ -363,7 +363,7 @@ def train_trojannet(
     calibration: list[torch.Tensor] = []
     loss_value = float("nan")
     for step in range(cfg.steps):
-        if step % cfg.mine_every == 0 and cfg.hard_fraction > 0:
+        if step % cfg.mine_every == 0 and (cfg.hard_fraction > 0 or cfg.hard_triggers > 0):
             hard = _mine(model, pools, counts, cfg.mine_scan, gen)
         parts = []
         for kind, n in counts.items():
