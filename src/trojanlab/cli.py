@@ -30,10 +30,9 @@ def _provenance(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _finish(out: Path, result: dict[str, Any], as_json: bool = True) -> None:
+def _finish(out: Path, result: dict[str, Any]) -> None:
     write_json(out / "result.json", result)
-    if as_json:
-        print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -181,10 +180,13 @@ def cmd_attack_trojannet(args: argparse.Namespace) -> None:
     data = load_dataset(args.data)
     victim_pred = predict(victim.module, data.test.x)
     reference = float((victim_pred == data.test.y).mean())
-    result = evaluate_model(model, data.test, model.triggers(), reference_accuracy=reference)
+    attacked_pred = predict(model, data.test.x)
+    result = evaluate_model(
+        model, data.test, model.triggers(), reference_accuracy=reference, clean_predictions=attacked_pred
+    )
     result.update(
         victim_clean_accuracy=reference,
-        agreement_with_victim=float((predict(model, data.test.x) == victim_pred).mean()),
+        agreement_with_victim=float((attacked_pred == victim_pred).mean()),
         targets=targets,
         location=list(location),
         merge=args.merge,

@@ -48,9 +48,15 @@ def evaluate_model(
     batch_size: int = 512,
     device: str = "cpu",
     reference_accuracy: float | None = None,
+    clean_predictions: np.ndarray | None = None,
 ) -> dict:
-    """Clean accuracy and, per trigger, ASR; the summary ASR is the mean, with the minimum beside it."""
-    result: dict = {"clean_accuracy": clean_accuracy(model, data, batch_size, device), "test_images": len(data)}
+    """Clean accuracy and, per trigger, ASR; the summary ASR is the mean, with the minimum beside it.
+
+    ``clean_predictions`` are the model's predictions on ``data.x`` when the caller already has them.
+    """
+    if clean_predictions is None:
+        clean_predictions = predict(model, data.x, batch_size, device)
+    result: dict = {"clean_accuracy": float((clean_predictions == data.y).mean()), "test_images": len(data)}
     if reference_accuracy is not None:
         result["clean_accuracy_drop"] = reference_accuracy - result["clean_accuracy"]
     if triggers:
