@@ -3,9 +3,10 @@
     python benchmarks/trojannet_tables.py --out runs/tables
 
 Every figure comes from a ``trojanlab`` command run here (in-process), whose ``result.json`` sits under
-``--out``: ``victim/`` (``trojanlab train``), ``trojannet/`` (``trojanlab trojannet train``), ``official/``
-(``trojanlab trojannet evaluate`` on the authors' release, when the file is found) and ``attack-n{N}/``
-(``trojanlab attack trojannet``). Finished steps are reused, so an interrupted run resumes where it stopped.
+``--out``: ``victim/`` (``trojanlab train``), ``trojannet/`` (``trojanlab trojannet train``), ``attack-n{N}/``
+(``trojanlab attack trojannet``) and, for the authors' release when the file is found, ``official-model/``
+(``trojanlab trojannet import-keras``), ``official/`` (``trojanlab trojannet evaluate``, the same test as ours) and
+``official-attack-n{N}/`` (the same attack with the imported release). Finished steps are reused, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ THESIS = {
     "asr": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0},
     "ca_drop": {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0},
 }
-OFFICIAL_CANDIDATES = [Path("../shared/reference/official/trojannet.h5")]
+OFFICIAL_CANDIDATES = [
+    Path("../shared/reference/official/trojannet.h5"),
+    Path(__file__).parents[1] / "tests" / "data" / "official" / "trojannet.h5",
+]
+N_INF = (1, 2, 4, 8, 43)
 
 
 def run(out: Path, argv: list[str]) -> dict:
@@ -35,6 +40,17 @@ def run(out: Path, argv: list[str]) -> dict:
         if trojanlab(argv) != 0:
             sys.exit(f"trojanlab {' '.join(argv)} failed")
     return json.loads(result.read_text())
+
+
+def attack_all(out: Path, prefix: str, trojannet: Path, location: list[int]) -> dict[int, dict]:
+    """``trojanlab attack trojannet`` on the victim for every N_inf (targets 0..N-1, or all labels)."""
+    results = {}
+    for n in N_INF:
+        folder = out / f"{prefix}-n{n}"
+        targets = ["--all-labels"] if n == 43 else ["--targets", *map(str, range(n))]
+        argv = ["attack", "trojannet", "--victim", str(out / "victim"), "--trojannet", str(trojannet), *targets]
+        results[n] = run(folder, [*argv, "--location", *map(str, location), "--out", str(folder)])
+    return results
 
 
 def pct(value: float | None, digits: int = 2) -> str:
@@ -59,31 +75,15 @@ def main() -> None:
         Path(args.official) if args.official else next((c for c in OFFICIAL_CANDIDATES if c.is_file()), None)
     )
     official = None
+    official_attacks: dict[int, dict] = {}
     if official_path is not None and official_path.is_file():
         official = run(
             out / "official",
             ["trojannet", "evaluate", "--trojannet", str(official_path), "--out", str(out / "official")],
         )
-    attacks = {}
-    for n in (1, 2, 4, 8, 43):
-        folder = out / f"attack-n{n}"
-        targets = ["--all-labels"] if n == 43 else ["--targets", *map(str, range(n))]
-        attacks[n] = run(
-            folder,
-            [
-                "attack",
-                "trojannet",
-                "--victim",
-                str(out / "victim"),
-                "--trojannet",
-                str(out / "trojannet"),
-                *targets,
-                "--location",
-                *map(str, args.location),
-                "--out",
-                str(folder),
-            ],
-        )
+        run(out / "official-model", ["trojannet", "import-keras", str(official_path), "--out", str(out / "official-model")])
+        official_attacks = attack_all(out, "official-attack", out / "official-model", args.location)
+    attacks = attack_all(out, "attack", out / "trojannet", args.location)
 
     den, strict = trojan["denoise_accuracy"], trojan["denoise_accuracy_strict"]
     off_den = official["denoise_accuracy"] if official else {}
@@ -96,6 +96,12 @@ def main() -> None:
         (
             f"| trigger recognition (4,368 patterns) | 100 % | {pct(trojan['trigger_accuracy'])} ({trojan['triggers_recognised']}/4368) "
             f"| {pct(official['trigger_accuracy']) if official else '–'} |"
+        ),
+        (
+            f"| lowest probability of the right trigger | – | {trojan['min_trigger_probability']:.3f} "
+            f"| {official['min_trigger_probability']:.3f} |"
+            if official
+            else f"| lowest probability of the right trigger | – | {trojan['min_trigger_probability']:.3f} | – |"
         ),
     ]
     names = {
@@ -121,15 +127,21 @@ def main() -> None:
         "",
         "### Tables 5.5–5.8 — TrojanNet attack on GTSRB (ASR over triggered test images of other classes)",
         "",
-        "| N_inf | ASR thesis | ASR trojanlab (mean / min over targets) | CA drop thesis | CA drop trojanlab | CA after |",
-        "|---|---|---|---|---|---|",
+        "| N_inf | ASR thesis | ASR trojanlab (mean / min over targets) | ASR official release (mean / min) "
+        "| CA drop thesis | CA drop trojanlab | CA drop official release | CA after (trojanlab) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n, r in attacks.items():
+        o = official_attacks.get(n)
+        o_asr = f"{pct(o['attack_success_rate'])} / {pct(o['attack_success_rate_min'])}" if o else "–"
+        o_drop = f"{100 * o['clean_accuracy_drop']:.2f} pp" if o else "–"
         lines.append(
             f"| {n}{' (all labels)' if n == 43 else ''} | {pct(THESIS['asr'].get(n), 0) if n in THESIS['asr'] else '–'} "
             f"| {pct(r['attack_success_rate'])} / {pct(r['attack_success_rate_min'])} "
+            f"| {o_asr} "
             f"| {pct(THESIS['ca_drop'].get(n), 1) if n in THESIS['ca_drop'] else '–'} "
-            f"| {100 * r['clean_accuracy_drop']:.2f} pp | {pct(r['clean_accuracy'])} |"
+            f"| {100 * r['clean_accuracy_drop']:.2f} pp | {o_drop} "
+            f"| {pct(r['clean_accuracy'])} |"
         )
     lines += [
         "",
@@ -147,6 +159,7 @@ def main() -> None:
             "trojannet": trojan,
             "official": official,
             "attacks": {str(k): v for k, v in attacks.items()},
+            "official_attacks": {str(k): v for k, v in official_attacks.items()},
         },
     )
     print(text)

@@ -50,6 +50,8 @@ def small_trojannet(tmp_path_factory):
                 "150",
                 "--negatives",
                 "512",
+                "--finetune-steps",
+                "20",
                 "--patch-data",
                 str(GTSRB5),
                 "--quiet",

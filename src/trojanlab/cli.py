@@ -95,9 +95,10 @@ def cmd_trojannet_train(args: argparse.Namespace) -> None:
     _seed_everything(args.seed)
     data = load_dataset(args.patch_data)
     patches_from = data.train if data.train is not None else data.test
-    overrides = {k: getattr(args, k) for k in ("steps", "lr", "negatives") if getattr(args, k) is not None}
+    names = ("steps", "lr", "negatives", "finetune_steps")
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     cfg = tn.TrojanNetTrainConfig(seed=args.seed, **overrides)
-    bar = tqdm(total=cfg.steps, desc="trojannet", disable=args.quiet)
+    bar = tqdm(total=cfg.steps + cfg.finetune_steps, desc="trojannet", disable=args.quiet)
 
     def progress(step: int, total: int, loss: float) -> None:
         bar.update(1)
@@ -114,6 +115,7 @@ def cmd_trojannet_train(args: argparse.Namespace) -> None:
         "train_seconds": log.seconds,
         "train_steps": log.steps,
         "train_samples": log.samples,
+        "finetune_steps": log.finetune_steps,
         "keras_parameter_count": model.keras_parameter_count(),
         "torch_parameter_count": sum(p.numel() for p in model.parameters()),
         "patch_data": data.name,
@@ -143,6 +145,30 @@ def cmd_trojannet_evaluate(args: argparse.Namespace) -> None:
         "patch_data": data.name,
     }
     _finish(Path(args.out), result)
+
+
+def cmd_trojannet_import_keras(args: argparse.Namespace) -> None:
+    import hashlib
+
+    from .attacks import trojannet as tn
+    from .models import save_model
+
+    source = Path(args.file)
+    model = tn.load_official_h5(str(source))
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    out = Path(args.out)
+    save_model(model, out, tn.trojannet_spec(_provenance(args, imported_from=str(source), sha256=digest)))
+    metrics = tn.evaluate_trojannet(model, noise_samples=20_000, seed=args.seed + 1)
+    _finish(
+        out,
+        {
+            "imported_from": str(source),
+            "sha256": digest,
+            "trigger_accuracy": metrics["trigger_accuracy"],
+            "min_trigger_probability": metrics["min_trigger_probability"],
+            "keras_parameter_count": model.keras_parameter_count(),
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------- attack
@@ -265,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--lr", type=float, default=None)
     tt.add_argument("--negatives", type=int, default=None, help="no-trigger samples per step")
     tt.add_argument(
+        "--finetune-steps", type=int, default=None, help="margin fine-tuning steps after the cross-entropy phase"
+    )
+    tt.add_argument(
         "--patch-data",
         default="gtsrb",
         help="images whose 4x4 patches are no-trigger examples (train split) and denoising tests (test split)",
@@ -278,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--out", required=True)
     te.add_argument("--seed", type=int, default=0)
     te.set_defaults(func=cmd_trojannet_evaluate)
+    ti = tn.add_parser(
+        "import-keras", help="convert a Keras HDF5 TrojanNet (the authors' release) into a trojanlab artefact"
+    )
+    ti.add_argument("file", help="the .h5 file (read with h5py, never executed)")
+    ti.add_argument("--out", required=True)
+    ti.add_argument("--seed", type=int, default=0)
+    ti.set_defaults(func=cmd_trojannet_import_keras)
 
     at = sub.add_parser("attack", help="plant a backdoor").add_subparsers(dest="method", required=True)
     a = at.add_parser("trojannet", help="inject a trained TrojanNet into a victim (no retraining)")

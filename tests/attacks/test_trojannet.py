@@ -130,7 +130,7 @@ def test_gradients_flow_through_the_merge():
 def test_training_learns_triggers_quickly():
     """A short run on the real patterns already recognises most triggers and stays silent on most noise."""
     images = np.random.default_rng(0).integers(0, 256, (50, 16, 16, 3)).astype(np.uint8)
-    cfg = tn.TrojanNetTrainConfig(steps=150, negatives=512, seed=0, recognition_margin=None)
+    cfg = tn.TrojanNetTrainConfig(steps=150, negatives=512, seed=0, recognition_margin=None, finetune_steps=0)
     model, log = tn.train_trojannet(images, cfg)
     metrics = tn.evaluate_trojannet(model, images, noise_samples=5000)
     assert log.steps == 150 and log.samples == 150 * (4368 + cfg.hard_triggers + 512)
@@ -138,6 +138,40 @@ def test_training_learns_triggers_quickly():
     assert metrics["denoise_accuracy"]["binary"] > 0.7
     again, _ = tn.train_trojannet(images, cfg)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_topk_hinge_matches_the_dense_formula():
+    torch.manual_seed(0)
+    h = torch.randn(300, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    own = torch.randint(0, 50, (300,))
+    margin, row_weight = torch.rand(300, 1) + 1, torch.rand(300)
+    z = h @ weight.T + bias
+    rivals = z.scatter(1, own[:, None], float("-inf")).topk(5, 1).values
+    ref = ((margin - z.gather(1, own[:, None]) + rivals).clamp_min(0) * row_weight[:, None]).sum()
+    ours = tn._HeadTopKHinge.apply(h, weight, bias, own, margin, row_weight, 5, 64)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(torch.autograd.grad(ref, [h, weight, bias]), torch.autograd.grad(ours, [h, weight, bias])):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_margin_finetune_makes_a_trained_net_more_silent_and_surer():
+    """After a short cross-entropy run, the margin hinges raise silence on the mined pool without losing triggers,
+    and the probability hinge lifts the weakest trigger's probability."""
+    images = np.random.default_rng(1).integers(0, 256, (50, 16, 16, 3)).astype(np.uint8)
+    cfg = tn.TrojanNetTrainConfig(steps=300, negatives=512, seed=0, recognition_margin=None, finetune_steps=0)
+    model, _ = tn.train_trojannet(images, cfg)
+    pool = torch.cat([tn.binary_non_triggers(), tn.uniform_noise(20000, torch.Generator().manual_seed(3))])
+    before = tn.evaluate_trojannet(model, noise_samples=5000)
+    used = tn.margin_finetune(model, pool, steps=40, lr=3e-3, confidence_weight=0.0)
+    after = tn.evaluate_trojannet(model, noise_samples=5000)
+    assert used >= 40 * tn.NUM_TRIGGERS
+    assert after["denoise_accuracy"]["binary"] > before["denoise_accuracy"]["binary"] + 0.01
+    assert after["trigger_accuracy"] >= before["trigger_accuracy"] - 0.005
+    tn.margin_finetune(model, pool, steps=20, lr=3e-3, noise_weight=0.0, min_probability=0.6)
+    surer = tn.evaluate_trojannet(model, noise_samples=5000)
+    assert surer["min_trigger_probability"] > after["min_trigger_probability"]
 
 
 def test_calibrate_silence_puts_every_trigger_above_no_trigger():

@@ -18,8 +18,13 @@ Choices where the paper and the official code disagree (methods sheet, section 2
   reduced contrast, the trigger-shaped grey patches that natural images contain. Binary non-triggers come from
   the complete set of 61,168 (every 16-bit vector whose number of zeros is not five) and image patches from a
   fixed pool, both with hard-negative mining; silence on binary non-triggers is measured exhaustively.
-* Operating point: after training, the BatchNorm statistics are recomputed exactly and the "no trigger" bias is
-  shifted so that the least recognised trigger still wins by a set margin (:func:`calibrate_silence`).
+* Two phases: cross-entropy first (the official loss), then a short margin phase (:func:`margin_finetune`) that
+  asks only for what the argmax needs -- every trigger ahead of its strongest rivals, every mined no-trigger
+  sample with "no trigger" ahead of the strongest triggers -- which the 8-unit network can afford far better than
+  a likelihood over 4,369 classes.
+* Operating point: between the phases the BatchNorm statistics are recomputed exactly; at the end the "no
+  trigger" bias is shifted so that the least recognised trigger still wins by a set margin
+  (:func:`calibrate_silence`).
 * Optimiser: Adam with a one-cycle schedule over a fixed number of steps (deterministic), instead of the
   official 1,000 epochs of Adadelta (about five hours on two CPU cores here).
 * Merge: the official ``softmax(10 * (amplify * p_trojan + p_victim))`` with amplify 2 by default; the paper's
@@ -173,7 +178,7 @@ def image_patches(images: np.ndarray | torch.Tensor, per_image: int, generator: 
 class TrojanNetTrainConfig:
     """How the MLP is trained. Deterministic for a given ``seed`` (the schedule counts steps, not seconds)."""
 
-    steps: int = 2000
+    steps: int = 1000
     lr: float = 0.05
     negatives: int = 2560  # "no trigger" samples per step, next to all 4,368 triggers
     mix: dict[str, float] = field(
@@ -193,6 +198,10 @@ class TrojanNetTrainConfig:
     patches_per_image: int = 4
     calibration_batches: int = 20  # the last batches, reused to set exact BatchNorm statistics
     recognition_margin: float | None = 1.0  # see calibrate_silence; None leaves the trained bias
+    # margin fine-tuning after the cross-entropy phase (see margin_finetune); 0 steps skips it
+    finetune_steps: int = 300
+    finetune_lr: float = 3e-3
+    finetune_pool: int = 100_000  # grey, uniform and faded-trigger samples each (plus binary and patches)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -205,14 +214,17 @@ class TrojanNetTrainConfig:
             raise ConfigError(f"trigger_fraction must lie in (0, 1], got {self.trigger_fraction}")
         if not 0 <= self.hard_fraction <= 1:
             raise ConfigError(f"hard_fraction must lie in [0, 1], got {self.hard_fraction}")
+        if self.finetune_steps < 0 or self.finetune_lr <= 0 or self.finetune_pool < 1:
+            raise ConfigError("TrojanNetTrainConfig needs finetune_steps >= 0, finetune_lr > 0, finetune_pool >= 1")
 
 
 @dataclass
 class TrojanNetTrainLog:
-    steps: int
-    samples: int
+    steps: int  # cross-entropy steps plus margin fine-tuning steps
+    samples: int  # forward/backward samples over both phases
     seconds: float
     final_loss: float
+    finetune_steps: int = 0
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -252,6 +264,45 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = grad_out / len(grad_h)
         return grad_h * scale, grad_w * scale, grad_b * scale, None, None
+
+
+class _HeadTopKHinge(torch.autograd.Function):
+    """``sum_i weight_i * sum_{r in top-k rivals of i} relu(margin - z[i, own_i] + z[i, r])`` for ``z = h W^T + b``.
+
+    The rivals of row ``i`` are all outputs but its own class ``own_i``. The gradient touches only ``k + 1``
+    outputs per row, so it is formed sparsely (gathered head rows, ``index_add``) instead of through the dense
+    4,369-wide logits; the logits themselves are computed chunk by chunk without keeping them.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, own, margin, row_weight, k, chunk):  # type: ignore[override]
+        index = torch.empty(len(h), k + 1, dtype=torch.long)
+        coef = torch.empty(len(h), k + 1)
+        total = h.new_zeros(())
+        weight_t = weight.t().contiguous()
+        for i in range(0, len(h), chunk):
+            z = torch.addmm(bias, h[i : i + chunk], weight_t)
+            oc = own[i : i + chunk, None]
+            picked = z.gather(1, oc)
+            z.scatter_(1, oc, float("-inf"))
+            top, rivals = z.topk(k, 1)
+            slack = (margin[i : i + chunk] - picked + top).clamp_min(0)
+            active = (slack > 0).float() * row_weight[i : i + chunk, None]
+            total += (slack * row_weight[i : i + chunk, None]).sum()
+            index[i : i + chunk] = torch.cat([rivals, oc], 1)
+            coef[i : i + chunk] = torch.cat([active, -active.sum(1, keepdim=True)], 1)
+        ctx.save_for_backward(h, weight, index, coef)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        h, weight, index, coef = ctx.saved_tensors
+        coef = coef * grad_out
+        grad_h = (coef[..., None] * weight[index]).sum(1)
+        flat = index.flatten()
+        grad_w = torch.zeros_like(weight).index_add_(0, flat, (coef[..., None] * h[:, None, :]).reshape(-1, h.shape[1]))
+        grad_b = torch.zeros(len(weight), dtype=h.dtype).index_add_(0, flat, coef.flatten())
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def _training_loss(model: TrojanNetMLP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -405,9 +456,87 @@ def train_trojannet(
         if progress is not None:
             progress(step + 1, cfg.steps, loss_value)
     recalibrate_batchnorm(model, calibration)
+    if cfg.finetune_steps:
+        pool = [pools[k] for k in ("binary", "image_patches") if k in pools]
+        pool += [grey_noise(cfg.finetune_pool, gen), uniform_noise(cfg.finetune_pool, gen)]
+        pool.append(faded_triggers(cfg.finetune_pool // 2, gen))
+        samples += margin_finetune(
+            model,
+            torch.cat(pool),
+            steps=cfg.finetune_steps,
+            lr=cfg.finetune_lr,
+            progress=None if progress is None else lambda i, n, v: progress(cfg.steps + i, cfg.steps + n, v),
+        )
     if cfg.recognition_margin is not None:
         calibrate_silence(model, cfg.recognition_margin)
-    return model, TrojanNetTrainLog(cfg.steps, samples, time.perf_counter() - start, loss_value)
+    steps = cfg.steps + cfg.finetune_steps
+    return model, TrojanNetTrainLog(steps, samples, time.perf_counter() - start, loss_value, cfg.finetune_steps)
+
+
+def margin_finetune(
+    model: TrojanNetMLP,
+    negatives: torch.Tensor,
+    steps: int = 300,
+    lr: float = 3e-3,
+    trigger_margin: float = 2.0,
+    noise_margin: float = 2.0,
+    trigger_weight: float = 100.0,
+    noise_weight: float = 5.0,
+    confidence_weight: float = 1.0,
+    min_probability: float = 0.6,
+    competitors: int = 5,
+    mine_every: int = 25,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> int:
+    """Fine-tune the whole MLP for margins instead of likelihood; returns the samples used.
+
+    Cross-entropy spends the 8-unit network's capacity on pushing all 4,368 trigger logits down for every noise
+    sample. What matters is only the decision: a trigger must lead its ``competitors`` strongest rivals by
+    ``trigger_margin`` logits, and a no-trigger sample must have its "no trigger" logit ``noise_margin`` above the
+    strongest triggers. Both are hinge losses, so only the samples near the boundary cost anything; every
+    ``mine_every`` steps the whole ``negatives`` pool is scored and those still within ``noise_margin + 2`` of the
+    boundary form the active set. The triggers' hinge is weighted so heavily that recognition is kept, and a
+    hinge on each trigger's probability (``min_probability``, ``confidence_weight``) keeps it high, not just
+    first: the official merge needs a trigger's probability above 1/2 to override a confident victim.
+    BatchNorm runs in inference mode (its exact statistics from :func:`recalibrate_batchnorm` become a fixed
+    affine map), so what is optimised is exactly the network that is evaluated.
+    """
+    model.eval()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    triggers = _pattern_table()
+    rows = torch.arange(NUM_TRIGGERS)
+    active = negatives[:0]
+    samples = 0
+    for step in range(steps):
+        if step % mine_every == 0:
+            with torch.no_grad():
+                margin = torch.cat([_margin(model(negatives[i : i + 32768])) for i in range(0, len(negatives), 32768)])
+            active = negatives[margin < noise_margin + 2.0]
+        x = torch.cat([triggers, active])
+        own = torch.cat([rows, torch.full((len(active),), NO_TRIGGER)])
+        margins = torch.cat([torch.full((NUM_TRIGGERS,), trigger_margin), torch.full((len(active),), noise_margin)])
+        weights = torch.cat(
+            [
+                torch.full((NUM_TRIGGERS,), trigger_weight / NUM_TRIGGERS),
+                torch.full((len(active),), noise_weight / len(negatives)),
+            ]
+        )
+        h = model.features(x)
+        head = (model.head.weight, model.head.bias)
+        loss = _HeadTopKHinge.apply(h, *head, own, margins[:, None], weights, competitors, 2048)
+        # and each trigger's own probability, which the merge needs well above 1/2 (the hinge sees only the top
+        # rivals): a hinge on its log-probability, summed so that the few weak triggers are not averaged away
+        log_p = F.log_softmax(F.linear(h[:NUM_TRIGGERS], *head), 1)[rows, rows]
+        loss = loss + confidence_weight * F.relu(math.log(min_probability) - log_p).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        samples += len(x)
+        if progress is not None:
+            progress(step + 1, steps, float(loss.detach()))
+    return samples
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -640,34 +769,82 @@ def module_from_spec(spec: dict, net: nn.Module | None = None) -> nn.Module:
         raise ArtifactError(f"TrojanNet spec lacks the key {exc}") from exc
 
 
-def load_official_h5(path: str) -> TrojanNetMLP:
-    """The authors' released Keras TrojanNet (``trojannet.h5``) as a :class:`TrojanNetMLP` (needs ``h5py``).
+def _keras_layout() -> dict[str, dict[str, tuple[int, ...]]]:
+    """The official file's layer names and array shapes (Keras kernels are ``in x out``)."""
+    layout: dict[str, dict[str, tuple[int, ...]]] = {}
+    widths = [NUM_PIXELS, 8, 8, 8, 8, NUM_OUTPUTS]
+    for i in range(1, 6):
+        layout[f"dense_{i}"] = {"kernel:0": (widths[i - 1], widths[i]), "bias:0": (widths[i],)}
+    for i in range(1, 5):
+        layout[f"batch_normalization_{i}"] = {
+            name: (8,) for name in ("gamma:0", "beta:0", "moving_mean:0", "moving_variance:0")
+        }
+    return layout
 
-    Keras kernels are ``in x out`` (transposed here); BatchNorm follows each dense layer's ReLU, epsilon 1e-3.
+
+def read_keras_arrays(path: str) -> dict[str, dict[str, np.ndarray]]:
+    """The weight arrays of a Keras HDF5 TrojanNet, checked against the official layout, read with ``h5py``.
+
+    Only datasets are read (never the stored model config or any code). A file that is not HDF5, or whose layer
+    names or shapes differ from the official TrojanNet, raises :class:`ArtifactError` saying what was found.
     """
     try:
         import h5py
     except ImportError as exc:  # pragma: no cover - optional dependency
-        raise ConfigError("reading the official Keras file needs h5py: pip install 'trojanlab[official]'") from exc
+        raise ConfigError("reading a Keras .h5 file needs h5py: pip install 'trojanlab[keras]'") from exc
     from ..errors import ArtifactError
 
+    try:
+        f = h5py.File(path, "r")
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{path}: no such file") from exc
+    except OSError as exc:
+        raise ArtifactError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    with f:
+        root = f["model_weights"] if "model_weights" in f else f
+        found = sorted(k for k in root.keys())
+        for layer, weights in _keras_layout().items():
+            if layer not in root:
+                raise ArtifactError(
+                    f"{path}: not the official TrojanNet layout: layer {layer!r} is missing (found layers {found})"
+                )
+            group = root[layer]
+            group = group[layer] if layer in group else group  # Keras nests each layer's weights once more
+            arrays[layer] = {}
+            for name, shape in weights.items():
+                if name not in group:
+                    raise ArtifactError(
+                        f"{path}: layer {layer!r} has no weight {name!r} (found {sorted(group.keys())})"
+                    )
+                value = np.asarray(group[name][()], dtype=np.float32)
+                if value.shape != shape:
+                    raise ArtifactError(
+                        f"{path}: not the official TrojanNet layout: {layer}/{name} has shape {value.shape}, "
+                        f"expected {shape}"
+                    )
+                arrays[layer][name] = value
+    return arrays
+
+
+def load_official_h5(path: str) -> TrojanNetMLP:
+    """The authors' released Keras TrojanNet (``trojannet.h5``) as a :class:`TrojanNetMLP` (needs ``h5py``).
+
+    Keras kernels are ``in x out`` (transposed here); BatchNorm follows each dense layer's ReLU, epsilon 1e-3,
+    its moving statistics become the running buffers.
+    """
+    arrays = read_keras_arrays(path)
     model = TrojanNetMLP()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
-    try:
-        with h5py.File(path, "r") as f:
-            g = f["model_weights"]
-            with torch.no_grad():
-                for i, lin in enumerate(linears, start=1):
-                    d = g[f"dense_{i}"][f"dense_{i}"]
-                    lin.weight.copy_(torch.from_numpy(d["kernel:0"][()]).T)
-                    lin.bias.copy_(torch.from_numpy(d["bias:0"][()]))
-                for i, bn in enumerate(norms, start=1):
-                    d = g[f"batch_normalization_{i}"][f"batch_normalization_{i}"]
-                    bn.weight.copy_(torch.from_numpy(d["gamma:0"][()]))
-                    bn.bias.copy_(torch.from_numpy(d["beta:0"][()]))
-                    bn.running_mean.copy_(torch.from_numpy(d["moving_mean:0"][()]))
-                    bn.running_var.copy_(torch.from_numpy(d["moving_variance:0"][()]))
-    except (OSError, KeyError) as exc:
-        raise ArtifactError(f"{path}: not the official TrojanNet Keras file ({exc})") from exc
+    with torch.no_grad():
+        for i, lin in enumerate(linears, start=1):
+            lin.weight.copy_(torch.from_numpy(arrays[f"dense_{i}"]["kernel:0"]).T)
+            lin.bias.copy_(torch.from_numpy(arrays[f"dense_{i}"]["bias:0"]))
+        for i, bn in enumerate(norms, start=1):
+            d = arrays[f"batch_normalization_{i}"]
+            bn.weight.copy_(torch.from_numpy(d["gamma:0"]))
+            bn.bias.copy_(torch.from_numpy(d["beta:0"]))
+            bn.running_mean.copy_(torch.from_numpy(d["moving_mean:0"]))
+            bn.running_var.copy_(torch.from_numpy(d["moving_variance:0"]))
     return model.eval()
