@@ -81,7 +81,10 @@ def main() -> None:
             out / "official",
             ["trojannet", "evaluate", "--trojannet", str(official_path), "--out", str(out / "official")],
         )
-        run(out / "official-model", ["trojannet", "import-keras", str(official_path), "--out", str(out / "official-model")])
+        run(
+            out / "official-model",
+            ["trojannet", "import-keras", str(official_path), "--out", str(out / "official-model")],
+        )
         official_attacks = attack_all(out, "official-attack", out / "official-model", args.location)
     attacks = attack_all(out, "attack", out / "trojannet", args.location)
 
@@ -127,8 +130,10 @@ def main() -> None:
         "",
         "### Tables 5.5–5.8 — TrojanNet attack on GTSRB (ASR over triggered test images of other classes)",
         "",
-        "| N_inf | ASR thesis | ASR trojanlab (mean / min over targets) | ASR official release (mean / min) "
-        "| CA drop thesis | CA drop trojanlab | CA drop official release | CA after (trojanlab) |",
+        (
+            "| N_inf | ASR thesis | ASR trojanlab (mean / min over targets) | ASR official release (mean / min) "
+            "| CA drop thesis | CA drop trojanlab | CA drop official release | CA after (trojanlab) |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for n, r in attacks.items():

@@ -501,6 +501,10 @@ def margin_finetune(
     BatchNorm runs in inference mode (its exact statistics from :func:`recalibrate_batchnorm` become a fixed
     affine map), so what is optimised is exactly the network that is evaluated.
     """
+    if negatives.ndim != 2 or negatives.shape[1] != NUM_PIXELS or len(negatives) == 0:
+        raise ConfigError(
+            f"margin_finetune needs a non-empty (N, 16) pool of no-trigger samples, got {tuple(negatives.shape)}"
+        )
     model.eval()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -802,15 +806,15 @@ def read_keras_arrays(path: str) -> dict[str, dict[str, np.ndarray]]:
         raise ArtifactError(f"{path}: not a readable HDF5 file ({exc})") from exc
     arrays: dict[str, dict[str, np.ndarray]] = {}
     with f:
-        root = f["model_weights"] if "model_weights" in f else f
-        found = sorted(k for k in root.keys())
+        root = f.get("model_weights", f)
+        found = sorted(root)
         for layer, weights in _keras_layout().items():
             if layer not in root:
                 raise ArtifactError(
                     f"{path}: not the official TrojanNet layout: layer {layer!r} is missing (found layers {found})"
                 )
             group = root[layer]
-            group = group[layer] if layer in group else group  # Keras nests each layer's weights once more
+            group = group.get(layer, group)  # Keras nests each layer's weights once more
             arrays[layer] = {}
             for name, shape in weights.items():
                 if name not in group:
