@@ -158,14 +158,16 @@ def cmd_trojannet_import_keras(args: argparse.Namespace) -> None:
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     out = Path(args.out)
     save_model(model, out, tn.trojannet_spec(_provenance(args, imported_from=str(source), sha256=digest)))
-    metrics = tn.evaluate_trojannet(model, noise_samples=20_000, seed=args.seed + 1)
+    probs = tn.trojannet_probabilities(model, tn.trigger_patterns())  # row k: pattern k, whose label is k
+    recognised = probs.argmax(1) == torch.arange(tn.NUM_TRIGGERS)
+    own = probs.diagonal()
     _finish(
         out,
         {
             "imported_from": str(source),
             "sha256": digest,
-            "trigger_accuracy": metrics["trigger_accuracy"],
-            "min_trigger_probability": metrics["min_trigger_probability"],
+            "trigger_accuracy": float(recognised.float().mean()),
+            "min_trigger_probability": float(own.min()),
             "keras_parameter_count": model.keras_parameter_count(),
         },
     )
@@ -312,7 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ti.add_argument("file", help="the .h5 file (read with h5py, never executed)")
     ti.add_argument("--out", required=True)
-    ti.add_argument("--seed", type=int, default=0)
     ti.set_defaults(func=cmd_trojannet_import_keras)
 
     at = sub.add_parser("attack", help="plant a backdoor").add_subparsers(dest="method", required=True)

@@ -510,25 +510,25 @@ def margin_finetune(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     triggers = _pattern_table()
     rows = torch.arange(NUM_TRIGGERS)
-    active = negatives[:0]
     samples = 0
     for step in range(steps):
-        if step % mine_every == 0:
+        if step % mine_every == 0:  # the batch (triggers + active negatives) only changes when re-mined
             with torch.no_grad():
                 margin = torch.cat([_margin(model(negatives[i : i + 32768])) for i in range(0, len(negatives), 32768)])
             active = negatives[margin < noise_margin + 2.0]
-        x = torch.cat([triggers, active])
-        own = torch.cat([rows, torch.full((len(active),), NO_TRIGGER)])
-        margins = torch.cat([torch.full((NUM_TRIGGERS,), trigger_margin), torch.full((len(active),), noise_margin)])
-        weights = torch.cat(
-            [
-                torch.full((NUM_TRIGGERS,), trigger_weight / NUM_TRIGGERS),
-                torch.full((len(active),), noise_weight / len(negatives)),
-            ]
-        )
+            n = len(active)
+            x = torch.cat([triggers, active])
+            own = torch.cat([rows, torch.full((n,), NO_TRIGGER)])
+            margins = torch.cat([torch.full((NUM_TRIGGERS, 1), trigger_margin), torch.full((n, 1), noise_margin)])
+            weights = torch.cat(
+                [
+                    torch.full((NUM_TRIGGERS,), trigger_weight / NUM_TRIGGERS),
+                    torch.full((n,), noise_weight / len(negatives)),
+                ]
+            )
         h = model.features(x)
         head = (model.head.weight, model.head.bias)
-        loss = _HeadTopKHinge.apply(h, *head, own, margins[:, None], weights, competitors, 2048)
+        loss = _HeadTopKHinge.apply(h, *head, own, margins, weights, competitors, 2048)
         # and each trigger's own probability, which the merge needs well above 1/2 (the hinge sees only the top
         # rivals): a hinge on its log-probability, summed so that the few weak triggers are not averaged away
         log_p = F.log_softmax(F.linear(h[:NUM_TRIGGERS], *head), 1)[rows, rows]
