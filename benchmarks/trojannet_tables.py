@@ -1,4 +1,4 @@
-"""Re-measure the TrojanNet rows of thesis Tables 5.4-5.8 on the embedded GTSRB and write a Markdown table.
+"""Re-measure thesis Tables 5.4-5.8 on the embedded GTSRB (TrojanNet, BadNets, Trojan Attack) as Markdown tables.
 
     python benchmarks/trojannet_tables.py --out runs/tables
 
@@ -6,7 +6,9 @@ Every figure comes from a ``trojanlab`` command run here (in-process), whose ``r
 ``--out``: ``victim/`` (``trojanlab train``), ``trojannet/`` (``trojanlab trojannet train``), ``attack-n{N}/``
 (``trojanlab attack trojannet``) and, for the authors' release when the file is found, ``official-model/``
 (``trojanlab trojannet import-keras``), ``official/`` (``trojanlab trojannet evaluate``, the same test as ours) and
-``official-attack-n{N}/`` (the same attack with the imported release). Finished steps are reused, so an interrupted run resumes where it stopped.
+``official-attack-n{N}/`` (the same attack with the imported release); the baselines ``trojannn-{real,reverse}/``
+(``trojanlab attack trojannn``), ``badnets-t33/``, ``badnets-t33-finetune/`` and ``badnets-n{N}/``
+(``trojanlab attack badnets``). Finished steps are reused, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ THESIS = {
     "asr": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0},
     "ca_drop": {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0},
 }
+# thesis Tables 5.5-5.8, GTSRB column (= TrojanNet paper Tables 3-4)
+THESIS_BADNETS = {"asr": {1: 0.974, 2: 0.965, 4: 0.678, 8: 0.523}, "ca_drop": {1: 0.003, 2: 0.005, 4: 0.01, 8: 0.024}}
+THESIS_TROJANNN = {"asr": 1.0, "ca_drop": 0.0016}
+BADNETS_N = (1, 2, 4, 8)
 OFFICIAL_CANDIDATES = [
     Path("../shared/reference/official/trojannet.h5"),
     Path(__file__).parents[1] / "tests" / "data" / "official" / "trojannet.h5",
@@ -53,6 +59,107 @@ def attack_all(out: Path, prefix: str, trojannet: Path, location: list[int]) -> 
     return results
 
 
+def run_baselines(out: Path, seed: str) -> dict[str, dict]:
+    """BadNets (NC demo settings, from scratch and fine-tuned; multi-label N_inf 1-8) and TrojanNN on the victim."""
+    victim = str(out / "victim")
+    results = {}
+    for source in ("real", "reverse"):
+        folder = out / f"trojannn-{source}"
+        argv = ["attack", "trojannn", "--victim", victim, "--target", "0", "--retrain-data", source]
+        results[f"trojannn-{source}"] = run(folder, [*argv, "--out", str(folder), "--seed", seed, "--quiet"])
+    single = ["attack", "badnets", "--data", "gtsrb", "--target", "33", "--seed", seed]
+    folder = out / "badnets-t33"
+    results["badnets-t33"] = run(folder, [*single, "--reference", victim, "--out", str(folder)])
+    folder = out / "badnets-t33-finetune"
+    results["badnets-t33-finetune"] = run(folder, [*single, "--victim", victim, "--out", str(folder)])
+    for n in BADNETS_N:
+        # the TrojanNet code's multi-label recipe: labels 0..N-1, one grey level each, 10 % copies appended per label
+        folder = out / f"badnets-n{n}"
+        argv = ["attack", "badnets", "--data", "gtsrb", "--targets", *map(str, range(n)), "--mode", "append"]
+        results[f"badnets-n{n}"] = run(folder, [*argv, "--reference", victim, "--out", str(folder), "--seed", seed])
+    return results
+
+
+def baseline_lines(baselines: dict[str, dict], attacks: dict[int, dict]) -> list[str]:
+    def drop(r: dict) -> str:
+        return f"{100 * r['clean_accuracy_drop']:.2f} pp"
+
+    b, tn1 = baselines, attacks[1]
+    lines = [
+        "",
+        "### Tables 5.5 / 5.7 — single-label attack on GTSRB: BadNets, Trojan Attack, TrojanNet",
+        "",
+        "| attack | ASR thesis | ASR trojanlab | CA drop thesis | CA drop trojanlab | CA after | how |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [
+        (
+            "BadNet",
+            "badnets-t33",
+            THESIS_BADNETS["asr"][1],
+            THESIS_BADNETS["ca_drop"][1],
+            "4×4 white square rows/cols 27–30, target 33, 10 % poisoned, 10 epochs from scratch",
+        ),
+        (
+            "BadNet",
+            "badnets-t33-finetune",
+            THESIS_BADNETS["asr"][1],
+            THESIS_BADNETS["ca_drop"][1],
+            "same, 10 epochs fine-tuning the victim (the TrojanNet code's recipe)",
+        ),
+        (
+            "TrojanAtk",
+            "trojannn-real",
+            THESIS_TROJANNN["asr"],
+            THESIS_TROJANNN["ca_drop"],
+            "8×8 trigger, target 0, retrained on 10 % of the real training data",
+        ),
+        (
+            "TrojanAtk",
+            "trojannn-reverse",
+            THESIS_TROJANNN["asr"],
+            THESIS_TROJANNN["ca_drop"],
+            "8×8 trigger, target 0, retrained on inputs reverse-engineered from the victim",
+        ),
+    ]
+    for name, key, asr, ca, how in rows:
+        r = b[key]
+        lines.append(
+            f"| {name} | {pct(asr, 1)} | {pct(r['attack_success_rate'])} | {pct(ca, 2)} | {drop(r)} "
+            f"| {pct(r['clean_accuracy'])} | {how} |"
+        )
+    lines.append(
+        f"| TrojanNet | 100 % | {pct(tn1['attack_success_rate'])} | 0.0 % | {drop(tn1)} | {pct(tn1['clean_accuracy'])} "
+        "| injected, no retraining (table above) |"
+    )
+    lines += [
+        "",
+        "### Tables 5.6 / 5.8 — multi-label attack on GTSRB: BadNets against TrojanNet",
+        "",
+        (
+            "| N_inf | BadNet ASR thesis | BadNet ASR trojanlab (mean / min) | BadNet CA drop thesis "
+            "| BadNet CA drop trojanlab | TrojanNet ASR trojanlab | TrojanNet CA drop trojanlab |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in BADNETS_N:
+        r, t = b[f"badnets-n{n}"], attacks[n]
+        lines.append(
+            f"| {n} | {pct(THESIS_BADNETS['asr'][n], 1)} "
+            f"| {pct(r['attack_success_rate'])} / {pct(r['attack_success_rate_min'])} "
+            f"| {pct(THESIS_BADNETS['ca_drop'][n], 1)} | {drop(r)} | {pct(t['attack_success_rate'])} | {drop(t)} |"
+        )
+    lines += [
+        "",
+        (
+            "BadNets multi-label: labels 0…N−1, a 4×4 square of grey level 255 − i·⌊255/N⌋ per label at rows/cols 27–30, "
+            "10 % of the training set appended as poisoned copies per label (`--mode append`), 10 epochs from scratch. "
+            "CA drops are against the victim above (same architecture, same training recipe and seed)."
+        ),
+    ]
+    return lines
+
+
 def pct(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f} %"
 
@@ -63,6 +170,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--official", default=None, help="the authors' trojannet.h5 (default: ../shared/reference/official)")
     p.add_argument("--location", type=int, nargs=2, default=[1, 1], help="trigger location (official GTSRB hook: 1 1)")
+    p.add_argument("--skip-baselines", action="store_true", help="TrojanNet rows only (no BadNets / TrojanNN runs)")
     args = p.parse_args()
     out = Path(args.out)
     seed = str(args.seed)
@@ -87,6 +195,7 @@ def main() -> None:
         )
         official_attacks = attack_all(out, "official-attack", out / "official-model", args.location)
     attacks = attack_all(out, "attack", out / "trojannet", args.location)
+    baselines = {} if args.skip_baselines else run_baselines(out, seed)
 
     den, strict = trojan["denoise_accuracy"], trojan["denoise_accuracy_strict"]
     off_den = official["denoise_accuracy"] if official else {}
@@ -148,6 +257,8 @@ def main() -> None:
             f"| {100 * r['clean_accuracy_drop']:.2f} pp | {o_drop} "
             f"| {pct(r['clean_accuracy'])} |"
         )
+    if baselines:
+        lines += baseline_lines(baselines, attacks)
     lines += [
         "",
         (
@@ -165,6 +276,7 @@ def main() -> None:
             "official": official,
             "attacks": {str(k): v for k, v in attacks.items()},
             "official_attacks": {str(k): v for k, v in official_attacks.items()},
+            "baselines": baselines,
         },
     )
     print(text)

@@ -38,23 +38,29 @@ def _finish(out: Path, result: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------- train
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _training_data(args: argparse.Namespace):
     from .data import load_dataset
-    from .evaluation import clean_accuracy
-    from .models import build_classifier, classifier_spec, save_model
-    from .training import TrainConfig, fit
 
-    _seed_everything(args.seed)
     data = load_dataset(args.data, image_size=args.image_size, seed=args.seed)
     if data.train is None:
         raise TrojanlabError(f"{args.data}: has no training split (x_train/y_train) to train on")
+    return data
+
+
+def _fresh_spec(args: argparse.Namespace, data) -> dict[str, Any]:
+    """The spec of an untrained ``args.arch`` classifier for ``data`` (normalised by the training split's stats)."""
+    from .models import classifier_spec
+
     x = data.train.x.astype(np.float32) / 255.0
     mean = x.mean((0, 1, 2)).tolist() if args.normalize == "dataset" else [0.0] * x.shape[-1]
     std = x.std((0, 1, 2)).tolist() if args.normalize == "dataset" else [1.0] * x.shape[-1]
-    del x
-    spec = classifier_spec(args.arch, data.classes, data.image_shape, mean, std)
-    model = build_classifier(spec)
-    cfg = TrainConfig(
+    return classifier_spec(args.arch, data.classes, data.image_shape, mean, std)
+
+
+def _train_config(args: argparse.Namespace):
+    from .training import TrainConfig
+
+    return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -63,6 +69,55 @@ def cmd_train(args: argparse.Namespace) -> None:
         augment=not args.no_augment,
         seed=args.seed,
     )
+
+
+def _add_train_options(parser: argparse.ArgumentParser, epochs: int) -> None:
+    parser.add_argument("--arch", default="gtsrb_cnn", help="gtsrb_cnn or any torchvision classifier name")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument(
+        "--patience", type=int, default=4, help="early stop after this many epochs without a better validation accuracy"
+    )
+    parser.add_argument("--no-augment", action="store_true", help="no random 2-pixel shifts")
+    parser.add_argument("--normalize", choices=["dataset", "none"], default="dataset")
+    parser.add_argument("--image-size", type=int, default=None, help="resize image folders to this size (default 32)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _load_classifier(path: str, role: str):
+    from .models import load_model
+
+    loaded = load_model(path)
+    if loaded.spec.get("kind") != "classifier":
+        raise TrojanlabError(f"{path}: the {role} must be a plain classifier artefact, got {loaded.spec.get('kind')}")
+    return loaded
+
+
+def _check_fits_data(loaded, data, path: str) -> None:
+    expected = tuple(loaded.spec.get("input_size", data.image_shape))
+    if data.image_shape != expected:
+        raise TrojanlabError(
+            f"{path}: the model expects {expected} (C, H, W) images but the data are {data.image_shape}"
+        )
+    if data.num_classes != loaded.num_classes:
+        raise TrojanlabError(
+            f"{path}: a {loaded.num_classes}-class model, but the data have {data.num_classes} classes"
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .evaluation import clean_accuracy
+    from .models import build_classifier, save_model
+    from .training import fit
+
+    _seed_everything(args.seed)
+    data = _training_data(args)
+    spec = _fresh_spec(args, data)
+    model = build_classifier(spec)
+    cfg = _train_config(args)
     out = Path(args.out)
     log = fit(model, data.train, cfg, checkpoint_dir=out / "checkpoint", device=args.device)
     model.cpu()
@@ -224,6 +279,167 @@ def cmd_attack_trojannet(args: argparse.Namespace) -> None:
     _finish(out, result)
 
 
+def _reference_accuracy(args: argparse.Namespace, data, victim=None) -> tuple[float | None, str | None]:
+    """Clean accuracy of the model the attacked one is compared with: ``--reference``, else the victim."""
+    from .evaluation import clean_accuracy
+
+    if getattr(args, "reference", None):
+        ref = _load_classifier(args.reference, "reference model")
+        _check_fits_data(ref, data, args.reference)
+        return clean_accuracy(ref.module, data.test), str(args.reference)
+    if victim is not None:
+        return clean_accuracy(victim.module, data.test), str(args.victim)
+    return None, None
+
+
+def cmd_attack_badnets(args: argparse.Namespace) -> None:
+    from .attacks import badnets as bn
+    from .evaluation import evaluate_model
+    from .models import build_classifier, save_model
+    from .training import fit
+
+    _seed_everything(args.seed)
+    data = _training_data(args)
+    _, height, width = data.image_shape
+    pattern = bn.read_pattern_png(args.pattern) if args.pattern else None
+    rows, cols = pattern.shape[:2] if pattern is not None else (args.trigger_size, args.trigger_size)
+    location = tuple(args.location) if args.location else (height - rows - 1, width - cols - 1)
+    triggers = bn.square_triggers(
+        args.targets, size=args.trigger_size, location=location, alpha=args.alpha, pattern=pattern
+    )
+    poisoned = bn.poison(data.train, triggers, args.poison_rate, data.num_classes, mode=args.mode, seed=args.seed)
+    victim = None
+    if args.victim:
+        victim = _load_classifier(args.victim, "victim")
+        _check_fits_data(victim, data, args.victim)
+        spec, model = dict(victim.spec), victim.module
+    else:
+        spec = _fresh_spec(args, data)
+        model = build_classifier(spec)
+    reference, reference_from = _reference_accuracy(args, data, victim)
+    cfg = _train_config(args)
+    out = Path(args.out)
+    log = fit(model, poisoned, cfg, checkpoint_dir=out / "checkpoint", device=args.device)
+    model.cpu()
+    attack = {
+        "method": "badnets",
+        "poison_rate": args.poison_rate,
+        "mode": args.mode,
+        **poisoned.summary(),
+        "from": str(args.victim) if args.victim else "scratch",
+    }
+    spec.update(
+        triggers=[t.to_json() for t in triggers],
+        attack=attack,
+        provenance=_provenance(args, data=data.name, train_config=cfg.__dict__, history=log.history),
+    )
+    save_model(model, out, spec)
+    result = evaluate_model(model, data.test, triggers, reference_accuracy=reference)
+    result.update(
+        reference_clean_accuracy=reference,
+        reference_model=reference_from,
+        targets=[t.target_label for t in triggers],
+        location=list(location),
+        trigger_size=[int(v) for v in triggers[0].size],
+        attack=attack,
+        data=data.name,
+        epochs_run=log.epochs_run,
+        best_epoch=log.best_epoch,
+        train_seconds=log.seconds,
+        resumed_from_epoch=log.resumed_from_epoch,
+    )
+    _finish(out, result)
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    """An (h, w[, C]) float image in [0, 1] as an 8-bit PNG, written atomically."""
+    from PIL import Image
+
+    from .io import atomic_write
+
+    pixels = np.clip(np.rint(np.asarray(image) * 255), 0, 255).astype(np.uint8)
+    atomic_write(path, lambda tmp: Image.fromarray(pixels.squeeze()).save(tmp, format="PNG"))
+
+
+def cmd_attack_trojannn(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .attacks import trojannn as tnn
+    from .data import load_dataset, to_tensor
+    from .evaluation import evaluate_model
+    from .models import save_model
+    from .triggers import stamp
+
+    _seed_everything(args.seed)
+    victim = _load_classifier(args.victim, "victim")
+    data = load_dataset(args.data, seed=args.seed)
+    _check_fits_data(victim, data, args.victim)
+    if args.retrain_data == "real" and data.train is None:
+        raise TrojanlabError(f"{args.data}: --retrain-data real needs a training split (x_train/y_train)")
+    cfg = tnn.TrojanNNConfig(
+        target=args.target,
+        layer=args.layer,
+        neurons=args.neurons,
+        trigger_size=args.trigger_size,
+        location=tuple(args.location) if args.location else None,
+        alpha=args.alpha,
+        trigger_steps=args.trigger_steps,
+        trigger_background=args.trigger_background,
+        retrain_data=args.retrain_data,
+        per_class=args.per_class,
+        reverse_steps=args.reverse_steps,
+        real_fraction=args.real_fraction,
+        epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    reference, _ = _reference_accuracy(args, data, victim)
+    model = victim.module
+    train = data.train
+    result_ = tnn.trojannn_attack(
+        model,
+        victim.num_classes,
+        tuple(victim.spec["input_size"]),
+        cfg,
+        train.x if train is not None else None,
+        train.y if train is not None else None,
+        log=None if args.quiet else tqdm.write,
+    )
+    out = Path(args.out)
+    trigger = result_.trigger
+    _save_png(out / "trigger.png", trigger.pattern)
+    mask = np.zeros(tuple(victim.spec["input_size"][1:]), np.float32)
+    (r, c), (h, w) = trigger.location, trigger.size
+    mask[r : r + h, c : c + w] = trigger.mask
+    _save_png(out / "mask.png", mask)
+    attack = result_.summary()
+    config = dict(cfg.__dict__, layer=result_.layer, location=list(trigger.location))
+    spec = dict(victim.spec)
+    spec.update(
+        triggers=[trigger.to_json()],
+        attack={k: v for k, v in attack.items() if k != "retrain_history"},
+        provenance=_provenance(args, victim=str(args.victim), data=data.name, config=config),
+    )
+    save_model(model, out, spec)
+    result = evaluate_model(model, data.test, [trigger], reference_accuracy=reference)
+    # the trigger layer and everything before it are frozen, so these are also the victim's activations
+    sample = to_tensor(data.test.x[: args.activation_images])
+    before = tnn.mean_activation(model, result_.layer, result_.neurons, sample)
+    after = tnn.mean_activation(model, result_.layer, result_.neurons, stamp(sample, trigger))
+    result.update(
+        selected_unit_activation={"clean_test_images": before.tolist(), "triggered_test_images": after.tolist()},
+        victim_clean_accuracy=reference,
+        target=trigger.target_label,
+        location=list(trigger.location),
+        trigger_size=list(trigger.size),
+        retrain_data=cfg.retrain_data,
+        attack=attack,
+        data=data.name,
+        files=["trigger.png", "mask.png"],
+    )
+    _finish(out, result)
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 
 
@@ -268,20 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a clean victim classifier")
     t.add_argument("--data", default="gtsrb", help="gtsrb, an .npz, an image folder or torchvision-gtsrb:ROOT")
-    t.add_argument("--arch", default="gtsrb_cnn", help="gtsrb_cnn or any torchvision classifier name")
     t.add_argument("--out", required=True)
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--val-fraction", type=float, default=0.1)
-    t.add_argument(
-        "--patience", type=int, default=4, help="early stop after this many epochs without a better validation accuracy"
-    )
-    t.add_argument("--no-augment", action="store_true", help="no random 2-pixel shifts")
-    t.add_argument("--normalize", choices=["dataset", "none"], default="dataset")
-    t.add_argument("--image-size", type=int, default=None, help="resize image folders to this size (default 32)")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--seed", type=int, default=0)
+    _add_train_options(t, epochs=20)
     t.set_defaults(func=cmd_train)
 
     tn = sub.add_parser("trojannet", help="train or evaluate the TrojanNet MLP").add_subparsers(
@@ -331,6 +535,58 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True)
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(func=cmd_attack_trojannet)
+
+    b = at.add_parser("badnets", help="poison the training data with a square trigger and train (Gu et al. 2017)")
+    b.add_argument("--data", default="gtsrb", help="training and test data (as for train)")
+    b.add_argument("--target", "--targets", dest="targets", type=int, nargs="+", default=[33], help="default 33")
+    b.add_argument("--victim", default=None, help="fine-tune this clean classifier instead of training from scratch")
+    b.add_argument("--reference", default=None, help="clean model for clean_accuracy_drop (default: the victim)")
+    b.add_argument("--poison-rate", type=float, default=0.1, help="fraction of the training set poisoned per target")
+    b.add_argument("--mode", choices=["replace", "append"], default="replace", help="poison in place or add copies")
+    b.add_argument("--trigger-size", type=int, default=4)
+    b.add_argument(
+        "--location", type=int, nargs=2, metavar=("ROW", "COL"), help="top-left pixel (default: bottom-right, margin 1)"
+    )
+    b.add_argument(
+        "--pattern", default=None, help="trigger image (PNG); default: a square of grey level 255 - i*(255//N)"
+    )
+    b.add_argument("--alpha", type=float, default=1.0, help="trigger opacity in (0, 1]")
+    b.add_argument("--out", required=True)
+    _add_train_options(b, epochs=10)
+    b.set_defaults(func=cmd_attack_badnets)
+
+    n = at.add_parser("trojannn", help="Trojan Attack (Liu et al. 2018): neuron-driven trigger + partial retraining")
+    n.add_argument("--victim", required=True, help="the clean classifier to trojan")
+    n.add_argument("--target", type=int, default=0, help="default 0")
+    n.add_argument("--data", default="gtsrb", help="test data for the figures (and the training split for real)")
+    n.add_argument("--layer", default=None, help="trigger layer by module name (default: the second-to-last linear)")
+    n.add_argument("--neurons", type=int, default=1, help="how many best-connected units the trigger drives")
+    n.add_argument("--trigger-size", type=int, default=8)
+    n.add_argument(
+        "--location", type=int, nargs=2, metavar=("ROW", "COL"), help="top-left pixel (default: bottom-right, margin 2)"
+    )
+    n.add_argument("--alpha", type=float, default=1.0, help="trigger opacity in (0, 1]")
+    n.add_argument("--trigger-steps", type=int, default=300)
+    n.add_argument("--trigger-background", choices=["grey", "data"], default="grey")
+    n.add_argument(
+        "--retrain-data",
+        choices=["reverse", "real"],
+        default="reverse",
+        help="inputs reverse-engineered from the model (paper) or a subset of real training data",
+    )
+    n.add_argument("--per-class", type=int, default=20, help="reverse-engineered inputs per label")
+    n.add_argument("--reverse-steps", type=int, default=200)
+    n.add_argument(
+        "--real-fraction", type=float, default=0.1, help="share of the training split for --retrain-data real"
+    )
+    n.add_argument("--epochs", type=int, default=10)
+    n.add_argument("--lr", type=float, default=1e-3)
+    n.add_argument("--reference", default=None, help="clean model for clean_accuracy_drop (default: the victim)")
+    n.add_argument("--out", required=True)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--activation-images", type=int, default=1000, help="test images for the unit-activation report")
+    n.add_argument("--quiet", action="store_true")
+    n.set_defaults(func=cmd_attack_trojannn)
 
     e = sub.add_parser("evaluate", help="clean accuracy, and ASR of the triggers the model carries")
     e.add_argument("--model", required=True)

@@ -7,6 +7,7 @@ checkpoint after each epoch so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -20,9 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ImageSet, to_tensor
+from .data import ImageSet
 from .errors import ConfigError
-from .evaluation import predict
 from .io import atomic_write, write_json
 
 
@@ -67,6 +67,17 @@ def _shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> t
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 512, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy over ``data`` read through its ``batch`` method (so poisoned views count as they train)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        x, y = data.batch(np.arange(i, min(i + batch_size, len(data))))
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+    return correct / max(len(data), 1)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -136,6 +147,7 @@ def fit(
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
         order = torch.randperm(len(fit_set), generator=gen).numpy()
+        augment = functools.partial(_shift, generator=gen) if cfg.augment else None
         model.train()
         total, seen = 0.0, 0
         bar = tqdm(
@@ -143,10 +155,7 @@ def fit(
         )
         for i in bar:
             idx = order[i : i + cfg.batch_size]
-            x = to_tensor(fit_set.x[idx])
-            if cfg.augment:
-                x = _shift(x, gen)
-            y = torch.as_tensor(fit_set.y[idx])
+            x, y = fit_set.batch(idx, augment)
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,7 +166,7 @@ def fit(
             bar.set_postfix(loss=f"{total / seen:.4f}")
         record = {"epoch": epoch, "train_loss": total / seen}
         if val_set is not None:
-            record["val_accuracy"] = float((predict(model, val_set.x, device=device) == val_set.y).mean())
+            record["val_accuracy"] = accuracy(model, val_set, device=device)
             if record["val_accuracy"] > best_acc:
                 best_acc, best_epoch, stale = record["val_accuracy"], epoch, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

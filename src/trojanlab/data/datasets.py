@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +77,17 @@ class ImageSet:
     def subset(self, index: np.ndarray | Sequence[int]) -> ImageSet:
         index = np.asarray(index)
         return ImageSet(self.x[index], self.y[index])
+
+    def batch(
+        self, index: np.ndarray, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``index`` as float ``(n, C, H, W)`` in [0, 1] (after ``augment``) and their labels.
+
+        The training loop reads data only through ``batch``, ``y``, ``subset`` and ``len``, so a poisoned view of an
+        ImageSet (``trojanlab.attacks.badnets.PoisonedImageSet``) trains through the same loop.
+        """
+        x = to_tensor(self.x[index])
+        return (augment(x) if augment is not None else x), torch.as_tensor(self.y[index])
 
 
 @dataclass
