@@ -391,6 +391,7 @@ def cmd_attack_trojannn(args: argparse.Namespace) -> None:
         real_fraction=args.real_fraction,
         epochs=args.epochs,
         lr=args.lr,
+        trojan_weight=args.trojan_weight,
         seed=args.seed,
     )
     reference, _ = _reference_accuracy(args, data, victim)
@@ -580,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--real-fraction", type=float, default=0.1, help="share of the training split for --retrain-data real"
     )
     n.add_argument("--epochs", type=int, default=10)
-    n.add_argument("--lr", type=float, default=1e-3)
+    n.add_argument("--lr", type=float, default=1e-2, help="retraining SGD learning rate (momentum 0.9)")
+    n.add_argument("--trojan-weight", type=float, default=1.0, help="weight of the trojaned inputs' loss")
     n.add_argument("--reference", default=None, help="clean model for clean_accuracy_drop (default: the victim)")
     n.add_argument("--out", required=True)
     n.add_argument("--seed", type=int, default=0)

