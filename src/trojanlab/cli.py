@@ -380,6 +380,9 @@ def cmd_attack_trojannn(args: argparse.Namespace) -> None:
         target=args.target,
         layer=args.layer,
         neurons=args.neurons,
+        neuron_choice=args.neuron_choice,
+        candidates=args.candidates,
+        neuron_ids=args.neuron_ids,
         trigger_size=args.trigger_size,
         location=tuple(args.location) if args.location else None,
         alpha=args.alpha,
@@ -561,7 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--target", type=int, default=0, help="default 0")
     n.add_argument("--data", default="gtsrb", help="test data for the figures (and the training split for real)")
     n.add_argument("--layer", default=None, help="trigger layer by module name (default: the second-to-last linear)")
-    n.add_argument("--neurons", type=int, default=1, help="how many best-connected units the trigger drives")
+    n.add_argument("--neurons", type=int, default=1, help="how many units the trigger drives")
+    n.add_argument(
+        "--neuron-choice",
+        choices=["reachable", "connected"],
+        default="reachable",
+        help="reachable: of the best-connected units, those the trigger can drive hardest; connected: the paper's rank",
+    )
+    n.add_argument(
+        "--candidates", type=int, default=64, help="best-connected units probed by --neuron-choice reachable"
+    )
+    n.add_argument("--neuron-ids", type=int, nargs="+", default=None, help="drive these units of the layer instead")
     n.add_argument("--trigger-size", type=int, default=8)
     n.add_argument(
         "--location", type=int, nargs=2, metavar=("ROW", "COL"), help="top-left pixel (default: bottom-right, margin 2)"
@@ -572,8 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--retrain-data",
         choices=["reverse", "real"],
-        default="reverse",
-        help="inputs reverse-engineered from the model (paper) or a subset of real training data",
+        default="real",
+        help="a subset of real training data (TrojanNet paper) or inputs reverse-engineered from the model (original)",
     )
     n.add_argument("--per-class", type=int, default=20, help="reverse-engineered inputs per label")
     n.add_argument("--reverse-steps", type=int, default=200)

@@ -79,7 +79,7 @@ def test_trigger_generation_raises_the_selected_units_activation():
     backgrounds = torch.rand(8, 3, 32, 32, generator=gen)
     search = tnn.generate_trigger(model, layer, neurons, (22, 22), (8, 8), backgrounds, steps=60)
     assert search.pattern.shape == (8, 8, 3) and 0 <= search.pattern.min() and search.pattern.max() <= 1
-    # an untrained network's units are small: ask for a clear relative rise, and the opposite sign must fail
+    # an untrained network's units are small, so ask for a clear relative rise rather than an absolute one
     assert search.activation_best > 1.25 * search.activation_start > 0
     trigger = Trigger(search.pattern, (22, 22), 0)
     from trojanlab.triggers import stamp
@@ -124,10 +124,11 @@ def test_retraining_touches_only_the_layers_after_the_trigger_layer():
 
 def test_attack_rejects_bad_targets_locations_and_sources():
     model = _gtsrb_cnn()
+    real = (np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, np.int64))
     with pytest.raises(ConfigError, match="out of range"):
-        tnn.trojannn_attack(model, 5, (3, 32, 32), tnn.TrojanNNConfig(target=5))
+        tnn.trojannn_attack(model, 5, (3, 32, 32), tnn.TrojanNNConfig(target=5), *real)
     with pytest.raises(ConfigError, match="outside"):
-        tnn.trojannn_attack(model, 5, (3, 32, 32), tnn.TrojanNNConfig(location=(28, 0)))
+        tnn.trojannn_attack(model, 5, (3, 32, 32), tnn.TrojanNNConfig(location=(28, 0)), *real)
     with pytest.raises(ConfigError, match="retraining data"):
         tnn.TrojanNNConfig(retrain_data="imagenet")
     with pytest.raises(ConfigError, match="needs a training split"):
@@ -137,13 +138,16 @@ def test_attack_rejects_bad_targets_locations_and_sources():
 @pytest.fixture(scope="module")
 def gtsrb5_victim(tmp_path_factory):
     out = tmp_path_factory.mktemp("victim")
-    assert main(["train", "--data", str(GTSRB5), "--epochs", "12", "--val-fraction", "0", "--out", str(out)]) == 0
+    argv = ["train", "--data", str(GTSRB5), "--epochs", "15", "--batch-size", "32", "--val-fraction", "0"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert json.loads((out / "result.json").read_text())["clean_accuracy"] > 0.5
     return out
 
 
 def _attack_cli(victim: Path, out: Path, source: str, *extra: str) -> dict:
     argv = ["attack", "trojannn", "--victim", str(victim), "--target", "0", "--data", str(GTSRB5), "--quiet"]
-    assert main([*argv, "--retrain-data", source, "--trigger-steps", "100", *extra, "--out", str(out)]) == 0
+    argv += ["--retrain-data", source, "--trigger-steps", "100", "--candidates", "16"]
+    assert main([*argv, *extra, "--out", str(out)]) == 0
     return json.loads((out / "result.json").read_text())
 
 

@@ -1,22 +1,25 @@
 """Trojan Attack / TrojanNN (Liu et al., NDSS 2018) on a given clean classifier (methods sheet section 4).
 
-The pipeline of the paper, with nothing but the model in hand:
+The pipeline of the paper:
 
-1. **Neuron selection.** In an inner layer (default: the second-to-last linear layer, the FC-512 of the GTSRB CNN)
-   rank the units by the total absolute weight they send to the next weighted layer and keep the top ones
-   (descending order; TrojanZoo's first version sorted ascending, its issue #105).
+1. **Neuron selection.** In an inner layer (default: the module feeding the second-to-last linear layer, i.e. the
+   flatten of the GTSRB CNN, see :func:`default_trigger_layer`) rank the units by the total absolute weight they
+   send to the next weighted layer (descending; TrojanZoo's first version sorted ascending, its issue #105). By
+   default the best-connected units are then probed for how far a patch in the mask can drive them
+   (:func:`trigger_reach`, our addition) and the most reachable are kept.
 2. **Trigger generation.** Gradient ascent on the pixels inside a mask (a square at the bottom-right by default)
    so the selected units fire strongly: each step moves by ``step_size`` times the gradient divided by its mean
    absolute value (the official update), clips to the pixel range and smooths the masked region with
    total-variation denoising (the official code uses TV-Bregman; we use Chambolle's projection for the same ROF
    problem). The background is a grey image N(175, 8) as in the official code, or real images on request. The
    step with the highest activation is kept.
-3. **Retraining data.** Either inputs reverse-engineered from the model (gradient ascent on each output logit
-   from a grey image, full-image mask, all labels in one batch: the paper's method, no training data needed) or
-   a subset of real training data (the TrojanNet paper's "time-saving" variant).
+3. **Retraining data.** A subset of real training data (the TrojanNet paper's "time-saving" variant, default) or
+   inputs reverse-engineered from the model alone (the original paper's method: gradient ascent per output label
+   from a grey image, whole-image TV smoothing, all labels in one batch).
 4. **Retraining** only the layers after the trigger layer, on clean inputs with their labels plus the same
    inputs stamped with the trigger and labelled with the target. The official code alternates a clean and a
-   trojaned batch with two learning rates; we add the two losses in one Adam step.
+   trojaned batch with two learning rates; we add the two losses in one SGD step (``trojan_weight`` scales the
+   trojaned one).
 
 Layers are named as in ``model.named_modules()`` ("net.classifier.1" for the FC-512 of a trojanlab GTSRB CNN
 artefact). "After the layer" means registered after it, which is the execution order for sequential networks,
@@ -474,7 +477,7 @@ def retrain_after_layer(
 @dataclass
 class TrojanNNConfig:
     target: int = 0
-    layer: str | None = None  # default: the second-to-last linear layer
+    layer: str | None = None  # default: default_trigger_layer (the flatten of the GTSRB CNN)
     neurons: int = 1
     neuron_choice: str = "reachable"  # or "connected": the paper's ranking alone
     candidates: int = 64  # best-connected units probed for "reachable"
@@ -484,7 +487,7 @@ class TrojanNNConfig:
     alpha: float = 1.0
     trigger_steps: int = 300
     trigger_background: str = "grey"  # or "data": the retraining inputs
-    retrain_data: str = "reverse"
+    retrain_data: str = "real"
     per_class: int = 20  # reverse-engineered inputs per label
     reverse_steps: int = 200
     real_fraction: float = 0.1  # of the training split, for retrain_data="real"
@@ -517,7 +520,7 @@ class TrojanNNResult:
     layer: str
     neurons: list[int]
     neuron_scores: list[float]
-    neuron_reach: list[float] | None  # probe margin above the clean maximum (neuron_choice "reachable")
+    neuron_reach: list[float] | None  # probe margin above the clean 99th percentile (neuron_choice "reachable")
     search: TriggerSearch
     retrain: RetrainLog
     retrain_inputs: int
