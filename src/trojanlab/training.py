@@ -119,6 +119,8 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` (inputs in [0, 1], outputs logits) with cross-entropy; keep the best validation epoch.
 
+    ``train`` is an :class:`ImageSet` or any view read the same way (``batch``, ``y``, ``subset``, ``len``), such as
+    a poisoned set from ``trojanlab.attacks.badnets.poison``; the validation split is drawn from it as it is.
     With ``checkpoint_dir``, the state after every epoch is written there and a later call resumes from it.
     """
     cfg = config or TrainConfig()
