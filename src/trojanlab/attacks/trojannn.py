@@ -51,8 +51,9 @@ RETRAIN_SOURCES = ("reverse", "real")
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name not in modules or name == "":
-        linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        raise ConfigError(f"no layer named {name!r} in the model (weighted layers: {', '.join(linear)})")
+        leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+        shown = ", ".join(leaves[:40]) + (", ..." if len(leaves) > 40 else "")
+        raise ConfigError(f"no layer named {name!r} in the model (its layers: {shown})")
     return modules[name]
 
 
