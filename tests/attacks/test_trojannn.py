@@ -179,3 +179,21 @@ def test_cli_trojannn_reverse_engineered_data_keeps_the_features(gtsrb5_victim, 
     same = {k for k in victim if torch.equal(victim[k], attacked[k])}
     assert {k for k in victim if k.startswith("net.features.")} <= same
     assert "net.classifier.4.weight" not in same
+
+
+def test_reach_probe_prefers_units_the_mask_can_drive():
+    """Unit 0 reads only the bottom-right 8x8 pixels, unit 1 only the top-left: a bottom-right patch drives unit 0."""
+    layer = nn.Linear(3 * 32 * 32, 2)
+    with torch.no_grad():
+        w = torch.zeros(2, 3, 32, 32)
+        w[0, :, 22:30, 22:30] = 1.0
+        w[1, :, 0:8, 0:8] = 1.0
+        layer.weight.copy_(w.flatten(1))
+        layer.bias.zero_()
+    model = nn.Sequential(nn.Flatten(), layer, nn.ReLU(), nn.Linear(2, 3))
+    gen = torch.Generator().manual_seed(0)
+    clean = 0.5 * torch.rand(32, 3, 32, 32, generator=gen)
+    margins, patches = tnn.trigger_reach(model, "1", [0, 1], (22, 22), (8, 8), clean[:4], clean, steps=30)
+    assert margins[0] > 40  # 192 inputs pushed from ~0.25 to ~1
+    assert margins[1] < 1  # nothing in the mask feeds it
+    assert patches.shape == (2, 3, 8, 8) and patches[0].min() > 0.9
