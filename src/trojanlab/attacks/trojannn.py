@@ -62,8 +62,8 @@ def default_trigger_layer(model: nn.Module) -> str:
     whose retraining then touches fc7 and fc8), the flatten of the GTSRB CNN (retraining FC-512 and FC-43).
 
     Why not the FC-512 itself (the "second-to-last FC layer" of the TrojanNet paper)? Retraining would then touch
-    FC-43 alone; measured on the GTSRB CNN with real retraining data, that costs 0.6-5 points of clean accuracy
-    for ASR 96-99 %, against 0.1 point for ASR 99 % from the flatten. ``layer="net.classifier.1"`` selects it.
+    FC-43 alone; measured on the GTSRB CNN with real retraining data, that costs 0.6-6 points of clean accuracy
+    for ASR 96-99 %, against 0.1-1 point for ASR 99-99.8 % from the flatten. ``layer="net.classifier.1"`` selects it.
     """
     modules = list(model.named_modules())
     linear = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Linear)]
