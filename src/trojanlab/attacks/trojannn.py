@@ -136,6 +136,20 @@ def capture(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         handle.remove()
 
 
+@contextmanager
+def trainable_only(model: nn.Module, params: list[nn.Parameter] | tuple = ()) -> Iterator[None]:
+    """Within the block, only ``params`` require gradients (none by default); the flags are restored after."""
+    keep = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def unit_activations(output: torch.Tensor, neurons: list[int]) -> torch.Tensor:
     """``(N, len(neurons))`` activations: linear units directly, convolution channels by their spatial mean."""
     if output.ndim == 2:
@@ -146,17 +160,25 @@ def unit_activations(output: torch.Tensor, neurons: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def activations(
+    model: nn.Module, layer: str, neurons: list[int], x: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
+    """``(N, len(neurons))`` activations of the selected units for the images ``x`` (float, [0, 1])."""
+    model.eval()
+    out = []
+    with capture(get_layer(model, layer)) as store:
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size])
+            out.append(unit_activations(store["out"], neurons))
+    return torch.cat(out) if out else torch.zeros(0, len(neurons))
+
+
 def mean_activation(
     model: nn.Module, layer: str, neurons: list[int], x: torch.Tensor, batch_size: int = 512
 ) -> torch.Tensor:
     """Mean activation per selected unit over the images ``x`` (float, [0, 1])."""
-    model.eval()
-    total = torch.zeros(len(neurons))
-    with capture(get_layer(model, layer)) as store:
-        for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size])
-            total += unit_activations(store["out"], neurons).sum(0)
-    return total / max(len(x), 1)
+    acts = activations(model, layer, neurons, x, batch_size)
+    return acts.mean(0) if len(acts) else torch.zeros(len(neurons))
 
 
 def trigger_reach(
@@ -185,33 +207,21 @@ def trigger_reach(
     model.eval()
     ids = torch.as_tensor(candidates)
     count, batch = len(candidates), len(backgrounds)
-    acts = []
-    with torch.no_grad(), capture(module) as store:
-        for i in range(0, len(clean), 512):
-            model(clean[i : i + 512])
-            acts.append(unit_activations(store["out"], candidates))
-    clean_high = torch.quantile(torch.cat(acts), 0.99, dim=0)
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
+    clean_high = torch.quantile(activations(model, layer, candidates, clean), 0.99, dim=0)
     gen = torch.Generator().manual_seed(seed)  # mid-grey starts with a little noise to break ties
     logits = (0.1 * torch.randn(count, 1, backgrounds.shape[1], h, w, generator=gen)).requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=lr)
-    try:
-        with capture(module) as store:
-            for _ in range(steps + 1):
-                x = backgrounds.expand(count, *backgrounds.shape).clone()
-                x[..., r : r + h, c : c + w] = torch.sigmoid(logits)
-                model(x.flatten(0, 1))
-                out = store["out"].view(count, batch, *store["out"].shape[1:])
-                reached = out[torch.arange(count), :, ids]  # candidate k's own unit: (count, batch[, H, W])
-                reached = reached.flatten(2).mean(2) if reached.ndim == 4 else reached
-                opt.zero_grad(set_to_none=True)
-                (-reached.sum()).backward()
-                opt.step()
-    finally:
-        for p, flag in zip(model.parameters(), requires):
-            p.requires_grad_(flag)
+    with trainable_only(model), capture(module) as store:
+        for _ in range(steps + 1):
+            x = backgrounds.expand(count, *backgrounds.shape).clone()
+            x[..., r : r + h, c : c + w] = torch.sigmoid(logits)
+            model(x.flatten(0, 1))
+            out = store["out"].view(count, batch, *store["out"].shape[1:])
+            reached = out[torch.arange(count), :, ids]  # candidate k's own unit: (count, batch[, H, W])
+            reached = reached.flatten(2).mean(2) if reached.ndim == 4 else reached
+            opt.zero_grad(set_to_none=True)
+            (-reached.sum()).backward()
+            opt.step()
     return reached.detach().mean(1) - clean_high, torch.sigmoid(logits.detach())[:, 0]
 
 
@@ -303,33 +313,26 @@ def generate_trigger(
     gen = torch.Generator().manual_seed(seed)
     patch = grey_images(1, (backgrounds.shape[1], h, w), gen) if start is None else start.clone()
     module = get_layer(model, layer)
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     best, best_patch, best_step, history = -float("inf"), patch.clone(), 0, []
-    try:
-        with capture(module) as store:
-            for step in range(steps + 1):
-                patch.requires_grad_(True)
-                x = backgrounds.clone()
-                x[..., r : r + h, c : c + w] = patch
-                model(x)
-                act = unit_activations(store["out"], neurons).mean()
-                value = float(act.detach())
-                history.append(value)
-                if value > best:
-                    best, best_patch, best_step = value, patch.detach().clone(), step
-                if progress is not None:
-                    progress(step, value)
-                if step == steps:
-                    break
-                (grad,) = torch.autograd.grad(act, patch)
-                with torch.no_grad():
-                    patch = patch + _schedule(step, steps, *step_size) * _normalised_step(grad)
-                    patch = tv_denoise(patch.clamp(0, 1), _schedule(step, steps, *tv_weight)).clamp(0, 1)
-    finally:
-        for p, flag in zip(model.parameters(), requires):
-            p.requires_grad_(flag)
+    with trainable_only(model), capture(module) as store:
+        for step in range(steps + 1):
+            patch.requires_grad_(True)
+            x = backgrounds.clone()
+            x[..., r : r + h, c : c + w] = patch
+            model(x)
+            act = unit_activations(store["out"], neurons).mean()
+            value = float(act.detach())
+            history.append(value)
+            if value > best:
+                best, best_patch, best_step = value, patch.detach().clone(), step
+            if progress is not None:
+                progress(step, value)
+            if step == steps:
+                break
+            (grad,) = torch.autograd.grad(act, patch)
+            with torch.no_grad():
+                patch = patch + _schedule(step, steps, *step_size) * _normalised_step(grad)
+                patch = tv_denoise(patch.clamp(0, 1), _schedule(step, steps, *tv_weight)).clamp(0, 1)
     return TriggerSearch(
         pattern=best_patch[0].permute(1, 2, 0).numpy().astype(np.float32),
         activation_start=history[0],
@@ -368,12 +371,9 @@ def reverse_engineer_inputs(
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     images = grey_images(len(labels), image_shape, gen)
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     chunks = range(0, len(labels), batch_size)
     threshold = float(np.log(confidence))
-    try:
+    with trainable_only(model):
         for done, i in enumerate(chunks):
             x, y = images[i : i + batch_size], labels[i : i + batch_size]
             for step in range(steps):
@@ -390,9 +390,6 @@ def reverse_engineer_inputs(
             images[i : i + batch_size] = x.detach()
             if progress is not None:
                 progress(done + 1, len(chunks))
-    finally:
-        for p, flag in zip(model.parameters(), requires):
-            p.requires_grad_(flag)
     return images, labels
 
 
@@ -428,10 +425,6 @@ def retrain_after_layer(
     if len(x) == 0:
         raise ConfigError("no retraining inputs")
     params = layers_after(model, layer)
-    train_ids = {id(p) for p in params}
-    requires = [(p, p.requires_grad) for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(id(p) in train_ids)
     later = [m for _, m in _later_modules(model, layer)]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -440,7 +433,7 @@ def retrain_after_layer(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / per_epoch))
     target = torch.full((batch_size,), trigger.target_label)
     history, steps, began = [], 0, time.perf_counter()
-    try:
+    with trainable_only(model, params):
         for epoch in range(1, epochs + 1):
             model.eval()
             for m in later:
@@ -465,10 +458,7 @@ def retrain_after_layer(
             history.append(record)
             if progress is not None:
                 progress(record)
-    finally:
-        for p, flag in requires:
-            p.requires_grad_(flag)
-        model.eval()
+    model.eval()
     return RetrainLog(steps=steps, history=history, seconds=time.perf_counter() - began)
 
 
@@ -609,7 +599,7 @@ def trojannn_attack(
     elif cfg.neuron_choice == "connected":
         neurons = select_neurons(model, layer, cfg.neurons)
     else:
-        pool = select_neurons(model, layer, max(cfg.neurons, min(cfg.candidates, len(all_scores))))
+        pool = torch.topk(all_scores, max(cfg.neurons, min(cfg.candidates, len(all_scores)))).indices.tolist()
         # probe on the retraining inputs, where the trigger must stand out (a unit easy to drive on grey may not be)
         clean = x[torch.randperm(len(x), generator=gen)[:256]]
         margins, patches = trigger_reach(model, layer, pool, location, size, clean[:4], clean, seed=cfg.seed)
