@@ -444,6 +444,135 @@ def cmd_attack_trojannn(args: argparse.Namespace) -> None:
     _finish(out, result)
 
 
+# ----------------------------------------------------------------------------------------------- detect
+
+
+def cmd_detect_nc(args: argparse.Namespace) -> None:
+    from .data import load_dataset
+    from .detection import neural_cleanse as nc
+    from .models import load_model
+
+    _seed_everything(args.seed)
+    loaded = load_model(args.model, device=args.device)
+    data = load_dataset(args.data, image_size=loaded.spec.get("input_size", [3, 32, 32])[1], seed=args.seed)
+    _check_fits_data(loaded, data, args.model)
+    scan_set = data.test if args.split == "test" else data.train
+    if scan_set is None:
+        raise TrojanlabError(f"{args.data}: has no {args.split} split to scan with")
+    if args.images is not None and args.images < len(scan_set):
+        if args.images < 1:
+            raise TrojanlabError(f"--images must be at least 1, got {args.images}")
+        pick = np.random.default_rng(args.seed).choice(len(scan_set), args.images, replace=False)
+        scan_set = scan_set.subset(np.sort(pick))
+    cfg = nc.NCConfig(
+        profile=args.profile,
+        steps=args.steps,
+        batches_per_step=args.batches_per_step,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        init_cost=args.init_cost,
+        patience=args.patience,
+        early_stop_patience=args.early_stop_patience,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    scan = nc.reverse_engineer(
+        loaded.module,
+        scan_set,
+        loaded.num_classes,
+        args.labels,
+        cfg,
+        device=args.device,
+        checkpoint_dir=out / "checkpoint",
+        progress=not args.quiet,
+    )
+    files = nc.save_scan_images(scan, out)
+    nc.save_reversed(scan, out / "reversed_triggers.safetensors")
+    files.append("reversed_triggers.safetensors")
+    result: dict[str, Any] = {"model": str(args.model), "data": data.name, "scan_images": len(scan_set)}
+    if len(scan.labels) >= 3:
+        outliers = nc.mad_outlier_test(scan.norms(), args.threshold)
+        nc.plot_norms(scan.norms(), outliers, out / "norms.png")
+        files.append("norms.png")
+        result.update(
+            anomaly_index=outliers["anomaly_index"],
+            flagged_labels=outliers["flagged_labels"],
+            infected=bool(outliers["flagged_labels"]),
+            **{k: v for k, v in outliers.items() if k not in ("anomaly_index", "flagged_labels")},
+        )
+    else:
+        outliers = None
+        result.update(anomaly_index=None, flagged_labels=[], note="the MAD test needs at least 3 scanned labels")
+    result.update(
+        l1_norms={str(label): norm for label, norm in scan.norms().items()},
+        per_label=scan.per_label(),
+        seconds=scan.seconds,
+        samples=scan.samples,
+        official_schedule_samples_max=cfg.official_budget(len(scan.labels)),
+        config=scan.config,
+        device=str(args.device),
+    )
+    if args.mitigate:
+        labels = args.mitigate_labels if args.mitigate_labels is not None else result["flagged_labels"]
+        result["mitigation"] = _mitigate(args, loaded, data, scan, labels, out / "repaired")
+        files.append("repaired/")
+    result["files"] = files
+    _finish(out, result)
+
+
+def _mitigate(args: argparse.Namespace, loaded, data, scan, labels: list[int], out: Path) -> dict[str, Any]:
+    """Repair ``loaded`` with the reversed triggers of ``labels``; CA and ASR (of the model's own triggers, when it
+    carries them, and of the reversed ones) on the test split before and after; the repaired artefact in ``out``."""
+    from .defenses import prune_by_activation_gap, unlearn
+    from .evaluation import attack_success_rate, evaluate_model
+    from .models import save_model
+    from .training import TrainConfig, split_validation
+
+    model = loaded.module
+    bad = [label for label in labels if label not in scan.labels]
+    if bad:
+        raise TrojanlabError(f"--mitigate-labels {bad} were not scanned (scanned: {scan.labels})")
+    reversed_triggers = [scan.trigger(label) for label in labels]
+
+    def measure() -> dict[str, Any]:
+        metrics = evaluate_model(model, data.test, loaded.triggers, device=args.device)
+        metrics["reversed_trigger_asr"] = {
+            str(t.target_label): attack_success_rate(model, data.test, t, device=args.device) for t in reversed_triggers
+        }
+        return metrics
+
+    before = measure()
+    report: dict[str, Any] = {"method": args.mitigate, "labels": labels, "before": before}
+    if not labels:
+        report["note"] = "no label flagged and none given: the model is returned unchanged (as BackdoorBench does)"
+    else:
+        if data.train is None:
+            raise TrojanlabError(f"{args.data}: mitigation needs a training split for the defender's clean data")
+        _, clean = split_validation(data.train, args.clean_fraction, args.seed)
+        report["clean_images"] = len(clean)
+        if args.mitigate == "unlearn":
+            cfg = TrainConfig(
+                epochs=args.unlearn_epochs, lr=args.unlearn_lr, patience=2, val_fraction=0.1, seed=args.seed
+            )
+            log = unlearn(model, clean, reversed_triggers, args.stamp_fraction, cfg, args.device, not args.quiet)
+            report.update(stamp_fraction=args.stamp_fraction, epochs_run=log.epochs_run, history=log.history)
+        else:
+            pruned = prune_by_activation_gap(model, loaded.num_classes, clean, reversed_triggers, args.max_prune)
+            report["pruning"] = pruned.to_json()
+    after = measure()
+    after["clean_accuracy_drop"] = before["clean_accuracy"] - after["clean_accuracy"]
+    report["after"] = after
+    spec = dict(loaded.spec)
+    provenance = dict(spec.get("provenance", {}))
+    provenance.update(
+        defense={"method": f"neural-cleanse-{args.mitigate}", "labels": labels, "from": str(args.model)},
+        command="trojanlab " + " ".join(args.argv),
+    )
+    spec["provenance"] = provenance
+    save_model(model, out, spec)
+    return report
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 
 
@@ -602,6 +731,42 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--activation-images", type=int, default=1000, help="test images for the unit-activation report")
     n.add_argument("--quiet", action="store_true")
     n.set_defaults(func=cmd_attack_trojannn)
+
+    dt = sub.add_parser("detect", help="scan a model for backdoors").add_subparsers(dest="method", required=True)
+    d = dt.add_parser("nc", help="Neural Cleanse: reversed triggers for every label at once, MAD outlier test")
+    d.add_argument("--model", required=True, help="any model artefact (classifier or TrojanNet-injected)")
+    d.add_argument("--data", default="gtsrb", help="clean data (the scan uses its test split, as the official code)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--labels", type=int, nargs="+", default=None, help="labels to scan (default: all)")
+    d.add_argument("--split", choices=["test", "train"], default="test", help="clean images to scan with")
+    d.add_argument("--images", type=int, default=None, help="use a random subset of this many clean images")
+    d.add_argument(
+        "--profile",
+        choices=["fast", "official"],
+        default="fast",
+        help="fast: steps of 2 x 16 images, <= 120 steps; official: steps of 31 x 32 images, <= 1000 steps",
+    )
+    d.add_argument("--steps", type=int, default=None, help="schedule steps at most (profile default)")
+    d.add_argument("--batches-per-step", type=int, default=None, help="mini-batches averaged per schedule step")
+    d.add_argument("--batch-size", type=int, default=None, help="clean images per mini-batch, shared by all labels")
+    d.add_argument("--lr", type=float, default=0.1)
+    d.add_argument("--init-cost", type=float, default=1e-3)
+    d.add_argument("--patience", type=int, default=5)
+    d.add_argument("--early-stop-patience", type=int, default=None)
+    d.add_argument("--threshold", type=float, default=2.0, help="anomaly index above which a label is flagged")
+    d.add_argument("--mitigate", choices=["unlearn", "prune"], default=None, help="repair with the reversed triggers")
+    d.add_argument(
+        "--mitigate-labels", type=int, nargs="*", default=None, help="repair these labels (default: the flagged ones)"
+    )
+    d.add_argument("--clean-fraction", type=float, default=0.1, help="defender's share of the training split")
+    d.add_argument("--stamp-fraction", type=float, default=0.2, help="unlearning: share stamped (true label kept)")
+    d.add_argument("--unlearn-epochs", type=int, default=5)
+    d.add_argument("--unlearn-lr", type=float, default=1e-3)
+    d.add_argument("--max-prune", type=float, default=0.3, help="pruning: largest fraction of head inputs pruned")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_detect_nc)
 
     e = sub.add_parser("evaluate", help="clean accuracy, and ASR of the triggers the model carries")
     e.add_argument("--model", required=True)

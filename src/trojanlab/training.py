@@ -80,7 +80,7 @@ def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 512, device: st
     return correct / max(len(data), 1)
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = opt.state_dict()
     tensors = {
         f"{idx}.{key}": torch.as_tensor(value).clone()
@@ -90,7 +90,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         idx, key = name.split(".", 1)
@@ -136,7 +136,7 @@ def fit(
         meta = json.loads((ckpt / "state.json").read_text())
         if meta.get("config") == asdict(cfg):
             model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-            _load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), meta["optimizer"])
+            load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), meta["optimizer"])
             sched.load_state_dict(meta["scheduler"])
             history, start_epoch = meta["history"], meta["epoch"]
             best_acc, best_epoch = meta["best_val_accuracy"], meta["best_epoch"]
@@ -197,7 +197,7 @@ def fit(
 def _write_checkpoint(ckpt, model, opt, sched, cfg, epoch, history, best_acc, best_epoch, best_state) -> None:
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write(ckpt / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
-    tensors, opt_meta = _optimizer_tensors(opt)
+    tensors, opt_meta = optimizer_tensors(opt)
     atomic_write(ckpt / "optimizer.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     if best_state is not None:
         best = {k: v.contiguous() for k, v in best_state.items()}

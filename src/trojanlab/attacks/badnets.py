@@ -70,19 +70,23 @@ def square_triggers(
 @dataclass
 class PoisonedImageSet:
     """A poisoned view of ``base``: sample ``i`` is ``base`` image ``source[i]``, stamped with trigger
-    ``trigger_id[i]`` and relabelled to its target when ``trigger_id[i] >= 0``. Reads like an :class:`ImageSet`
-    through ``batch``, ``y``, ``subset`` and ``len``; ``materialize`` gives the stamped uint8 images."""
+    ``trigger_id[i]`` and relabelled to its target when ``trigger_id[i] >= 0`` (with ``relabel=False`` the true
+    label stays: the unlearning set of Neural Cleanse). Reads like an :class:`ImageSet` through ``batch``, ``y``,
+    ``subset`` and ``len``; ``materialize`` gives the stamped uint8 images."""
 
     base: ImageSet
     source: np.ndarray
     trigger_id: np.ndarray
     triggers: list[Trigger]
+    relabel: bool = True
 
     def __len__(self) -> int:
         return len(self.source)
 
     @property
     def y(self) -> np.ndarray:
+        if not self.relabel:
+            return self.base.y[self.source]
         targets = np.array([t.target_label for t in self.triggers] + [-1], dtype=np.int64)
         return np.where(self.trigger_id >= 0, targets[self.trigger_id], self.base.y[self.source])
 
@@ -93,7 +97,7 @@ class PoisonedImageSet:
 
     def subset(self, index: np.ndarray | Sequence[int]) -> PoisonedImageSet:
         index = np.asarray(index)
-        return PoisonedImageSet(self.base, self.source[index], self.trigger_id[index], self.triggers)
+        return PoisonedImageSet(self.base, self.source[index], self.trigger_id[index], self.triggers, self.relabel)
 
     def batch(
         self, index: np.ndarray, augment: Callable[[torch.Tensor], torch.Tensor] | None = None

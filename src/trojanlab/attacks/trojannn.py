@@ -30,8 +30,7 @@ channels, with the spatial mean as activation (the official code uses the best o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,21 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..hooks import capture, get_layer, trainable_only
 from ..triggers import Trigger, stamp
 
 RETRAIN_SOURCES = ("reverse", "real")
 
 
 # ----------------------------------------------------------------------------------------------- layers and units
-
-
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    modules = dict(model.named_modules())
-    if name not in modules or name == "":
-        leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
-        shown = ", ".join(leaves[:40]) + (", ..." if len(leaves) > 40 else "")
-        raise ConfigError(f"no layer named {name!r} in the model (its layers: {shown})")
-    return modules[name]
 
 
 def default_trigger_layer(model: nn.Module) -> str:
@@ -119,35 +110,6 @@ def select_neurons(model: nn.Module, layer: str, count: int = 1) -> list[int]:
     if not 1 <= count <= len(scores):
         raise ConfigError(f"cannot select {count} neurons from a layer of {len(scores)} units")
     return torch.topk(scores, count).indices.tolist()
-
-
-@contextmanager
-def capture(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record ``module``'s output of the next forward passes in ``store["out"]``.
-
-    The output is cloned: an in-place ReLU after the layer (as in the GTSRB CNN) would otherwise overwrite it,
-    and the units are read before their activation function, where the gradient does not vanish.
-    """
-    store: dict[str, torch.Tensor] = {}
-    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("out", out.clone()))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def trainable_only(model: nn.Module, params: list[nn.Parameter] | tuple = ()) -> Iterator[None]:
-    """Within the block, only ``params`` require gradients (none by default); the flags are restored after."""
-    keep = {id(p) for p in params}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(id(p) in keep)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def unit_activations(output: torch.Tensor, neurons: list[int]) -> torch.Tensor:

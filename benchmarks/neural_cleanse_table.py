@@ -1,0 +1,181 @@
+"""Re-measure thesis Table 5.10 (Neural Cleanse on GTSRB) and the false-positive rate on clean victims.
+
+    python benchmarks/neural_cleanse_table.py --tables runs/tables --clean runs/nc-clean --out runs/nc
+
+Scans, with ``trojanlab detect nc`` (all 43 labels, default fast profile), the four models of the table: the clean
+victim, BadNets (target 33), TrojanNN (target 0, real retraining data) and TrojanNet (N_inf 1, target 0). They are
+the artefacts of ``benchmarks/trojannet_tables.py``, run first when ``--tables`` lacks them (about 75 minutes).
+Then scans every clean victim under ``--clean`` (``trojanlab train --seed N`` folders; trained here with
+``--train-clean N`` seeds when missing) and counts how many are flagged. With ``--long``, the four models are scanned
+again with a budget 10x larger (32-image mini-batches, 4 per step, up to 300 steps, early-stop patience 25) to check
+that the fast verdicts hold. Finished scans are reused. Writes ``benchmarks/results/neural_cleanse_table.{md,json}``
+and ``anomaly_index.png`` (the thesis's Figure 5.11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from trojanlab.cli import main as trojanlab
+from trojanlab.io import atomic_write, write_json
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = {  # row name -> (artefact under --tables, true target or None)
+    "clean": ("victim", None),
+    "BadNet": ("badnets-t33", 33),
+    "Trojan Attack": ("trojannn-real", 0),
+    "TrojanNet": ("attack-n1", 0),
+}
+# thesis Table 5.10 (MAD, anomaly index, flagged) and the TrojanNet paper's Figure 5 (anomaly index)
+THESIS = {
+    "clean": (16.881288, 1.153, []),
+    "BadNet": (14.657393, 3.171, [33]),
+    "Trojan Attack": (21.535488, 2.073, [25]),
+    "TrojanNet": (16.936526, 1.558, []),
+}
+PAPER = {"clean": 1.9, "BadNet": 3.5, "Trojan Attack": 2.2, "TrojanNet": 1.8}
+LONG = ["--batch-size", "32", "--batches-per-step", "4", "--steps", "300", "--early-stop-patience", "25"]
+
+
+def scan(model: Path, out: Path, extra: list[str] = ()) -> dict:
+    """``trojanlab detect nc`` unless ``out/result.json`` exists; returns the result."""
+    result = out / "result.json"
+    if not result.is_file():
+        argv = ["detect", "nc", "--model", str(model), "--data", "gtsrb", "--out", str(out), "--quiet", *extra]
+        print("$ trojanlab " + " ".join(argv), flush=True)
+        if trojanlab(argv) != 0:
+            sys.exit(f"trojanlab {' '.join(argv)} failed")
+    return json.loads(result.read_text())
+
+
+def flags(result: dict) -> str:
+    return ", ".join(map(str, result["flagged_labels"])) or "none"
+
+
+def plot_indices(rows: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    width = 0.27
+    xs = range(len(names))
+    ax.bar(
+        [x - width for x in xs], [rows[n]["anomaly_index"] for n in names], width, label="trojanlab", color="#2e86c1"
+    )
+    ax.bar(xs, [THESIS[n][1] for n in names], width, label="thesis Table 5.10", color="#a9cce3")
+    ax.bar([x + width for x in xs], [PAPER[n] for n in names], width, label="TrojanNet paper Fig. 5", color="#d5d8dc")
+    ax.axhline(2.0, color="#c0392b", ls="--", lw=1, label="threshold 2")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("anomaly index")
+    ax.set_title("Neural Cleanse on GTSRB (thesis Figure 5.11)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tables", default="runs/tables", help="the artefacts of benchmarks/trojannet_tables.py")
+    p.add_argument("--clean", default="runs/nc-clean", help="folder of extra clean victims (victim-s*/)")
+    p.add_argument("--train-clean", type=int, default=0, help="train this many clean victims (seeds 1..N) if missing")
+    p.add_argument("--out", default="runs/nc")
+    p.add_argument("--long", action="store_true", help="also scan the four models with a 10x budget")
+    args = p.parse_args()
+    tables, out, clean_dir = Path(args.tables), Path(args.out), Path(args.clean)
+    if any(not (tables / folder / "model.json").is_file() for folder, _ in MODELS.values()):
+        cmd = [sys.executable, str(Path(__file__).with_name("trojannet_tables.py")), "--out", str(tables)]
+        print("$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    for seed in range(1, args.train_clean + 1):
+        folder = clean_dir / f"victim-s{seed}"
+        if not (folder / "result.json").is_file():
+            argv = ["train", "--data", "gtsrb", "--epochs", "8", "--seed", str(seed), "--out", str(folder)]
+            print("$ trojanlab " + " ".join(argv), flush=True)
+            if trojanlab(argv) != 0:
+                sys.exit("training a clean victim failed")
+
+    rows = {name: scan(tables / folder, out / folder) for name, (folder, _) in MODELS.items()}
+    long_rows = (
+        {name: scan(tables / folder, out / f"{folder}-long", LONG) for name, (folder, _) in MODELS.items()}
+        if args.long
+        else {}
+    )
+    victims = [tables / "victim"] + sorted(d for d in clean_dir.glob("victim-s*") if (d / "model.json").is_file())
+    clean_scans = {
+        str(v): scan(v, out / f"clean-{v.name}" if v.parent == clean_dir else out / "victim") for v in victims
+    }
+
+    lines = [
+        "### Table 5.10 — Neural Cleanse on GTSRB (all 43 labels)",
+        "",
+        "| model | true target | MAD | anomaly index | flagged | thesis MAD / index / flagged | paper index | seconds | images |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (_, target) in MODELS.items():
+        r = rows[name]
+        mad, index, flagged = THESIS[name]
+        thesis = f"{mad:.3f} / {index:.3f} / {', '.join(map(str, flagged)) or 'none'}"
+        lines.append(
+            f"| {name} | {target if target is not None else '–'} | {r['mad']:.3f} | **{r['anomaly_index']:.3f}** | "
+            f"{flags(r)} | {thesis} | {PAPER[name]} | {r['seconds']:.0f} | {r['samples']:,} |"
+        )
+    if long_rows:
+        lines += ["", "Same models, 10x budget (`" + " ".join(LONG) + "`):", ""]
+        lines += ["| model | anomaly index | flagged | seconds | images | same verdict |", "|---|---|---|---|---|---|"]
+        for name, r in long_rows.items():
+            same = bool(r["flagged_labels"]) == bool(rows[name]["flagged_labels"])
+            lines.append(
+                f"| {name} | {r['anomaly_index']:.3f} | {flags(r)} | {r['seconds']:.0f} | {r['samples']:,} | "
+                f"{'yes' if same else 'no'} |"
+            )
+    flagged_clean = [v for v, r in clean_scans.items() if r["flagged_labels"]]
+    lines += [
+        "",
+        f"False positives: {len(flagged_clean)} of {len(clean_scans)} clean victims flagged.",
+        "",
+        "| clean victim | clean accuracy | anomaly index | flagged |",
+        "|---|---|---|---|",
+    ]
+    for v, r in clean_scans.items():
+        trained = json.loads((Path(v) / "result.json").read_text())
+        lines.append(f"| `{v}` | {100 * trained['clean_accuracy']:.2f} % | {r['anomaly_index']:.3f} | {flags(r)} |")
+    lines += [
+        "",
+        "Command: `python benchmarks/neural_cleanse_table.py" + (" --long" if args.long else "") + "`; each scan is "
+        "`trojanlab detect nc --model DIR --data gtsrb` (fast profile, seed 0); its result.json, masks, triggers and "
+        f"norm plot are under `{out}/`.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write(RESULTS / "neural_cleanse_table.md", lambda tmp: tmp.write_text(text))
+    summary = {
+        "rows": {
+            n: {k: r[k] for k in ("mad", "median", "anomaly_index", "flagged_labels", "seconds", "samples")}
+            for n, r in rows.items()
+        },
+        "long": {
+            n: {k: r[k] for k in ("anomaly_index", "flagged_labels", "seconds", "samples")}
+            for n, r in long_rows.items()
+        },
+        "clean_victims": {
+            v: {"anomaly_index": r["anomaly_index"], "flagged_labels": r["flagged_labels"]}
+            for v, r in clean_scans.items()
+        },
+        "thesis": THESIS,
+        "paper": PAPER,
+    }
+    write_json(RESULTS / "neural_cleanse_table.json", summary)
+    plot_indices(rows, RESULTS / "anomaly_index.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Neural Cleanse mitigation (Wang et al. 2019, section VI): repair a model with its reversed triggers.
+
+* **Unlearning**: fine-tune on the defender's clean data where a share of the images carries a reversed trigger
+  but keeps its *true* label, so the model learns to ignore the trigger. Paper: 10 % of the training data, 20 %
+  of it stamped (the BackdoorBench port uses 5 % / 20 %). We stamp only images whose label is not the trigger's
+  target (a stamped image of the target class teaches nothing) and train through the shared loop (``fit``:
+  Adam, best epoch on a held-out part of the same data).
+* **Pruning**: rank the inputs of the classification head (the "second-to-last layer" neurons) by how much more
+  the reversed trigger excites them than clean images do, and zero them in that order. The paper stops when the
+  model no longer responds to the reversed trigger; we sweep a grid of pruned fractions on the defender's data in
+  one pass each and take the smallest fraction whose reversed-trigger success rate is at most ``target_asr``,
+  among those that keep the defender's clean accuracy within ``ca_tolerance`` (no test data, no true trigger).
+  Pruning zeroes the head's weight columns, so the repaired model is an ordinary artefact of the same architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..attacks.badnets import PoisonedImageSet
+from ..data import ImageSet, to_tensor
+from ..errors import ConfigError
+from ..hooks import capture_input, classifier_layer
+from ..training import TrainConfig, TrainResult, fit
+from ..triggers import Trigger, stamp
+
+
+def stamped_non_target(data: ImageSet, trigger: Trigger) -> torch.Tensor:
+    """The images of ``data`` whose label is not the trigger's target, stamped, as floats in [0, 1]."""
+    return stamp(to_tensor(data.x[data.y != trigger.target_label]), trigger)
+
+
+def unlearning_set(data: ImageSet, triggers: Sequence[Trigger], stamp_fraction: float, seed: int) -> PoisonedImageSet:
+    """``data`` with ``stamp_fraction`` of it stamped with the triggers (in turn), true labels kept."""
+    if not triggers:
+        raise ConfigError("unlearning needs at least one reversed trigger")
+    if not 0 < stamp_fraction < 1:
+        raise ConfigError(f"the stamped share must lie in (0, 1), got {stamp_fraction}")
+    rng = np.random.default_rng(seed)
+    trigger_id = np.full(len(data), -1, dtype=np.int64)
+    pick = rng.permutation(len(data))[: round(stamp_fraction * len(data))]
+    choice = np.arange(len(pick)) % len(triggers)
+    targets = np.array([t.target_label for t in triggers])
+    keep = data.y[pick] != targets[choice]
+    trigger_id[pick[keep]] = choice[keep]
+    return PoisonedImageSet(data, np.arange(len(data)), trigger_id, list(triggers), relabel=False)
+
+
+def unlearn(
+    model: nn.Module,
+    clean: ImageSet,
+    triggers: Sequence[Trigger],
+    stamp_fraction: float = 0.2,
+    config: TrainConfig | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``model`` in place on ``clean`` with ``stamp_fraction`` of it carrying the reversed triggers."""
+    cfg = config or TrainConfig(epochs=5, lr=1e-3, patience=2)
+    view = unlearning_set(clean, triggers, stamp_fraction, cfg.seed)
+    return fit(model, view, cfg, device=device, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------- pruning
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, head: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The inputs of the classification ``head`` for the images ``x``, ``(N, features)``."""
+    model.eval()
+    out = []
+    with capture_input(head) as store:
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size])
+            out.append(store["in"].flatten(1))
+    return torch.cat(out)
+
+
+@contextmanager
+def pruned_inputs(head: nn.Module, units: torch.Tensor):
+    """Within the block, the head sees ``units`` of its input as zero (a forward pre-hook; weights untouched)."""
+    keep = torch.ones(head.in_features)
+    keep[units] = 0
+
+    def hook(_module, args):
+        return (args[0] * keep.to(args[0].device, args[0].dtype),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def _head_is_output(model: nn.Module, head: nn.Linear, x: torch.Tensor, inputs: torch.Tensor) -> bool:
+    """Whether the model's output is the head's output (a plain classifier): then pruned models can be evaluated
+    from the head inputs alone, for every pruned fraction at once, without running the network again."""
+    return torch.allclose(model(x), head(inputs), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def _predictions(model, head, x: torch.Tensor, inputs: torch.Tensor, units: torch.Tensor, direct: bool):
+    if direct:
+        keep = torch.ones(head.in_features)
+        keep[units] = 0
+        return head(inputs * keep).argmax(1)
+    with pruned_inputs(head, units):
+        model.eval()
+        return torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+
+
+@dataclass
+class PruneReport:
+    layer: str
+    units: int
+    pruned: list[int]
+    order: list[int]
+    curve: list[dict[str, float]]
+    rule: str
+    reached_target: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "units": self.units,
+            "pruned_count": len(self.pruned),
+            "pruned_fraction": len(self.pruned) / self.units,
+            "pruned_units": self.pruned,
+            "reached_target": self.reached_target,
+            "rule": self.rule,
+            "curve": self.curve,
+        }
+
+
+def prune_by_activation_gap(
+    model: nn.Module,
+    num_classes: int,
+    clean: ImageSet,
+    triggers: Sequence[Trigger],
+    max_fraction: float = 0.3,
+    grid: int = 31,
+    target_asr: float = 0.0,
+    ca_tolerance: float = 0.05,
+) -> PruneReport:
+    """Zero, in place, the head inputs the reversed ``triggers`` excite most (see the module docstring).
+
+    ``grid`` fractions from 0 to ``max_fraction`` are measured on ``clean`` (the defender's data): clean accuracy
+    and the reversed triggers' success rate on its non-target images. Chosen: the smallest fraction with success
+    rate <= ``target_asr`` and clean accuracy >= the unpruned one - ``ca_tolerance``; if none reaches the target,
+    the admissible fraction with the lowest success rate.
+    """
+    if not triggers:
+        raise ConfigError("pruning needs at least one reversed trigger")
+    if not 0 < max_fraction <= 1 or grid < 2:
+        raise ConfigError("pruning needs 0 < max_fraction <= 1 and a grid of at least 2 fractions")
+    name, head = classifier_layer(model, num_classes)
+    x_clean = to_tensor(clean.x)
+    y_clean = torch.as_tensor(clean.y)
+    stamped = [stamped_non_target(clean, t) for t in triggers]
+    inputs_clean = head_inputs(model, head, x_clean)
+    inputs_stamped = [head_inputs(model, head, x) for x in stamped]
+    # the activation gap: mean on each reversed trigger's images minus mean on clean ones, largest over triggers
+    base = inputs_clean.mean(0)
+    gap = torch.stack([inputs.mean(0) - base for inputs in inputs_stamped]).max(0).values
+    order = torch.argsort(gap, descending=True)
+    direct = _head_is_output(model, head, x_clean[:16], inputs_clean[:16])
+    counts = sorted({round(f * head.in_features) for f in np.linspace(0, max_fraction, grid)})
+    curve = []
+    for count in counts:
+        units = order[:count]
+        ca = float((_predictions(model, head, x_clean, inputs_clean, units, direct) == y_clean).float().mean())
+        asr = max(
+            float((_predictions(model, head, x, inputs, units, direct) == t.target_label).float().mean())
+            for x, inputs, t in zip(stamped, inputs_stamped, triggers)
+        )
+        curve.append({"pruned": count, "fraction": count / head.in_features, "clean_accuracy": ca, "reversed_asr": asr})
+    floor = curve[0]["clean_accuracy"] - ca_tolerance
+    admissible = [c for c in curve if c["clean_accuracy"] >= floor]
+    reached = [c for c in admissible if c["reversed_asr"] <= target_asr]
+    chosen = reached[0] if reached else min(admissible, key=lambda c: (c["reversed_asr"], c["pruned"]))
+    pruned = order[: chosen["pruned"]]
+    with torch.no_grad():
+        head.weight[:, pruned] = 0
+    rule = (
+        f"smallest pruned fraction (grid of {len(counts)} up to {max_fraction:.0%}) with reversed-trigger success "
+        f"<= {target_asr:.0%} on the defender's data, keeping its clean accuracy within {ca_tolerance:.0%}"
+    )
+    return PruneReport(name, head.in_features, sorted(pruned.tolist()), order.tolist(), curve, rule, bool(reached))
