@@ -6,7 +6,7 @@ Scans, with ``trojanlab detect nc`` (all 43 labels, default fast profile), the f
 victim, BadNets (target 33), TrojanNN (target 0, real retraining data) and TrojanNet (N_inf 1, target 0). They are
 the artefacts of ``benchmarks/trojannet_tables.py``, run first when ``--tables`` lacks them (about 75 minutes).
 Then scans every clean victim under ``--clean`` (``trojanlab train --seed N`` folders; trained here with
-``--train-clean N`` seeds when missing) and counts how many are flagged. With ``--long``, the four models are scanned
+``--train-clean N`` seeds when missing) and counts how many are flagged. With ``--long [NAME ...]``, the models are scanned
 again with a budget 10x larger (32-image mini-batches, 4 per step, up to 300 steps, early-stop patience 25) to check
 that the fast verdicts hold. Finished scans are reused. Writes ``benchmarks/results/neural_cleanse_table.{md,json}``
 and ``anomaly_index.png`` (the thesis's Figure 5.11).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,15 @@ def scan(model: Path, out: Path, extra: list[str] = ()) -> dict:
     return json.loads(result.read_text())
 
 
+def mitigate(model: Path, scan_dir: Path, method: str) -> dict:
+    """``trojanlab detect nc --mitigate METHOD`` in a copy of a finished scan (the scan itself is reused)."""
+    out = scan_dir.with_name(f"{scan_dir.name}-{method}")
+    if not (out / "result.json").is_file():
+        shutil.copytree(scan_dir, out, dirs_exist_ok=True)
+        (out / "result.json").unlink(missing_ok=True)
+    return scan(model, out, ["--mitigate", method])
+
+
 def flags(result: dict) -> str:
     return ", ".join(map(str, result["flagged_labels"])) or "none"
 
@@ -85,9 +95,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tables", default="runs/tables", help="the artefacts of benchmarks/trojannet_tables.py")
     p.add_argument("--clean", default="runs/nc-clean", help="folder of extra clean victims (victim-s*/)")
+    p.add_argument(
+        "--long-clean", nargs="*", default=[], help="clean victims (folder names under --clean) to scan long too"
+    )
     p.add_argument("--train-clean", type=int, default=0, help="train this many clean victims (seeds 1..N) if missing")
     p.add_argument("--out", default="runs/nc")
-    p.add_argument("--long", action="store_true", help="also scan the four models with a 10x budget")
+    p.add_argument(
+        "--long",
+        nargs="*",
+        choices=list(MODELS),
+        default=None,
+        help="also scan these models (all four if none named) with a 10x budget",
+    )
     args = p.parse_args()
     tables, out, clean_dir = Path(args.tables), Path(args.out), Path(args.clean)
     if any(not (tables / folder / "model.json").is_file() for folder, _ in MODELS.values()):
@@ -103,11 +122,8 @@ def main() -> None:
                 sys.exit("training a clean victim failed")
 
     rows = {name: scan(tables / folder, out / folder) for name, (folder, _) in MODELS.items()}
-    long_rows = (
-        {name: scan(tables / folder, out / f"{folder}-long", LONG) for name, (folder, _) in MODELS.items()}
-        if args.long
-        else {}
-    )
+    long_names = [] if args.long is None else (args.long or list(MODELS))
+    long_rows = {name: scan(tables / MODELS[name][0], out / f"{MODELS[name][0]}-long", LONG) for name in long_names}
     victims = [tables / "victim"] + sorted(d for d in clean_dir.glob("victim-s*") if (d / "model.json").is_file())
     clean_scans = {
         str(v): scan(v, out / f"clean-{v.name}" if v.parent == clean_dir else out / "victim") for v in victims
@@ -136,6 +152,40 @@ def main() -> None:
                 f"| {name} | {r['anomaly_index']:.3f} | {flags(r)} | {r['seconds']:.0f} | {r['samples']:,} | "
                 f"{'yes' if same else 'no'} |"
             )
+    mitigated = {
+        (name, method): mitigate(tables / MODELS[name][0], out / MODELS[name][0], method)
+        for name in ("BadNet", "Trojan Attack")
+        for method in ("unlearn", "prune")
+    }
+    lines += [
+        "",
+        (
+            "Mitigation with the reversed triggers of the flagged labels (defender: 10 % of the training split; test "
+            "split for the figures; ASR of the planted trigger over test images of other labels):"
+        ),
+        "",
+        "| model | method | labels repaired | CA before | CA after | ASR before | ASR after | reversed-trigger ASR before → after | detail |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, method), r in mitigated.items():
+        m = r["mitigation"]
+        b, a = m["before"], m["after"]
+        rev = ", ".join(
+            f"{100 * b['reversed_trigger_asr'][k]:.1f} → {100 * a['reversed_trigger_asr'][k]:.1f} %"
+            for k in b["reversed_trigger_asr"]
+        )
+        detail = (
+            f"{m['pruning']['pruned_count']} of {m['pruning']['units']} head inputs pruned"
+            if "pruning" in m
+            else f"{m.get('epochs_run', 0)} epochs"
+            if m["labels"]
+            else m.get("note", "")
+        )
+        lines.append(
+            f"| {name} | {method} | {', '.join(map(str, m['labels'])) or 'none'} | {100 * b['clean_accuracy']:.2f} % | "
+            f"{100 * a['clean_accuracy']:.2f} % | {100 * b['attack_success_rate']:.2f} % | "
+            f"{100 * a['attack_success_rate']:.2f} % | {rev or '–'} | {detail} |"
+        )
     flagged_clean = [v for v, r in clean_scans.items() if r["flagged_labels"]]
     lines += [
         "",
@@ -144,12 +194,22 @@ def main() -> None:
         "| clean victim | clean accuracy | anomaly index | flagged |",
         "|---|---|---|---|",
     ]
+    long_clean = {
+        str(clean_dir / name): scan(clean_dir / name, out / f"clean-{name}-long", LONG) for name in args.long_clean
+    }
     for v, r in clean_scans.items():
         trained = json.loads((Path(v) / "result.json").read_text())
-        lines.append(f"| `{v}` | {100 * trained['clean_accuracy']:.2f} % | {r['anomaly_index']:.3f} | {flags(r)} |")
+        long = long_clean.get(v)
+        extra = f" (10x budget: index {long['anomaly_index']:.3f}, flagged {flags(long)})" if long else ""
+        lines.append(
+            f"| `{v}` | {100 * trained['clean_accuracy']:.2f} % | {r['anomaly_index']:.3f} | {flags(r)}{extra} |"
+        )
     lines += [
         "",
-        "Command: `python benchmarks/neural_cleanse_table.py" + (" --long" if args.long else "") + "`; each scan is "
+        "Command: `python benchmarks/neural_cleanse_table.py"
+        + (" --long " + " ".join(f"'{n}'" for n in long_names) if long_names else "")
+        + (" --long-clean " + " ".join(args.long_clean) if args.long_clean else "")
+        + "`; each scan is "
         "`trojanlab detect nc --model DIR --data gtsrb` (fast profile, seed 0); its result.json, masks, triggers and "
         f"norm plot are under `{out}/`.",
     ]
@@ -166,9 +226,17 @@ def main() -> None:
             n: {k: r[k] for k in ("anomaly_index", "flagged_labels", "seconds", "samples")}
             for n, r in long_rows.items()
         },
+        "clean_victims_long": {
+            v: {"anomaly_index": r["anomaly_index"], "flagged_labels": r["flagged_labels"]}
+            for v, r in long_clean.items()
+        },
         "clean_victims": {
             v: {"anomaly_index": r["anomaly_index"], "flagged_labels": r["flagged_labels"]}
             for v, r in clean_scans.items()
+        },
+        "mitigation": {
+            f"{n} / {meth}": {k: r["mitigation"][k] for k in ("labels", "before", "after")}
+            for (n, meth), r in mitigated.items()
         },
         "thesis": THESIS,
         "paper": PAPER,

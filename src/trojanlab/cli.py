@@ -486,9 +486,9 @@ def cmd_detect_nc(args: argparse.Namespace) -> None:
         checkpoint_dir=out / "checkpoint",
         progress=not args.quiet,
     )
-    files = nc.save_scan_images(scan, out)
+    nc.save_scan_images(scan, out)
     nc.save_reversed(scan, out / "reversed_triggers.safetensors")
-    files.append("reversed_triggers.safetensors")
+    files = ["masks/mask_LLL.png", "triggers/trigger_LLL.png", "reversed_triggers.safetensors"]
     result: dict[str, Any] = {"model": str(args.model), "data": data.name, "scan_images": len(scan_set)}
     if len(scan.labels) >= 3:
         outliers = nc.mad_outlier_test(scan.norms(), args.threshold)
@@ -517,7 +517,24 @@ def cmd_detect_nc(args: argparse.Namespace) -> None:
         result["mitigation"] = _mitigate(args, loaded, data, scan, labels, out / "repaired")
         files.append("repaired/")
     result["files"] = files
-    _finish(out, result)
+    write_json(out / "result.json", result)
+    norms = sorted(scan.norms().items(), key=lambda item: item[1])
+    print(
+        f"scanned {len(scan.labels)} labels in {scan.seconds:.0f} s ({scan.samples:,} images); smallest L1 norms: "
+        + ", ".join(f"{label}: {norm:.1f}" for label, norm in norms[:5])
+    )
+    if result["anomaly_index"] is not None:
+        print(
+            f"anomaly index {result['anomaly_index']:.3f} (median {result['median']:.1f}, MAD {result['mad']:.1f}); "
+            f"flagged: {result['flagged_labels'] or 'none'}"
+        )
+    if "mitigation" in result:
+        before, after = result["mitigation"]["before"], result["mitigation"]["after"]
+        line = f"{args.mitigate}: clean accuracy {before['clean_accuracy']:.4f} -> {after['clean_accuracy']:.4f}"
+        if "attack_success_rate" in before:
+            line += f", ASR {before['attack_success_rate']:.4f} -> {after['attack_success_rate']:.4f}"
+        print(line + f"; repaired model in {out / 'repaired'}")
+    print(f"result: {out / 'result.json'}")
 
 
 def _mitigate(args: argparse.Namespace, loaded, data, scan, labels: list[int], out: Path) -> dict[str, Any]:

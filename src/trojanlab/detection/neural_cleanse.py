@@ -416,14 +416,14 @@ def reverse_engineer(
                 running = int((~schedule.done).sum())
                 finite = schedule.best_l1[torch.isfinite(schedule.best_l1)]
                 bar.set_postfix(running=running, min_l1=f"{float(finite.min()):.1f}" if len(finite) else "-")
-                if on_step is not None:
-                    on_step(step + 1, {"running": running, "samples": samples})
                 if ckpt is not None and (step + 1) % 10 == 0:
                     elapsed = seconds0 + time.perf_counter() - began
                     _write_scan_checkpoint(
                         ckpt, fingerprint, step + 1, samples, elapsed, theta_m, theta_p, gen, opt, schedule
                     )
                 step0 = step + 1
+                if on_step is not None:  # after the checkpoint: a callback that stops the scan loses nothing
+                    on_step(step0, {"running": running, "samples": samples})
         if ckpt is not None:  # the finished state too: a rerun (say, to mitigate) reuses the scan
             elapsed = seconds0 + time.perf_counter() - began
             _write_scan_checkpoint(ckpt, fingerprint, step0, samples, elapsed, theta_m, theta_p, gen, opt, schedule)
