@@ -252,10 +252,11 @@ def test_an_interrupted_scan_resumes_where_it_stopped(tmp_path):
     resumed = nc.reverse_engineer(model, data, 4, config=cfg, checkpoint_dir=tmp_path, progress=False)
     assert resumed.samples == whole.samples and resumed.steps_run == whole.steps_run
     assert torch.allclose(resumed.masks, whole.masks, atol=1e-6)
-    # another configuration starts afresh instead of reusing the state
-    other = nc.reverse_engineer(
-        model, data, 4, config=nc.NCConfig(**{**cfg.__dict__, "seed": 3}), checkpoint_dir=tmp_path, progress=False
-    )
+    # another configuration, or another model, starts afresh instead of reusing the state
+    stranger = nc.reverse_engineer(_tiny_model(seed=1), data, 4, config=cfg, checkpoint_dir=tmp_path, progress=False)
+    assert not torch.allclose(stranger.masks, whole.masks)
+    reseeded = nc.NCConfig(**{**cfg.__dict__, "seed": 3})
+    other = nc.reverse_engineer(model, data, 4, config=reseeded, checkpoint_dir=tmp_path, progress=False)
     assert not torch.allclose(other.masks, whole.masks)
 
 

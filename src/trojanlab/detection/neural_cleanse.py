@@ -37,11 +37,12 @@ Departures (each measured or argued in the README):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -369,7 +370,13 @@ def reverse_engineer(
     step0, samples, seconds0 = 0, 0, 0.0
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprint = {"config": asdict(cfg), "labels": labels, "images": len(data), "num_classes": num_classes}
+    fingerprint = {
+        "config": asdict(cfg),
+        "labels": labels,
+        "num_classes": num_classes,
+        "model_sha256": _tensor_digest(model.state_dict().values()),
+        "data_sha256": _tensor_digest([torch.as_tensor(data.x), torch.as_tensor(data.y)]),
+    }
     if ckpt is not None and (ckpt / "scan_state.json").is_file():
         meta = json.loads((ckpt / "scan_state.json").read_text())
         if meta.get("fingerprint") == json.loads(json.dumps(fingerprint)):
@@ -453,6 +460,14 @@ def reverse_engineer(
     )
 
 
+def _tensor_digest(tensors) -> str:
+    """sha256 of the tensors' bytes: a checkpoint is reused only for the same model weights and images."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _write_scan_checkpoint(ckpt, fingerprint, step, samples, seconds, theta_m, theta_p, gen, opt, schedule) -> None:
     opt_tensors, opt_meta = optimizer_tensors(opt)
     tensors = {
@@ -483,11 +498,6 @@ def save_reversed(result: NCResult, path: str | Path) -> Path:
     tensors = {"masks": result.masks.contiguous(), "patterns": result.patterns.contiguous()}
     meta = {"labels": json.dumps(result.labels), "l1_norms": json.dumps(result.l1_norms)}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-def with_profile(config: NCConfig, **overrides: Any) -> NCConfig:
-    """A copy of ``config`` with ``overrides`` (``None`` values ignored), re-validated."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def save_scan_images(result: NCResult, out_dir: str | Path) -> list[str]:
