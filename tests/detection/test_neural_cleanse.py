@@ -276,3 +276,14 @@ def test_any_classifier_torchvision_and_trojannet_injected():
         assert scan.masks.shape == (3, 32, 32) and scan.patterns.shape == (3, 3, 32, 32)
         # gradients reached the masks through the whole model (the TrojanNet merge included)
         assert not torch.allclose(scan.masks, init, atol=1e-3)
+
+
+def test_cli_refuses_bad_input_with_a_clear_message(backdoored, tmp_path, capsys):
+    argv = ["detect", "nc", "--data", str(GTSRB5), "--out", str(tmp_path / "x"), "--quiet"]
+    assert main([*argv, "--model", str(tmp_path / "missing")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert main([*argv, "--model", str(backdoored), "--labels", "7"]) == 2
+    assert "label(s) [7] out of range for a 5-class model" in capsys.readouterr().err
+    assert main([*argv, "--model", str(backdoored), "--images", "0"]) == 2
+    assert "--images must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "result.json").exists()
