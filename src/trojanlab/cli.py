@@ -574,7 +574,9 @@ def _mitigate(args: argparse.Namespace, loaded, data, scan, labels: list[int], o
             log = unlearn(model, clean, reversed_triggers, args.stamp_fraction, cfg, args.device, not args.quiet)
             report.update(stamp_fraction=args.stamp_fraction, epochs_run=log.epochs_run, history=log.history)
         else:
-            pruned = prune_by_activation_gap(model, loaded.num_classes, clean, reversed_triggers, args.max_prune)
+            pruned = prune_by_activation_gap(
+                model, loaded.num_classes, clean, reversed_triggers, args.max_prune, target_asr=args.prune_target_asr
+            )
             report["pruning"] = pruned.to_json()
     after = measure()
     after["clean_accuracy_drop"] = before["clean_accuracy"] - after["clean_accuracy"]
@@ -780,6 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--unlearn-epochs", type=int, default=5)
     d.add_argument("--unlearn-lr", type=float, default=1e-3)
     d.add_argument("--max-prune", type=float, default=0.3, help="pruning: largest fraction of head inputs pruned")
+    d.add_argument(
+        "--prune-target-asr",
+        type=float,
+        default=0.0,
+        help="pruning: stop once the reversed trigger succeeds on at most this share of the defender's images",
+    )
     d.add_argument("--device", default="cpu")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
