@@ -252,6 +252,11 @@ def test_an_interrupted_scan_resumes_where_it_stopped(tmp_path):
     resumed = nc.reverse_engineer(model, data, 4, config=cfg, checkpoint_dir=tmp_path, progress=False)
     assert resumed.samples == whole.samples and resumed.steps_run == whole.steps_run
     assert torch.allclose(resumed.masks, whole.masks, atol=1e-6)
+    # a damaged checkpoint is ignored (with a warning), not fatal
+    (tmp_path / "scan_state.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = nc.reverse_engineer(model, data, 4, config=cfg, checkpoint_dir=tmp_path, progress=False)
+    assert torch.allclose(again.masks, whole.masks, atol=1e-6)
     # another configuration, or another model, starts afresh instead of reusing the state
     stranger = nc.reverse_engineer(_tiny_model(seed=1), data, 4, config=cfg, checkpoint_dir=tmp_path, progress=False)
     assert not torch.allclose(stranger.masks, whole.masks)

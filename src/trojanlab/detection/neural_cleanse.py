@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -335,6 +337,16 @@ def _update(model, x, y, theta_m, theta_p, rows, label_t, cost, opt) -> tuple[to
     return hit, l1.detach()
 
 
+def _fresh_state(masks: torch.Tensor, patterns: torch.Tensor, cfg: NCConfig, device):
+    """Parameters, optimiser, schedule, data generator and counters of a scan that starts from the beginning."""
+    theta_m = from_unit(masks).to(device).requires_grad_(True)
+    theta_p = from_unit(patterns).to(device).requires_grad_(True)
+    opt = torch.optim.Adam([theta_m, theta_p], lr=cfg.lr, betas=cfg.betas)
+    schedule = _Schedule(len(masks), cfg, tuple(masks.shape[1:]), tuple(patterns.shape[1:]))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    return theta_m, theta_p, opt, schedule, gen, 0, 0, 0.0
+
+
 def reverse_engineer(
     model: nn.Module,
     data: ImageSet,
@@ -350,7 +362,8 @@ def reverse_engineer(
 
     ``model`` takes raw images as floats in [0, 1] (``N, C, H, W``) and returns logits (or log-probabilities).
     With ``checkpoint_dir``, the scan state is written there every few steps and a later call with the same
-    configuration resumes from it. Deterministic for a given ``config.seed``.
+    configuration, model weights and images resumes from it (an unreadable checkpoint is ignored with a warning).
+    Deterministic for a given ``config.seed``.
     """
     cfg = config or NCConfig()
     labels = _label_list(labels, num_classes)
@@ -361,13 +374,10 @@ def reverse_engineer(
     height, width, channels = data.x.shape[1:]
     k = len(labels)
     init_masks, init_patterns = _initial_values(num_classes, (channels, height, width), cfg.seed)
-    theta_m = from_unit(init_masks[labels]).to(device).requires_grad_(True)
-    theta_p = from_unit(init_patterns[labels]).to(device).requires_grad_(True)
-    opt = torch.optim.Adam([theta_m, theta_p], lr=cfg.lr, betas=cfg.betas)
-    schedule = _Schedule(k, cfg, (height, width), (channels, height, width))
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    theta_m, theta_p, opt, schedule, gen, step0, samples, seconds0 = _fresh_state(
+        init_masks[labels], init_patterns[labels], cfg, device
+    )
     label_t = torch.tensor(labels, device=device)
-    step0, samples, seconds0 = 0, 0, 0.0
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fingerprint = {
@@ -378,17 +388,23 @@ def reverse_engineer(
         "data_sha256": _tensor_digest([torch.as_tensor(data.x), torch.as_tensor(data.y)]),
     }
     if ckpt is not None and (ckpt / "scan_state.json").is_file():
-        meta = json.loads((ckpt / "scan_state.json").read_text())
-        if meta.get("fingerprint") == json.loads(json.dumps(fingerprint)):
-            tensors = load_file(str(ckpt / "scan_state.safetensors"))
-            with torch.no_grad():
-                theta_m.copy_(tensors.pop("theta_m"))
-                theta_p.copy_(tensors.pop("theta_p"))
-            gen.set_state(tensors.pop("generator").to(torch.uint8))
-            opt_tensors = {n[4:]: v.to(device) for n, v in tensors.items() if n.startswith("opt.")}
-            load_optimizer(opt, opt_tensors, meta["optimizer"])
-            schedule.load({n[6:]: v for n, v in tensors.items() if n.startswith("sched.")})
-            step0, samples, seconds0 = meta["step"], meta["samples"], meta["seconds"]
+        try:
+            meta = json.loads((ckpt / "scan_state.json").read_text())
+            if meta.get("fingerprint") == json.loads(json.dumps(fingerprint)):
+                tensors = load_file(str(ckpt / "scan_state.safetensors"))
+                with torch.no_grad():
+                    theta_m.copy_(tensors.pop("theta_m"))
+                    theta_p.copy_(tensors.pop("theta_p"))
+                gen.set_state(tensors.pop("generator").to(torch.uint8))
+                opt_tensors = {n[4:]: v.to(device) for n, v in tensors.items() if n.startswith("opt.")}
+                load_optimizer(opt, opt_tensors, meta["optimizer"])
+                schedule.load({n[6:]: v for n, v in tensors.items() if n.startswith("sched.")})
+                step0, samples, seconds0 = meta["step"], meta["samples"], meta["seconds"]
+        except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as exc:  # unreadable: start afresh
+            warnings.warn(f"{ckpt}: ignoring an unreadable Neural Cleanse checkpoint ({exc})", stacklevel=2)
+            theta_m, theta_p, opt, schedule, gen, step0, samples, seconds0 = _fresh_state(
+                init_masks[labels], init_patterns[labels], cfg, device
+            )
 
     was_training = model.training
     model.eval()
