@@ -83,11 +83,16 @@ def head_inputs(model: nn.Module, head: nn.Module, x: torch.Tensor, batch_size: 
     return torch.cat(out)
 
 
-@contextmanager
-def pruned_inputs(head: nn.Module, units: torch.Tensor):
-    """Within the block, the head sees ``units`` of its input as zero (a forward pre-hook; weights untouched)."""
+def _keep_mask(head: nn.Linear, units: torch.Tensor) -> torch.Tensor:
     keep = torch.ones(head.in_features)
     keep[units] = 0
+    return keep
+
+
+@contextmanager
+def pruned_inputs(head: nn.Linear, units: torch.Tensor):
+    """Within the block, the head sees ``units`` of its input as zero (a forward pre-hook; weights untouched)."""
+    keep = _keep_mask(head, units)
 
     def hook(_module, args):
         return (args[0] * keep.to(args[0].device, args[0].dtype),) + tuple(args[1:])
@@ -109,9 +114,7 @@ def _head_is_output(model: nn.Module, head: nn.Linear, x: torch.Tensor, inputs: 
 @torch.no_grad()
 def _predictions(model, head, x: torch.Tensor, inputs: torch.Tensor, units: torch.Tensor, direct: bool):
     if direct:
-        keep = torch.ones(head.in_features)
-        keep[units] = 0
-        return head(inputs * keep).argmax(1)
+        return head(inputs * _keep_mask(head, units)).argmax(1)
     with pruned_inputs(head, units):
         model.eval()
         return torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])

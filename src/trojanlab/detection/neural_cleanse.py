@@ -420,13 +420,13 @@ def reverse_engineer(
                 rows = active.nonzero().squeeze(1).to(device)
                 acc_sum = torch.zeros(k, dtype=torch.float64)
                 l1_sum = torch.zeros(k, dtype=torch.float64)
+                cost = schedule.cost[active].to(device)  # the schedule moves the cost between steps only
                 for _ in range(cfg.batches_per_step):
                     index = torch.randint(len(data), (cfg.batch_size,), generator=gen).numpy()
                     x, y = data.batch(index)
-                    cost = schedule.cost[active].to(device)
                     hit, l1 = _update(model, x.to(device), y.to(device), theta_m, theta_p, rows, label_t, cost, opt)
                     acc_sum[active] += hit.double().cpu()
-                    l1_sum[active] += l1.detach().double().cpu()
+                    l1_sum[active] += l1.double().cpu()
                     samples += len(rows) * cfg.batch_size
                 with torch.no_grad():
                     mask_now = torch.zeros(k, height, width)
