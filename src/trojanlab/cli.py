@@ -592,6 +592,202 @@ def _mitigate(args: argparse.Namespace, loaded, data, scan, labels: list[int], o
     return report
 
 
+# ----------------------------------------------------------------------------------------------- defend
+
+
+def _defender_data(args: argparse.Namespace, data):
+    """The defender's clean images (``--clean-fraction`` of the training split, stratified) split into the part the
+    defense fits on and the held-out part its automatic rule (or monitor) reads."""
+    from .training import split_validation
+
+    if data.train is None:
+        raise TrojanlabError(f"{args.data}: the defense needs a training split to draw the defender's clean data from")
+    if not 0 < args.clean_fraction < 1 or not 0 < args.holdout < 1:
+        raise TrojanlabError("--clean-fraction and --holdout must lie in (0, 1)")
+    _, clean = split_validation(data.train, args.clean_fraction, args.seed)
+    fit, holdout = split_validation(clean, args.holdout, args.seed + 1)
+    if holdout is None or len(fit) == 0 or len(holdout) == 0:
+        raise TrojanlabError(f"--clean-fraction {args.clean_fraction} gives too few images to split ({len(clean)})")
+    return clean, fit, holdout
+
+
+def _test_curve(args, model, prune, data, triggers, masks) -> list[dict[str, Any]]:
+    """CA and ASR on a test subset after pruning at each threshold of the official grid (report only)."""
+    from .defenses import anp
+    from .evaluation import evaluate_model
+
+    test = data.test
+    if args.curve_images and args.curve_images < len(test):
+        test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), args.curve_images, False)))
+    curve = []
+    for threshold in anp.THRESHOLD_GRID:
+        index = anp.select_by_rule(masks, "threshold", threshold)
+        metrics = evaluate_model(prune(index), test, triggers, device=args.device)
+        point = {"threshold": threshold, "pruned": len(index), "fraction": len(index) / len(masks)}
+        point["clean_accuracy"] = metrics["clean_accuracy"]
+        if "attack_success_rate" in metrics:
+            point["attack_success_rate"] = metrics["attack_success_rate"]
+        curve.append(point)
+    return curve
+
+
+ANP_PROFILES = {"paper": {"iterations": 2000, "batch_size": 128}, "fast": {"iterations": 500, "batch_size": 64}}
+
+
+def cmd_defend_anp(args: argparse.Namespace) -> None:
+    import time
+
+    from .data import load_dataset
+    from .defenses import anp
+    from .evaluation import evaluate_model
+    from .models import load_model, save_model
+
+    _seed_everything(args.seed)
+    if args.variant == "anp" and args.prune != "auto" and args.prune_value is None:
+        raise TrojanlabError(f"--prune {args.prune} needs --prune-value")
+    loaded = load_model(args.model, device=args.device)
+    data = load_dataset(args.data, image_size=loaded.spec.get("input_size", [3, 32, 32])[1], seed=args.seed)
+    _check_fits_data(loaded, data, args.model)
+    clean, fit, holdout = _defender_data(args, data)
+    out = Path(args.out)
+    model, triggers = loaded.module, loaded.triggers
+    before = evaluate_model(model, data.test, triggers, device=args.device)
+    result: dict[str, Any] = {
+        "model": str(args.model),
+        "data": data.name,
+        "variant": args.variant,
+        "defender_images": len(clean),
+        "fit_images": len(fit),
+        "holdout_images": len(holdout),
+        "before": before,
+        "device": str(args.device),
+    }
+    files = ["pruned/"]
+    began = time.perf_counter()
+    if args.variant == "subnetwork":
+        from .defenses import anp_subnetwork as sub
+
+        cfg = sub.SubnetworkConfig(
+            cycles=args.cycles,
+            epochs=args.epochs,
+            lr=args.sub_lr,
+            alpha=args.sub_alpha,
+            batch_size=args.sub_batch_size,
+            seed=args.seed,
+        )
+        scores = sub.subnetwork_scores(model, fit, holdout, cfg, device=args.device, progress=not args.quiet)
+        pruned, decision = sub.remove_part(model, scores)
+        files += sub.plot_curves(scores, out)
+        result.update(
+            subnetwork=scores.to_json(),
+            decision=decision,
+            mask_values=scores.scores,
+            defense_seconds=time.perf_counter() - began,
+        )
+        spec = dict(loaded.spec["victim"]) if pruned is not model else dict(loaded.spec)
+        spec["triggers"] = loaded.spec.get("triggers", [])
+    else:
+        cfg = anp.ANPConfig(
+            eps=args.eps,
+            steps=args.anp_steps,
+            alpha=args.alpha,
+            lr=args.lr,
+            momentum=args.momentum,
+            batch_size=args.batch_size or ANP_PROFILES[args.profile]["batch_size"],
+            iterations=args.iterations or ANP_PROFILES[args.profile]["iterations"],
+            augment=not args.no_augment,
+            train_mode=args.train_mode,
+            include_classifier=args.include_classifier,
+            seed=args.seed,
+        )
+        masks = anp.optimize_masks(
+            model, fit, cfg, loaded.num_classes, args.device, out / "checkpoint", progress=not args.quiet
+        )
+        selecting = time.perf_counter()
+        if args.prune == "auto":
+            threshold, holdout_curve = anp.auto_threshold(
+                model,
+                masks.layers,
+                masks.masks,
+                holdout,
+                args.tolerance,
+                prune_bias=args.prune_bias,
+                device=args.device,
+            )
+            index = anp.select_by_rule(masks.masks, "threshold", threshold)
+            rule = (
+                f"auto: the largest threshold of {anp.THRESHOLD_GRID[0]}, {anp.THRESHOLD_GRID[1]}, ..., "
+                f"{anp.THRESHOLD_GRID[-1]} whose pruned model keeps the accuracy on {len(holdout)} held-out clean "
+                f"images within {args.tolerance:.1%} of the unpruned model (chosen {threshold:g})"
+            )
+            result["holdout_curve"] = holdout_curve
+        else:
+            threshold = args.prune_value if args.prune == "threshold" else None
+            index = anp.select_by_rule(masks.masks, args.prune, args.prune_value)
+            rule = f"{args.prune} {args.prune_value:g}"
+        selection_seconds = time.perf_counter() - selecting
+        pruned = anp.prune_neurons(model, masks.layers, index, args.prune_bias)
+        anp.save_masks(masks, out / "masks.safetensors")
+        table = masks.mask_table()
+        write_json(out / "mask_values.json", table)
+        files += ["masks.safetensors", "mask_values.json", "mask_histogram.png"]
+        anp.plot_masks(masks.masks, out / "mask_histogram.png", threshold)
+        result.update(
+            rule=rule,
+            threshold=threshold,
+            neurons=masks.masks.numel(),
+            neuron_layers=[layer.to_json() for layer in masks.layers],
+            pruned=len(index),
+            pruned_fraction=len(index) / masks.masks.numel(),
+            pruned_per_layer=anp.pruned_per_layer(masks.layers, index),
+            mask_values={
+                "lowest": table[:20],
+                "mean": float(masks.masks.mean()),
+                "below_0.2": sum(r["mask"] <= 0.2 for r in table),
+            },
+            mask_seconds=masks.seconds,
+            selection_seconds=selection_seconds,
+            samples=masks.samples,
+            official_recipe_samples=anp.ANPConfig().passes(),
+            history=masks.history,
+            config=masks.config,
+            defense_seconds=masks.seconds + selection_seconds,
+        )
+        if not args.no_curve:
+            curve = _test_curve(
+                args,
+                model,
+                lambda idx: anp.prune_neurons(model, masks.layers, idx, args.prune_bias),
+                data,
+                triggers,
+                masks.masks,
+            )
+            result["test_curve"] = curve
+            anp.plot_pruning_curve(curve, out / "pruning_curve.png", len(index) / masks.masks.numel())
+            files.append("pruning_curve.png")
+        spec = dict(loaded.spec)
+    after = evaluate_model(pruned, data.test, triggers, device=args.device)
+    after["clean_accuracy_drop"] = before["clean_accuracy"] - after["clean_accuracy"]
+    result["after"] = after
+    provenance = dict(spec.get("provenance", {}))
+    provenance.update(
+        defense={"method": f"anp-{args.variant}", "from": str(args.model)}, command="trojanlab " + " ".join(args.argv)
+    )
+    spec["provenance"] = provenance
+    save_model(pruned, out / "pruned", spec)
+    result["files"] = files
+    write_json(out / "result.json", result)
+    line = f"ANP ({args.variant}): clean accuracy {before['clean_accuracy']:.4f} -> {after['clean_accuracy']:.4f}"
+    if "attack_success_rate" in before:
+        line += f", ASR {before['attack_success_rate']:.4f} -> {after['attack_success_rate']:.4f}"
+    if args.variant == "anp":
+        line += f"; pruned {result['pruned']} of {result['neurons']} neurons ({result['rule']})"
+    else:
+        line += f"; {result['decision'].get('note', '')}"
+    print(line)
+    print(f"pruned model: {out / 'pruned'}; result: {out / 'result.json'}")
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 
 
@@ -792,6 +988,51 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_detect_nc)
+
+    df = sub.add_parser("defend", help="remove a backdoor").add_subparsers(dest="method", required=True)
+    f = df.add_parser("anp", help="Adversarial Neuron Pruning (Wu & Wang 2021) on any model, or the thesis variant")
+    f.add_argument("--model", required=True, help="any model artefact (classifier or TrojanNet-injected)")
+    f.add_argument("--data", default="gtsrb", help="data set: the defender's clean images come from its training split")
+    f.add_argument("--out", required=True)
+    f.add_argument(
+        "--variant",
+        choices=["anp", "subnetwork"],
+        default="anp",
+        help="neuron masks, or the thesis's two-part perturbation/de-perturbation scores (TrojanNet-injected models)",
+    )
+    f.add_argument("--prune", choices=["auto", "threshold", "fraction", "count"], default="auto")
+    f.add_argument("--prune-value", type=float, default=None, help="the threshold, fraction or count of --prune")
+    f.add_argument("--tolerance", type=float, default=0.02, help="auto: largest held-out accuracy drop allowed")
+    f.add_argument("--prune-bias", action="store_true", help="also zero a pruned neuron's bias (output exactly 0)")
+    f.add_argument("--clean-fraction", type=float, default=0.01, help="defender's share of the training split")
+    f.add_argument("--holdout", type=float, default=0.5, help="share of the defender's images held out for the rule")
+    f.add_argument("--eps", type=float, default=0.4, help="perturbation bound")
+    f.add_argument("--anp-steps", type=int, default=1, help="signed ascent steps per iteration")
+    f.add_argument("--alpha", type=float, default=0.2, help="weight of the unperturbed loss")
+    f.add_argument("--lr", type=float, default=0.2, help="mask SGD learning rate")
+    f.add_argument("--momentum", type=float, default=0.9)
+    f.add_argument(
+        "--profile",
+        choices=["paper", "fast"],
+        default="paper",
+        help="paper: 2000 iterations of 128 images (official); fast: 500 iterations of 64 (the cheaper ANP)",
+    )
+    f.add_argument("--batch-size", type=int, default=None, help="images per iteration (profile default)")
+    f.add_argument("--iterations", type=int, default=None, help="mask iterations (profile default)")
+    f.add_argument("--no-augment", action="store_true", help="no random shifts of the defender's images")
+    f.add_argument("--train-mode", action="store_true", help="optimise in train mode (BN batch statistics, dropout)")
+    f.add_argument("--include-classifier", action="store_true", help="the classifier layer's units are neurons too")
+    f.add_argument("--curve-images", type=int, default=2000, help="test images for the CA/ASR pruning curve")
+    f.add_argument("--no-curve", action="store_true", help="skip the CA/ASR pruning curve")
+    f.add_argument("--cycles", type=int, default=5, help="subnetwork: perturbation/de-perturbation cycles")
+    f.add_argument("--epochs", type=int, default=40, help="subnetwork: epochs per phase")
+    f.add_argument("--sub-lr", type=float, default=4e-4, help="subnetwork: SGD learning rate")
+    f.add_argument("--sub-alpha", type=float, default=0.8, help="subnetwork: weight of sensitivity in the score")
+    f.add_argument("--sub-batch-size", type=int, default=32)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_defend_anp)
 
     e = sub.add_parser("evaluate", help="clean accuracy, and ASR of the triggers the model carries")
     e.add_argument("--model", required=True)

@@ -1,0 +1,123 @@
+"""Adversarial Neuron Pruning against every attack of the thesis on GTSRB, and what it costs.
+
+    python benchmarks/anp_table.py --tables runs/tables --out runs/anp [--profile fast|paper]
+
+Runs ``trojanlab defend anp`` (1 % of the training split as the defender's data, half of it held out for the
+automatic pruning rule, which reads clean images only) on the artefacts of ``benchmarks/trojannet_tables.py``:
+TrojanNet N_inf 1 and 8, BadNets (target 33) and TrojanNN (target 0, real retraining data); then the thesis's
+sub-network variant on the two TrojanNet models. Finished runs are reused. Prints, per run, CA and ASR before and
+after, the neurons pruned and the defense's seconds beside the official recipe's image count (2,000 iterations x 128
+images x 3 passes) and the time that count would take at the throughput we measured. Writes
+``benchmarks/results/anp_table.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trojanlab.cli import main as trojanlab
+from trojanlab.defenses.anp import ANPConfig
+from trojanlab.io import atomic_write, write_json
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = {  # row name -> artefact under --tables
+    "TrojanNet N_inf 1": "attack-n1",
+    "TrojanNet N_inf 8": "attack-n8",
+    "BadNets (target 33)": "badnets-t33",
+    "TrojanNN (target 0)": "trojannn-real",
+}
+SUBNETWORK = ("TrojanNet N_inf 1", "TrojanNet N_inf 8")
+
+
+def defend(model: Path, out: Path, extra: list[str]) -> dict:
+    result = out / "result.json"
+    if not result.is_file():
+        argv = ["defend", "anp", "--model", str(model), "--data", "gtsrb", "--out", str(out), "--quiet", *extra]
+        print("$ trojanlab " + " ".join(argv), flush=True)
+        if trojanlab(argv) != 0:
+            sys.exit(f"trojanlab {' '.join(argv)} failed")
+    return json.loads(result.read_text())
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tables", default="runs/tables", help="artefacts of benchmarks/trojannet_tables.py")
+    parser.add_argument("--out", default="runs/anp")
+    parser.add_argument("--profile", choices=["fast", "paper"], default="fast")
+    parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    args = parser.parse_args()
+    tables, out = Path(args.tables), Path(args.out)
+    missing = [name for name in MODELS.values() if not (tables / name / "model.json").is_file()]
+    if missing:
+        sys.exit(f"{tables} lacks {missing}: run python benchmarks/trojannet_tables.py --out {tables} first")
+    official = ANPConfig().passes()
+    rows = []
+    for name, folder in MODELS.items():
+        if args.only and name not in args.only:
+            continue
+        runs = [("ANP", f"{folder}-{args.profile}", ["--profile", args.profile])]
+        if name in SUBNETWORK:
+            runs.append(("sub-network", f"{folder}-subnetwork", ["--variant", "subnetwork"]))
+        for variant, run_name, extra in runs:
+            result = defend(tables / folder, out / run_name, extra)
+            before, after = result["before"], result["after"]
+            row = {
+                "model": name,
+                "variant": variant,
+                "ca_before": before["clean_accuracy"],
+                "ca_after": after["clean_accuracy"],
+                "ca_drop": after["clean_accuracy_drop"],
+                "asr_before": before.get("attack_success_rate"),
+                "asr_after": after.get("attack_success_rate"),
+                "seconds": result["defense_seconds"],
+                "result": str(out / run_name / "result.json"),
+            }
+            if variant == "ANP":
+                rate = result["samples"] / result["mask_seconds"]
+                row.update(
+                    pruned=f"{result['pruned']} / {result['neurons']}",
+                    threshold=result["threshold"],
+                    samples=result["samples"],
+                    official_samples=official,
+                    official_seconds_at_our_rate=official / rate,
+                )
+            else:
+                row.update(pruned=result["decision"].get("removed", "–"), scores=result["mask_values"])
+            rows.append(row)
+            print(
+                f"{name:22s} {variant:11s} CA {pct(row['ca_before'])} -> {pct(row['ca_after'])} %  "
+                f"ASR {pct(row['asr_before'])} -> {pct(row['asr_after'])} %  pruned {row['pruned']}  "
+                f"{row['seconds']:.0f} s"
+                + (
+                    f" ({row['samples']:,} images; official recipe {official:,} images = "
+                    f"{row['official_seconds_at_our_rate']:.0f} s at our rate)"
+                    if variant == "ANP"
+                    else f"  scores {row['scores']}"
+                ),
+                flush=True,
+            )
+    lines = [
+        "| model | defense | CA before → after (%) | ASR before → after (%) | pruned | seconds (2 CPU cores) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['variant']} | {pct(row['ca_before'])} → {pct(row['ca_after'])} | "
+            f"{pct(row['asr_before'])} → {pct(row['asr_after'])} | {row['pruned']} | {row['seconds']:.0f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write(RESULTS / "anp_table.md", lambda tmp: tmp.write_text(table))
+    write_json(RESULTS / "anp_table.json", {"profile": args.profile, "official_recipe_samples": official, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,630 @@
+"""Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021) for any ``nn.Module``.
+
+A backdoored network collapses under small adversarial perturbations of a few neurons; ANP learns a mask per
+neuron that keeps the clean loss low while those neurons are perturbed, and prunes the neurons whose masks fall.
+
+**Neurons.** The official code replaces every BatchNorm layer by a noisy copy, so a network without BN has no
+neuron at all (BackdoorBench reports "NA" for it). Here a neuron is found on the model as it is, through forward
+hooks, never by rewriting it:
+
+* a channel of an affine BatchNorm layer (official semantics: weight = gamma, bias = beta);
+* otherwise an output channel of a ``Conv1d/2d/3d`` or an output unit of a ``Linear`` (weight = its filter, bias
+  = its bias; the maintainers' suggestion for BN-free models, methods.md 6.6). A convolution or linear layer whose
+  output goes straight into a BatchNorm is left to the BN (a per-channel scale before BN is one neuron, not two);
+* the classifier's last layer (the last ``Linear`` with one output per class) is excluded unless asked for.
+
+The hook rewrites a layer's output ``z = w*x + b`` as ``z + (w*x) (s - 1) + b (t - 1)`` with ``s = m`` (clean
+path) or ``m + delta`` and ``t = 1 + xi`` (perturbed path); with ``m = 1`` and no noise the output is
+bit-identical to the unhooked model. The mask never scales the bias (as the official ``NoisyBatchNorm``).
+
+**Optimisation** (official ``mask_train``): per mini-batch, delta and xi are drawn from U(-eps, eps), moved by
+``eps / steps`` times the sign of the clean-loss gradient ``steps`` times (no projection, as the official code),
+then the masks take one SGD step (lr 0.2, momentum 0.9) on ``alpha L(m) + (1 - alpha) L(m + delta, 1 + xi)`` and
+are clamped to [0, 1]. Departures, each measured or argued in the README: the network stays in ``eval`` mode by
+default (a defender's few hundred images would otherwise rewrite BatchNorm running statistics and dropout would add
+noise of its own; ``train_mode=True`` restores the official behaviour), so the clean and perturbed forwards run as
+one batch of twice the size; network weights never receive gradients (the official code computes and discards
+them); images are drawn with replacement and shifted by up to 2 pixels (the official random crop; no flips, which
+change the meaning of traffic signs).
+
+**Pruning** is applied to the *original* weights (never to the ones the optimisation ran on): a pruned BN channel
+gets gamma 0, a pruned conv/linear neuron a zero filter; the bias is kept by default (the official semantics: the
+neuron then outputs a constant and carries no signal; the mask optimisation assumed exactly that) or zeroed with
+``prune_bias=True`` (the neuron outputs 0). Rules: every neuron with mask <= a threshold, the lowest fraction, the
+lowest count, or ``auto``: the largest threshold of the official grid (0, 0.05, ..., 0.95) whose pruned model keeps
+its accuracy on the defender's held-out clean images within a tolerance of the unpruned one. No rule reads
+triggered data; BackdoorBench's choice by minimum test ASR is not offered.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..data import ImageSet, to_tensor
+from ..errors import ConfigError
+from ..hooks import classifier_layer, trainable_only
+from ..io import atomic_write, write_json
+from ..training import optimizer_tensors, load_optimizer, _shift
+
+PRUNE_RULES = ("auto", "threshold", "fraction", "count")
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # the official 0, 0.05, ..., 0.95
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+)
+
+
+# ----------------------------------------------------------------------------------------------- neurons
+
+
+@dataclass
+class NeuronLayer:
+    """One layer's neurons: ``kind`` is ``bn``, ``conv`` or ``linear``; they occupy ``[start, start + size)`` of the
+    flat mask vector."""
+
+    name: str
+    kind: str
+    size: int
+    start: int
+    module: nn.Module = field(repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "neurons": self.size, "start": self.start}
+
+
+def _channel_shape(kind: str, out: torch.Tensor) -> tuple[int, ...]:
+    """How a per-channel vector broadcasts over ``out``: dim 1 for BN and conv, the last dim for linear."""
+    if kind == "linear":
+        return (1,) * (out.dim() - 1) + (-1,)
+    return (1, -1) + (1,) * (out.dim() - 2)
+
+
+def _bias(layer: NeuronLayer) -> torch.Tensor | None:
+    return layer.module.bias
+
+
+def find_neurons(
+    model: nn.Module,
+    example: torch.Tensor,
+    num_classes: int | None = None,
+    include_classifier: bool = False,
+    kinds: Sequence[str] = ("bn", "conv", "linear"),
+) -> list[NeuronLayer]:
+    """The neuron layers of ``model``, in the order a forward pass of ``example`` (raw images) reaches them.
+
+    One forward pass tells which convolution or linear layer feeds a BatchNorm (its output, possibly through an
+    element-wise activation module such as ReLU, is the BN's input: the TrojanNet MLP's Linear -> ReLU -> BN) and
+    which layers are used at all; layers the forward never calls are not neurons.
+    """
+    fed_bn: set[str] = set()
+    called: list[str] = []
+    produced: dict[int, str] = {}
+    handles = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def after(module, _inputs, out):
+        name = names[id(module)]
+        if name not in called:
+            called.append(name)
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = name
+
+    def before_bn(_module, inputs):
+        source = produced.get(id(inputs[0]))
+        if source is not None:
+            fed_bn.add(source)
+
+    def passes_on(_module, inputs, out):  # an element-wise activation keeps the channel it was given
+        source = produced.get(id(inputs[0]))
+        if source is not None and isinstance(out, torch.Tensor):
+            produced[id(out)] = source
+
+    for module in model.modules():
+        if isinstance(module, _BN + _CONV + (nn.Linear,)):
+            handles.append(module.register_forward_hook(after))
+        elif isinstance(module, _ELEMENTWISE):
+            handles.append(module.register_forward_hook(passes_on))
+        if isinstance(module, _BN):
+            handles.append(module.register_forward_pre_hook(before_bn))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    excluded = None
+    if num_classes is not None and not include_classifier:
+        try:
+            excluded = classifier_layer(model, num_classes)[0]
+        except ConfigError:
+            excluded = None
+    modules = dict(model.named_modules())
+    layers: list[NeuronLayer] = []
+    start = 0
+    for name in called:
+        module = modules[name]
+        if isinstance(module, _BN):
+            if not module.affine:
+                continue
+            kind, size = "bn", module.num_features
+        elif isinstance(module, _CONV):
+            kind, size = "conv", module.out_channels
+        else:
+            kind, size = "linear", module.out_features
+        if kind not in kinds or name == excluded or (kind != "bn" and name in fed_bn and "bn" in kinds):
+            continue
+        layers.append(NeuronLayer(name, kind, size, start, module))
+        start += size
+    if not layers:
+        raise ConfigError(
+            "the model has no BatchNorm, convolution or linear neurons to perturb (besides the classifier layer)"
+        )
+    return layers
+
+
+class NeuronPerturbation:
+    """Masks and multiplicative noise on every neuron of ``layers``, attached to the model by forward hooks.
+
+    ``mode``: ``off`` (hooks do nothing), ``clean`` (mask only), ``perturbed`` (mask + delta, bias x (1 + xi)) or
+    ``both`` (the first half of the batch clean, the second half perturbed: one forward for the two ANP terms,
+    valid when no layer mixes samples, i.e. in eval mode).
+    """
+
+    def __init__(self, layers: Sequence[NeuronLayer], device: str | torch.device = "cpu") -> None:
+        self.layers = list(layers)
+        total = sum(layer.size for layer in self.layers)
+        self.mask = torch.ones(total, device=device, requires_grad=True)
+        self.delta = torch.zeros(total, device=device, requires_grad=True)
+        self.xi = torch.zeros(total, device=device, requires_grad=True)
+        self.mode = "off"
+        self._handles: list = []
+
+    @property
+    def size(self) -> int:
+        return self.mask.numel()
+
+    def _hook(self, layer: NeuronLayer, _module, _inputs, out: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return out
+        sl = slice(layer.start, layer.start + layer.size)
+        m, d, xi = self.mask[sl], self.delta[sl], self.xi[sl]
+        shape = _channel_shape(layer.kind, out)
+        bias = _bias(layer)
+        wx = out if bias is None else out - bias.view(shape)
+        if self.mode == "clean":
+            return out + wx * (m - 1).view(shape)
+        if self.mode == "perturbed":
+            result = out + wx * (m + d - 1).view(shape)
+            return result if bias is None else result + (bias * xi).view(shape)
+        if self.mode == "both":
+            half = out.shape[0] // 2
+            scale = torch.cat([(m - 1).expand(half, -1), (m + d - 1).expand(out.shape[0] - half, -1)])
+            bshape = (out.shape[0],) + _channel_shape(layer.kind, out)[1:]
+            result = out + wx * scale.view(bshape)
+            if bias is not None:
+                noise = torch.cat([torch.zeros_like(xi).expand(half, -1), (bias * xi).expand(out.shape[0] - half, -1)])
+                result = result + noise.view(bshape)
+            return result
+        raise ConfigError(f"unknown perturbation mode {self.mode!r}")
+
+    def attach(self) -> None:
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(functools.partial(self._hook, layer)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def attached(self) -> Iterator[NeuronPerturbation]:
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    @contextmanager
+    def using(self, mode: str) -> Iterator[None]:
+        previous, self.mode = self.mode, mode
+        try:
+            yield
+        finally:
+            self.mode = previous
+
+    def describe(self, index: int) -> tuple[str, int]:
+        """(layer name, neuron index in the layer) of flat neuron ``index``."""
+        for layer in self.layers:
+            if layer.start <= index < layer.start + layer.size:
+                return layer.name, index - layer.start
+        raise IndexError(index)
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+
+
+@dataclass
+class ANPConfig:
+    """ANP hyperparameters; the defaults are the paper's and the official code's (methods.md 6.4)."""
+
+    eps: float = 0.4
+    steps: int = 1
+    alpha: float = 0.2
+    lr: float = 0.2
+    momentum: float = 0.9
+    batch_size: int = 128
+    iterations: int = 2000
+    augment: bool = True
+    train_mode: bool = False
+    include_classifier: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.eps < 0:
+            raise ConfigError(f"eps must be >= 0, got {self.eps}")
+        if self.steps < 1 or self.iterations < 1 or self.batch_size < 1:
+            raise ConfigError("ANP needs steps >= 1, iterations >= 1 and batch_size >= 1")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha}")
+        if self.lr <= 0 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"the mask optimiser needs lr > 0 and 0 <= momentum < 1, got {self.lr}, {self.momentum}")
+
+    def passes(self) -> int:
+        """Images forwarded and back-propagated: ``steps`` perturbed passes plus the two mask-loss passes."""
+        return self.iterations * self.batch_size * (self.steps + (2 if self.alpha > 0 else 1))
+
+
+@dataclass
+class ANPResult:
+    layers: list[NeuronLayer]
+    masks: torch.Tensor
+    history: list[dict[str, float]]
+    seconds: float
+    samples: int
+    config: dict[str, Any]
+
+    def mask_table(self) -> list[dict[str, Any]]:
+        """One row per neuron (flat index, layer, neuron, mask), ascending by mask (the pruning order)."""
+        rows = []
+        for layer in self.layers:
+            for k in range(layer.size):
+                rows.append({"index": layer.start + k, "layer": layer.name, "neuron": k})
+        values = self.masks.tolist()
+        for row in rows:
+            row["mask"] = values[row["index"]]
+        return sorted(rows, key=lambda row: (row["mask"], row["index"]))
+
+    def order(self) -> torch.Tensor:
+        """Flat neuron indices from the lowest mask to the highest (ties by index: deterministic)."""
+        return torch.tensor([row["index"] for row in self.mask_table()], dtype=torch.long)
+
+
+def _digest(tensors) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def optimize_masks(
+    model: nn.Module,
+    clean: ImageSet,
+    config: ANPConfig | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    log_every: int = 50,
+) -> ANPResult:
+    """Learn one mask per neuron of ``model`` on the defender's ``clean`` images (the model is left untouched).
+
+    With ``checkpoint_dir``, the masks and optimiser state are saved every ``log_every`` iterations and a later call
+    with the same configuration, weights and images resumes from them (or returns at once when finished).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or ANPConfig()
+    if len(clean) == 0:
+        raise ConfigError("ANP needs at least one clean image")
+    model.to(device)
+    x_all = to_tensor(clean.x).to(device)
+    y_all = torch.as_tensor(clean.y).to(device)
+    layers = find_neurons(model, x_all[:2], num_classes, cfg.include_classifier)
+    noise = NeuronPerturbation(layers, device)
+    opt = torch.optim.SGD([noise.mask], lr=cfg.lr, momentum=cfg.momentum)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fingerprint = {
+        "config": asdict(cfg),
+        "model_sha256": _digest(model.state_dict().values()),
+        "data_sha256": _digest([torch.as_tensor(clean.x), torch.as_tensor(clean.y)]),
+        "neurons": [layer.to_json() for layer in layers],
+    }
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, history, seconds0 = 0, [], 0.0
+    if ckpt is not None and (ckpt / "anp_state.json").is_file():
+        try:
+            meta = json.loads((ckpt / "anp_state.json").read_text())
+            if meta.get("fingerprint") == json.loads(json.dumps(fingerprint)):
+                tensors = load_file(str(ckpt / "anp_state.safetensors"))
+                with torch.no_grad():
+                    noise.mask.copy_(tensors["mask"])
+                gen.set_state(tensors["generator"])
+                load_optimizer(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
+                start, history, seconds0 = int(meta["iteration"]), meta["history"], float(meta["seconds"])
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError, json.JSONDecodeError) as exc:
+            warnings.warn(f"{ckpt}: ignoring an unreadable ANP checkpoint ({exc})", stacklevel=2)
+            start, history, seconds0 = 0, [], 0.0
+    augment = functools.partial(_shift, generator=gen) if cfg.augment else None
+    was_training = model.training
+    model.train(cfg.train_mode)
+    began = time.perf_counter()
+    bar = tqdm(total=cfg.iterations, initial=start, desc="ANP masks", unit="it", disable=not progress, leave=False)
+    running = {"natural": 0.0, "robust": 0.0, "n": 0}
+    try:
+        with noise.attached(), trainable_only(model):
+            for it in range(start, cfg.iterations):
+                idx = torch.randint(len(clean), (cfg.batch_size,), generator=gen)
+                x, y = x_all[idx.to(device)], y_all[idx.to(device)]
+                if augment is not None:
+                    x = augment(x.cpu()).to(device)
+                if cfg.eps > 0:
+                    with torch.no_grad():  # a fresh random start on the CPU generator: same draws on any device
+                        noise.delta.copy_(torch.empty(noise.size).uniform_(-cfg.eps, cfg.eps, generator=gen))
+                        noise.xi.copy_(torch.empty(noise.size).uniform_(-cfg.eps, cfg.eps, generator=gen))
+                    for _ in range(cfg.steps):
+                        with noise.using("perturbed"):
+                            loss = F.cross_entropy(model(x), y)
+                        g_delta, g_xi = torch.autograd.grad(loss, [noise.delta, noise.xi])
+                        with torch.no_grad():
+                            noise.delta.add_(g_delta.sign(), alpha=cfg.eps / cfg.steps)
+                            noise.xi.add_(g_xi.sign(), alpha=cfg.eps / cfg.steps)
+                opt.zero_grad(set_to_none=True)
+                if cfg.alpha == 0 or cfg.eps == 0:
+                    with noise.using("perturbed" if cfg.eps > 0 else "clean"):
+                        loss_rob = loss_nat = F.cross_entropy(model(x), y)
+                    total = loss_nat
+                elif cfg.train_mode:
+                    with noise.using("clean"):
+                        loss_nat = F.cross_entropy(model(x), y)
+                    with noise.using("perturbed"):
+                        loss_rob = F.cross_entropy(model(x), y)
+                    total = cfg.alpha * loss_nat + (1 - cfg.alpha) * loss_rob
+                else:
+                    with noise.using("both"):
+                        logits = model(torch.cat([x, x]))
+                    loss_nat = F.cross_entropy(logits[: len(x)], y)
+                    loss_rob = F.cross_entropy(logits[len(x) :], y)
+                    total = cfg.alpha * loss_nat + (1 - cfg.alpha) * loss_rob
+                total.backward()
+                opt.step()
+                with torch.no_grad():
+                    noise.mask.clamp_(0, 1)
+                running["natural"] += float(loss_nat.detach())
+                running["robust"] += float(loss_rob.detach())
+                running["n"] += 1
+                bar.update(1)
+                done = it + 1
+                if done % log_every == 0 or done == cfg.iterations:
+                    n = max(running["n"], 1)
+                    history.append(
+                        {
+                            "iteration": done,
+                            "natural_loss": running["natural"] / n,
+                            "robust_loss": running["robust"] / n,
+                            "mean_mask": float(noise.mask.mean()),
+                            "below_0.2": int((noise.mask <= 0.2).sum()),
+                        }
+                    )
+                    running = {"natural": 0.0, "robust": 0.0, "n": 0}
+                    bar.set_postfix(rob=f"{history[-1]['robust_loss']:.3f}", low=history[-1]["below_0.2"])
+                    if ckpt is not None:
+                        _write_checkpoint(
+                            ckpt, fingerprint, done, history, seconds0 + time.perf_counter() - began, noise, gen, opt
+                        )
+    finally:
+        bar.close()
+        model.train(was_training)
+        noise.mode = "off"
+    seconds = seconds0 + time.perf_counter() - began
+    return ANPResult(layers, noise.mask.detach().cpu().clone(), history, seconds, cfg.passes(), asdict(cfg))
+
+
+def _write_checkpoint(ckpt: Path, fingerprint, iteration, history, seconds, noise, gen, opt) -> None:
+    opt_tensors, opt_meta = optimizer_tensors(opt)
+    tensors = {
+        "mask": noise.mask.detach().cpu().contiguous(),
+        "generator": gen.get_state().clone(),
+        **{f"opt.{name}": value.detach().cpu().contiguous() for name, value in opt_tensors.items()},
+    }
+    atomic_write(ckpt / "anp_state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    write_json(
+        ckpt / "anp_state.json",
+        {
+            "fingerprint": fingerprint,
+            "iteration": iteration,
+            "history": history,
+            "seconds": seconds,
+            "optimizer": opt_meta,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------- pruning
+
+
+def prune_neurons(
+    model: nn.Module, layers: Sequence[NeuronLayer], indices: Sequence[int] | torch.Tensor, prune_bias: bool = False
+) -> nn.Module:
+    """A copy of ``model`` with the flat neurons ``indices`` pruned in its weights (``model`` is not modified).
+
+    ``layers`` must come from :func:`find_neurons` on ``model`` (their names are looked up in the copy).
+    """
+    pruned = copy.deepcopy(model)
+    modules = dict(pruned.named_modules())
+    index = torch.as_tensor(list(indices) if not isinstance(indices, torch.Tensor) else indices, dtype=torch.long)
+    with torch.no_grad():
+        for layer in layers:
+            inside = index[(index >= layer.start) & (index < layer.start + layer.size)] - layer.start
+            if len(inside) == 0:
+                continue
+            module = modules[layer.name]
+            module.weight[inside] = 0
+            if prune_bias and module.bias is not None:
+                module.bias[inside] = 0
+    return pruned
+
+
+def pruned_per_layer(layers: Sequence[NeuronLayer], indices: Sequence[int] | torch.Tensor) -> dict[str, int]:
+    index = torch.as_tensor(list(indices) if not isinstance(indices, torch.Tensor) else indices, dtype=torch.long)
+    counts = {}
+    for layer in layers:
+        n = int(((index >= layer.start) & (index < layer.start + layer.size)).sum())
+        if n:
+            counts[layer.name] = n
+    return counts
+
+
+def select_by_rule(masks: torch.Tensor, rule: str, value: float) -> torch.Tensor:
+    """Flat indices pruned by ``threshold`` (mask <= value), ``fraction`` (lowest share) or ``count`` (lowest n)."""
+    order = torch.argsort(masks, stable=True)
+    if rule == "threshold":
+        return torch.nonzero(masks <= value).flatten()
+    if rule == "fraction":
+        if not 0 <= value <= 1:
+            raise ConfigError(f"the pruned fraction must lie in [0, 1], got {value}")
+        return order[: round(value * len(masks))]
+    if rule == "count":
+        if value < 0 or value != int(value):
+            raise ConfigError(f"the pruned count must be a non-negative integer, got {value}")
+        return order[: min(int(value), len(masks))]
+    raise ConfigError(f"unknown pruning rule {rule!r}; choose one of {PRUNE_RULES}")
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+    model.eval()
+    hits = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    return hits / max(len(x), 1)
+
+
+def auto_threshold(
+    model: nn.Module,
+    layers: Sequence[NeuronLayer],
+    masks: torch.Tensor,
+    holdout: ImageSet,
+    tolerance: float = 0.02,
+    grid: Sequence[float] = THRESHOLD_GRID,
+    prune_bias: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[float, list[dict[str, float]]]:
+    """The largest threshold of ``grid`` whose pruned model keeps the accuracy on ``holdout`` (clean images the
+    masks were not fitted on) within ``tolerance`` of the unpruned model's; the curve measured along the way.
+
+    Only clean images are read: a defender has no triggered data. Thresholds are tried in increasing order and the
+    search stops at the first one that breaks the tolerance (a larger threshold prunes a superset).
+    """
+    if len(holdout) == 0:
+        raise ConfigError("the automatic pruning rule needs held-out clean images")
+    x = to_tensor(holdout.x).to(device)
+    y = torch.as_tensor(holdout.y).to(device)
+    base = _accuracy(model, x, y)
+    chosen, curve = None, []
+    for threshold in grid:
+        index = select_by_rule(masks, "threshold", threshold)
+        acc = _accuracy(prune_neurons(model, layers, index, prune_bias), x, y)
+        curve.append({"threshold": float(threshold), "pruned": len(index), "holdout_accuracy": acc})
+        if base - acc > tolerance + 1e-12:
+            break
+        chosen = float(threshold)
+    if chosen is None:  # even threshold grid[0] breaks the tolerance: prune nothing
+        chosen = -1.0
+    return chosen, curve
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def plot_masks(masks: torch.Tensor, path: str | Path, threshold: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(masks.numpy(), bins=50, range=(0, 1), color="#4472c4")
+    ax.set_yscale("log")
+    if threshold is not None and threshold >= 0:
+        ax.axvline(threshold, color="#c00000", linestyle="--", label=f"pruning threshold {threshold:.2f}")
+        ax.legend()
+    ax.set_xlabel("ANP mask value")
+    ax.set_ylabel("neurons")
+    ax.set_title(f"ANP masks of {len(masks):,} neurons")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+def plot_pruning_curve(curve: Sequence[dict[str, float]], path: str | Path, chosen: float | None = None) -> Path:
+    """Clean accuracy and ASR (test split) against the fraction of neurons pruned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    frac = [c["fraction"] for c in curve]
+    ax.plot(frac, [c["clean_accuracy"] for c in curve], "o-", label="clean accuracy", color="#4472c4")
+    if any("attack_success_rate" in c for c in curve):
+        ax.plot(frac, [c.get("attack_success_rate", np.nan) for c in curve], "s-", label="ASR", color="#c00000")
+    if any("holdout_accuracy" in c for c in curve):
+        ax.plot(
+            frac, [c.get("holdout_accuracy", np.nan) for c in curve], ".--", label="held-out accuracy", color="#70ad47"
+        )
+    if chosen is not None:
+        ax.axvline(chosen, color="grey", linestyle=":", label="chosen")
+    ax.set_xlabel("fraction of neurons pruned (by ascending mask)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+def save_masks(result: ANPResult, path: str | Path) -> Path:
+    meta = {"layers": json.dumps([layer.to_json() for layer in result.layers])}
+    return atomic_write(path, lambda tmp: save_file({"masks": result.masks.contiguous()}, str(tmp), metadata=meta))

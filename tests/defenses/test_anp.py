@@ -1,0 +1,272 @@
+"""Adversarial Neuron Pruning: neurons of any model, exact hooks, pruning on the original weights, the rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trojanlab.attacks.trojannet import TrojanNetInjected, TrojanNetMLP
+from trojanlab.cli import main
+from trojanlab.data import ImageSet, to_tensor
+from trojanlab.defenses import anp
+from trojanlab.errors import ConfigError
+from trojanlab.models.artifacts import Classifier, build_network
+from trojanlab.models.gtsrb_cnn import GTSRBCNN
+
+from ..conftest import GTSRB5
+
+
+def _gtsrb_cnn(classes: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Classifier(GTSRBCNN(classes), [0.5] * 3, [0.25] * 3).eval()
+
+
+def _resnet(classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return Classifier(build_network("resnet18", classes, (3, 32, 32)), [0.5] * 3, [0.25] * 3).eval()
+
+
+def _injected(classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return TrojanNetInjected(_gtsrb_cnn(classes), TrojanNetMLP(), classes, [1], (1, 1), (3, 32, 32)).eval()
+
+
+def _images(n: int = 32, classes: int = 4, seed: int = 0) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    return ImageSet(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, n))
+
+
+def test_neurons_of_a_plain_a_batchnorm_and_an_injected_model():
+    x = to_tensor(_images(2).x)
+    plain = anp.find_neurons(_gtsrb_cnn(), x, num_classes=4)
+    # six convolutions and FC-512; the classifier layer (FC-4) is excluded unless asked for
+    assert [(layer.kind, layer.size) for layer in plain] == [("conv", c) for c in (32, 32, 64, 64, 128, 128)] + [
+        ("linear", 512)
+    ]
+    with_head = anp.find_neurons(_gtsrb_cnn(), x, num_classes=4, include_classifier=True)
+    assert with_head[-1].size == 4 and sum(layer.size for layer in with_head) == 964
+    # resnet18: every BN channel is a neuron and no convolution (they all feed a BN); fc excluded
+    resnet = anp.find_neurons(_resnet(), x, num_classes=4)
+    assert {layer.kind for layer in resnet} == {"bn"}
+    assert sum(layer.size for layer in resnet) == sum(
+        m.num_features for m in _resnet().modules() if isinstance(m, nn.BatchNorm2d)
+    )
+    # TrojanNet-injected: the victim's 960 + TrojanNet's 4 x 8 BN channels (its Linear -> ReLU -> BN units are the
+    # BN's) + its 4,369-unit output layer
+    injected = anp.find_neurons(_injected(), x, num_classes=4)
+    kinds = [(layer.name.split(".")[0], layer.kind, layer.size) for layer in injected]
+    assert kinds.count(("trojannet", "bn", 8)) == 4
+    assert ("trojannet", "linear", 4369) in kinds
+    assert sum(layer.size for layer in injected if layer.name.startswith("victim")) == 960
+
+
+@pytest.mark.parametrize("make", [_gtsrb_cnn, _resnet, _injected], ids=["no-bn", "resnet18", "trojannet"])
+def test_mask_one_without_noise_leaves_outputs_bit_identical(make):
+    model = make()
+    x = to_tensor(_images(6).x)
+    with torch.no_grad():
+        expected, doubled = model(x), model(torch.cat([x, x]))  # (a batch size may change the kernels' rounding)
+    noise = anp.NeuronPerturbation(anp.find_neurons(model, x, num_classes=4))
+    with noise.attached(), torch.no_grad():
+        for mode in ("clean", "perturbed"):
+            with noise.using(mode):
+                assert torch.equal(model(x), expected)
+        with noise.using("both"):
+            assert torch.equal(model(torch.cat([x, x])), doubled)
+        # and the hooks really act: a perturbation changes the output; the "both" halves match the two modes
+        noise.delta.data.uniform_(-0.3, 0.3)
+        noise.xi.data.uniform_(-0.3, 0.3)
+        noise.mask.data.uniform_(0.5, 1.0)
+        with noise.using("clean"):
+            clean = model(x)
+        with noise.using("perturbed"):
+            perturbed = model(x)
+        with noise.using("both"):
+            both = model(torch.cat([x, x]))
+    assert not torch.allclose(perturbed, expected)
+    assert torch.allclose(both[:6], clean, atol=1e-5) and torch.allclose(both[6:], perturbed, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)  # detached: no hook is left behind
+
+
+def _layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    store = {}
+    handle = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("out", out.clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return store["out"]
+
+
+@pytest.mark.parametrize("prune_bias", [False, True])
+def test_a_pruned_neuron_is_silent(prune_bias):
+    x = to_tensor(_images(8).x)
+    for model in (_gtsrb_cnn(), _resnet()):
+        layers = anp.find_neurons(model, x, num_classes=4)
+        picks = [(layer, layer.start + 3) for layer in (layers[0], layers[len(layers) // 2], layers[-1])]
+        pruned = anp.prune_neurons(model, layers, [index for _, index in picks], prune_bias=prune_bias)
+        modules = dict(pruned.named_modules())
+        for layer, index in picks:
+            out = _layer_output(pruned, modules[layer.name], x)
+            channel = out[:, 3] if out.dim() > 1 else out
+            bias = modules[layer.name].bias[3]
+            # no signal left: the same value for every input and position - its bias, or exactly zero
+            assert torch.all(channel == (0.0 if prune_bias else bias)), layer.name
+            other = out[:, 4]
+            assert other.std() > 0  # its neighbour still carries a signal
+
+
+def test_pruning_uses_the_original_weights_and_leaves_the_model_untouched():
+    model = _gtsrb_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _images(64)
+    result = anp.optimize_masks(model, data, anp.ANPConfig(iterations=6, batch_size=16), 4, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())  # gradient switches restored
+    assert result.masks.min() >= 0 and result.masks.max() <= 1 and not torch.all(result.masks == 1)
+    index = result.order()[:40]
+    pruned = anp.prune_neurons(model, result.layers, index)
+    changed = {k for k, v in pruned.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{layer}.weight" for layer in anp.pruned_per_layer(result.layers, index)}
+    for name, value in pruned.state_dict().items():  # every other weight is the original one, bit for bit
+        rows = value.reshape(value.shape[0], -1) if value.dim() else value
+        if name in changed:
+            ref = before[name].reshape(value.shape[0], -1)
+            zero = (rows == 0).all(1)
+            assert torch.equal(rows[~zero], ref[~zero])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rules_and_the_automatic_rule_reads_only_clean_held_out_images():
+    masks = torch.tensor([0.9, 0.0, 0.5, 0.05, 1.0, 0.2])
+    assert anp.select_by_rule(masks, "threshold", 0.2).tolist() == [1, 3, 5]
+    assert anp.select_by_rule(masks, "fraction", 0.5).tolist() == [1, 3, 5]
+    assert anp.select_by_rule(masks, "count", 2).tolist() == [1, 3]
+    with pytest.raises(ConfigError, match="unknown pruning rule"):
+        anp.select_by_rule(masks, "best-asr", 0)
+    model = _gtsrb_cnn()
+    x = to_tensor(_images(2).x)
+    layers = anp.find_neurons(model, x, num_classes=4)
+    total = sum(layer.size for layer in layers)
+    masks = torch.linspace(0, 1, total)[torch.randperm(total, generator=torch.Generator().manual_seed(0))]
+    holdout = _images(20, seed=5)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    threshold, curve = anp.auto_threshold(model, layers, masks, holdout, tolerance=0.0)
+    handle.remove()
+    expected = to_tensor(holdout.x)
+    # every image the rule looked at is a held-out clean image (the pruned deep copies carry the recording hook)
+    assert seen and all(torch.equal(batch, expected) for batch in seen)
+    assert threshold in anp.THRESHOLD_GRID or threshold == -1.0
+    assert [c["threshold"] for c in curve] == list(anp.THRESHOLD_GRID[: len(curve)])
+    assert all(c["pruned"] <= d["pruned"] for c, d in zip(curve, curve[1:]))
+
+
+def test_an_interrupted_optimisation_resumes_to_the_same_masks(tmp_path):
+    data = _images(48)
+    cfg = anp.ANPConfig(iterations=12, batch_size=8)
+    whole = anp.optimize_masks(_gtsrb_cnn(), data, cfg, 4, progress=False)
+
+    class Crash(nn.Module):
+        def __init__(self, inner: nn.Module, after: int) -> None:
+            super().__init__()
+            self.inner, self.after, self.calls = inner, after, 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == self.after:
+                raise KeyboardInterrupt
+            return self.inner(x)
+
+    crashing = Crash(_gtsrb_cnn(), after=2 * 9 + 2)  # two forwards per iteration: dies in iteration 10
+    with pytest.raises(KeyboardInterrupt):
+        anp.optimize_masks(crashing, data, cfg, 4, checkpoint_dir=tmp_path, progress=False, log_every=4)
+    assert json.loads((tmp_path / "anp_state.json").read_text())["iteration"] == 8
+    resumed = anp.optimize_masks(crashing, data, cfg, 4, checkpoint_dir=tmp_path, progress=False, log_every=4)
+    assert torch.equal(resumed.masks, whole.masks)
+    # another seed does not reuse the state
+    other = anp.optimize_masks(
+        crashing, data, anp.ANPConfig(iterations=12, batch_size=8, seed=1), 4, checkpoint_dir=tmp_path, progress=False
+    )
+    assert not torch.equal(other.masks, whole.masks)
+
+
+def test_any_architecture_gets_masks_through_the_same_code():
+    data = _images(32)
+    cfg = anp.ANPConfig(iterations=3, batch_size=8)
+    for model in (_resnet(), _injected()):
+        result = anp.optimize_masks(model, data, cfg, 4, progress=False)
+        assert len(result.masks) == sum(layer.size for layer in result.layers)
+        assert not torch.all(result.masks == 1)  # gradients reached the masks (through the merge for TrojanNet)
+    with pytest.raises(ConfigError, match="alpha"):
+        anp.ANPConfig(alpha=1.5)
+    with pytest.raises(ConfigError, match="at least one clean image"):
+        anp.optimize_masks(_gtsrb_cnn(), data.subset(np.zeros(0, np.int64)), cfg, 4, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def backdoored(tmp_path_factory):
+    """A GTSRB CNN trained on the real 5-class photographs with a white 4x4 square at rows/cols 27-30 -> label 2."""
+    out = tmp_path_factory.mktemp("badnets")
+    argv = ["attack", "badnets", "--data", str(GTSRB5), "--target", "2", "--epochs", "15", "--batch-size", "32"]
+    assert main([*argv, "--val-fraction", "0", "--poison-rate", "0.2", "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_defends_and_writes_an_artefact_evaluate_reads(backdoored, tmp_path, capsys):
+    out = tmp_path / "anp"
+    argv = ["defend", "anp", "--model", str(backdoored), "--data", str(GTSRB5), "--out", str(out), "--quiet"]
+    assert main([*argv, "--clean-fraction", "0.3", "--iterations", "60", "--batch-size", "32"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["before"]["attack_success_rate"] > 0.9
+    assert result["pruned"] == sum(result["pruned_per_layer"].values())
+    assert result["neurons"] == 960 and result["rule"].startswith("auto")
+    assert result["holdout_curve"][0]["threshold"] == 0.0
+    for name in ("mask_histogram.png", "pruning_curve.png", "masks.safetensors", "mask_values.json"):
+        assert (out / name).is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "pruned"), "--data", str(GTSRB5), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["clean_accuracy"] == pytest.approx(result["after"]["clean_accuracy"])
+    assert evaluated["attack_success_rate"] == pytest.approx(result["after"]["attack_success_rate"])
+    # a fixed count prunes exactly that many of the lowest masks, reusing the finished optimisation
+    assert (
+        main(
+            [
+                *argv,
+                "--clean-fraction",
+                "0.3",
+                "--iterations",
+                "60",
+                "--batch-size",
+                "32",
+                "--prune",
+                "count",
+                "--prune-value",
+                "25",
+                "--no-curve",
+            ]
+        )
+        == 0
+    )
+    again = json.loads((out / "result.json").read_text())
+    assert again["pruned"] == 25 and again["mask_seconds"] == pytest.approx(result["mask_seconds"], abs=1.0)
+
+
+def test_cli_refuses_bad_input(backdoored, tmp_path, capsys):
+    argv = ["defend", "anp", "--data", str(GTSRB5), "--out", str(tmp_path / "x"), "--quiet"]
+    assert main([*argv, "--model", str(tmp_path / "missing")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert main([*argv, "--model", str(backdoored), "--prune", "count"]) == 2
+    assert "--prune count needs --prune-value" in capsys.readouterr().err
+    assert main([*argv, "--model", str(backdoored), "--variant", "subnetwork", "--epochs", "1", "--cycles", "1"]) == 2
+    assert "TrojanNet" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "result.json").exists()
