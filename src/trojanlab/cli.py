@@ -605,6 +605,12 @@ def _defender_data(args: argparse.Namespace, data):
     if not 0 < args.clean_fraction < 1 or not 0 < args.holdout < 1:
         raise TrojanlabError("--clean-fraction and --holdout must lie in (0, 1)")
     _, clean = split_validation(data.train, args.clean_fraction, args.seed)
+    per_class = np.bincount(clean.y)
+    if per_class[per_class > 0].min() < 2:
+        raise TrojanlabError(
+            f"--clean-fraction {args.clean_fraction} of {args.data}'s training split gives {len(clean)} images, "
+            "fewer than 2 for some class: nothing could be held out for the pruning rule; raise --clean-fraction"
+        )
     fit, holdout = split_validation(clean, args.holdout, args.seed + 1)
     if holdout is None or len(fit) == 0 or len(holdout) == 0:
         raise TrojanlabError(f"--clean-fraction {args.clean_fraction} gives too few images to split ({len(clean)})")
@@ -703,6 +709,7 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
         masks = anp.optimize_masks(
             model, fit, cfg, loaded.num_classes, args.device, out / "checkpoint", progress=not args.quiet
         )
+        result["premise"] = anp.collapse_check(model, masks.layers, holdout, cfg.eps, args.seed, args.device)
         selecting = time.perf_counter()
         if args.prune == "auto":
             threshold, holdout_curve = anp.auto_threshold(

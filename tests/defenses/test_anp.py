@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,7 +164,7 @@ def test_rules_and_the_automatic_rule_reads_only_clean_held_out_images():
     assert seen and all(torch.equal(batch, expected) for batch in seen)
     assert threshold in anp.THRESHOLD_GRID or threshold == -1.0
     assert [c["threshold"] for c in curve] == list(anp.THRESHOLD_GRID[: len(curve)])
-    assert all(c["pruned"] <= d["pruned"] for c, d in zip(curve, curve[1:]))
+    assert all(c["pruned"] <= d["pruned"] for c, d in itertools.pairwise(curve))
 
 
 def test_an_interrupted_optimisation_resumes_to_the_same_masks(tmp_path):
@@ -267,6 +267,9 @@ def test_cli_refuses_bad_input(backdoored, tmp_path, capsys):
     assert "model folder not found" in capsys.readouterr().err
     assert main([*argv, "--model", str(backdoored), "--prune", "count"]) == 2
     assert "--prune count needs --prune-value" in capsys.readouterr().err
-    assert main([*argv, "--model", str(backdoored), "--variant", "subnetwork", "--epochs", "1", "--cycles", "1"]) == 2
+    assert main([*argv, "--model", str(backdoored)]) == 2  # 1 % of 400 images: one per class
+    assert "nothing could be held out" in capsys.readouterr().err
+    sub = ["--variant", "subnetwork", "--epochs", "1", "--cycles", "1", "--clean-fraction", "0.3"]
+    assert main([*argv, "--model", str(backdoored), *sub]) == 2
     assert "TrojanNet" in capsys.readouterr().err
     assert not (tmp_path / "x" / "result.json").exists()

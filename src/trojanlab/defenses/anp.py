@@ -61,7 +61,7 @@ from ..data import ImageSet, to_tensor
 from ..errors import ConfigError
 from ..hooks import classifier_layer, trainable_only
 from ..io import atomic_write, write_json
-from ..training import optimizer_tensors, load_optimizer, _shift
+from ..training import _shift, load_optimizer, optimizer_tensors
 
 PRUNE_RULES = ("auto", "threshold", "fraction", "count")
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # the official 0, 0.05, ..., 0.95
@@ -442,7 +442,7 @@ def optimize_masks(
                             "iteration": done,
                             "natural_loss": running["natural"] / n,
                             "robust_loss": running["robust"] / n,
-                            "mean_mask": float(noise.mask.mean()),
+                            "mean_mask": float(noise.mask.detach().mean()),
                             "below_0.2": int((noise.mask <= 0.2).sum()),
                         }
                     )
@@ -478,6 +478,56 @@ def _write_checkpoint(ckpt: Path, fingerprint, iteration, history, seconds, nois
             "optimizer": opt_meta,
         },
     )
+
+
+@torch.no_grad()
+def _predict_all(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
+
+
+def collapse_check(
+    model: nn.Module,
+    layers: Sequence[NeuronLayer],
+    clean: ImageSet,
+    eps: float = 0.4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """ANP's premise, measured: how the unmasked model behaves under one ANP perturbation of every neuron.
+
+    The perturbation is the one the optimisation uses (random start in [-eps, eps], one signed ascent step of the
+    clean loss on ``clean``). A backdoored model "collapses" when most of its perturbed predictions go to one label
+    (the paper's Figure 1: often the target); when they scatter instead, ANP's masks have nothing to single out.
+    """
+    x = to_tensor(clean.x).to(device)
+    y = torch.as_tensor(clean.y).to(device)
+    noise = NeuronPerturbation(layers, device)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with noise.attached(), trainable_only(model):
+            with torch.no_grad():
+                noise.delta.copy_(torch.empty(noise.size).uniform_(-eps, eps, generator=gen))
+                noise.xi.copy_(torch.empty(noise.size).uniform_(-eps, eps, generator=gen))
+            with noise.using("perturbed"):
+                loss = F.cross_entropy(model(x), y)
+            g_delta, g_xi = torch.autograd.grad(loss, [noise.delta, noise.xi])
+            with torch.no_grad():
+                noise.delta.add_(g_delta.sign(), alpha=eps)
+                noise.xi.add_(g_xi.sign(), alpha=eps)
+            with noise.using("perturbed"):
+                predicted = _predict_all(model, x)
+    finally:
+        model.train(was_training)
+    counts = torch.bincount(predicted.cpu(), minlength=int(predicted.max()) + 1)
+    top = torch.argsort(counts, descending=True)[:3]
+    return {
+        "eps": eps,
+        "images": len(x),
+        "accuracy_under_perturbation": float((predicted == y).float().mean()),
+        "most_predicted": [[int(label), float(counts[label]) / len(x)] for label in top],
+    }
 
 
 # ----------------------------------------------------------------------------------------------- pruning
