@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/anp")
     parser.add_argument("--profile", choices=["fast", "paper"], default="fast")
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--variants", nargs="+", choices=["ANP", "sub-network"], default=["ANP", "sub-network"])
     args = parser.parse_args()
     tables, out = Path(args.tables), Path(args.out)
     missing = [name for name in MODELS.values() if not (tables / name / "model.json").is_file()]
@@ -66,6 +67,8 @@ def main() -> None:
         if name in SUBNETWORK:
             runs.append(("sub-network", f"{folder}-subnetwork", ["--variant", "subnetwork"]))
         for variant, run_name, extra in runs:
+            if variant not in args.variants:
+                continue
             result = defend(tables / folder, out / run_name, extra)
             before, after = result["before"], result["after"]
             row = {

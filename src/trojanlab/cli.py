@@ -606,10 +606,10 @@ def _defender_data(args: argparse.Namespace, data):
         raise TrojanlabError("--clean-fraction and --holdout must lie in (0, 1)")
     _, clean = split_validation(data.train, args.clean_fraction, args.seed)
     per_class = np.bincount(clean.y)
-    if per_class[per_class > 0].min() < 2:
+    if not (per_class >= 2).any():  # split_validation holds out only from classes with at least 2 images
         raise TrojanlabError(
-            f"--clean-fraction {args.clean_fraction} of {args.data}'s training split gives {len(clean)} images, "
-            "fewer than 2 for some class: nothing could be held out for the pruning rule; raise --clean-fraction"
+            f"--clean-fraction {args.clean_fraction} of {args.data}'s training split gives {len(clean)} images, one "
+            "per class: nothing could be held out for the pruning rule; raise --clean-fraction"
         )
     fit, holdout = split_validation(clean, args.holdout, args.seed + 1)
     if holdout is None or len(fit) == 0 or len(holdout) == 0:
@@ -679,6 +679,7 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
             lr=args.sub_lr,
             alpha=args.sub_alpha,
             batch_size=args.sub_batch_size,
+            orientation=args.orientation,
             seed=args.seed,
         )
         scores = sub.subnetwork_scores(model, fit, holdout, cfg, device=args.device, progress=not args.quiet)
@@ -690,7 +691,7 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
             mask_values=scores.scores,
             defense_seconds=time.perf_counter() - began,
         )
-        spec = dict(loaded.spec["victim"]) if pruned is not model else dict(loaded.spec)
+        spec = dict(loaded.spec["victim"]) if decision["removed"] == "trojannet" else dict(loaded.spec)
         spec["triggers"] = loaded.spec.get("triggers", [])
     else:
         cfg = anp.ANPConfig(
@@ -1036,6 +1037,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--sub-lr", type=float, default=4e-4, help="subnetwork: SGD learning rate")
     f.add_argument("--sub-alpha", type=float, default=0.8, help="subnetwork: weight of sensitivity in the score")
     f.add_argument("--sub-batch-size", type=int, default=32)
+    f.add_argument(
+        "--orientation",
+        choices=["agreement", "change"],
+        default="agreement",
+        help="subnetwork: score from agreement fractions (the thesis's formulas) or change fractions (its code)",
+    )
     f.add_argument("--device", default="cpu")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--quiet", action="store_true")
