@@ -682,7 +682,14 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
             orientation=args.orientation,
             seed=args.seed,
         )
-        scores = sub.subnetwork_scores(model, fit, holdout, cfg, device=args.device, progress=not args.quiet)
+        # the monitor: clean test images, as the thesis's 50 (only the parts' answers are compared: no label and no
+        # trigger is read); the defender's own training-split images are memorised and never change their answer
+        monitor = data.test
+        if args.monitor_images and args.monitor_images < len(monitor):
+            pick = np.random.default_rng(args.seed).choice(len(monitor), args.monitor_images, replace=False)
+            monitor = monitor.subset(np.sort(pick))
+        result["monitor_images"] = len(monitor)
+        scores = sub.subnetwork_scores(model, clean, monitor, cfg, device=args.device, progress=not args.quiet)
         pruned, decision = sub.remove_part(model, scores)
         files += sub.plot_curves(scores, out)
         result.update(
@@ -1037,6 +1044,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--sub-lr", type=float, default=4e-4, help="subnetwork: SGD learning rate")
     f.add_argument("--sub-alpha", type=float, default=0.8, help="subnetwork: weight of sensitivity in the score")
     f.add_argument("--sub-batch-size", type=int, default=32)
+    f.add_argument(
+        "--monitor-images", type=int, default=500, help="subnetwork: clean test images whose answers are compared"
+    )
     f.add_argument(
         "--orientation",
         choices=["agreement", "change"],
