@@ -107,7 +107,7 @@ def main() -> None:
                 flush=True,
             )
     lines = [
-        "| model | defense | CA before → after (%) | ASR before → after (%) | pruned | seconds (2 CPU cores) |",
+        "| model | defense | CA before → after (%) | ASR before → after (%) | pruned | defense seconds (CPU) |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
