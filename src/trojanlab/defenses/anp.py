@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import time
 import warnings
@@ -60,7 +59,7 @@ from torch import nn
 from ..data import ImageSet, to_tensor
 from ..errors import ConfigError
 from ..hooks import classifier_layer, trainable_only
-from ..io import atomic_write, write_json
+from ..io import atomic_write, tensor_digest, write_json
 from ..training import _shift, load_optimizer, optimizer_tensors
 
 PRUNE_RULES = ("auto", "threshold", "fraction", "count")
@@ -330,13 +329,6 @@ class ANPResult:
         return torch.tensor([row["index"] for row in self.mask_table()], dtype=torch.long)
 
 
-def _digest(tensors) -> str:
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def optimize_masks(
     model: nn.Module,
     clean: ImageSet,
@@ -366,8 +358,8 @@ def optimize_masks(
     gen = torch.Generator().manual_seed(cfg.seed)
     fingerprint = {
         "config": asdict(cfg),
-        "model_sha256": _digest(model.state_dict().values()),
-        "data_sha256": _digest([torch.as_tensor(clean.x), torch.as_tensor(clean.y)]),
+        "model_sha256": tensor_digest(model.state_dict().values()),
+        "data_sha256": tensor_digest([torch.as_tensor(clean.x), torch.as_tensor(clean.y)]),
         "neurons": [layer.to_json() for layer in layers],
     }
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None

@@ -37,7 +37,6 @@ Departures (each measured or argued in the README):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -58,7 +57,7 @@ from tqdm.auto import tqdm
 from ..data import ImageSet
 from ..errors import ConfigError
 from ..hooks import trainable_only
-from ..io import atomic_write, write_json
+from ..io import atomic_write, tensor_digest, write_json
 from ..training import load_optimizer, optimizer_tensors
 from ..triggers import Trigger
 
@@ -384,8 +383,8 @@ def reverse_engineer(
         "config": asdict(cfg),
         "labels": labels,
         "num_classes": num_classes,
-        "model_sha256": _tensor_digest(model.state_dict().values()),
-        "data_sha256": _tensor_digest([torch.as_tensor(data.x), torch.as_tensor(data.y)]),
+        "model_sha256": tensor_digest(model.state_dict().values()),
+        "data_sha256": tensor_digest([torch.as_tensor(data.x), torch.as_tensor(data.y)]),
     }
     if ckpt is not None and (ckpt / "scan_state.json").is_file():
         try:
@@ -474,14 +473,6 @@ def reverse_engineer(
         seconds=seconds0 + time.perf_counter() - began,
         config=asdict(cfg),
     )
-
-
-def _tensor_digest(tensors) -> str:
-    """sha256 of the tensors' bytes: a checkpoint is reused only for the same model weights and images."""
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _write_scan_checkpoint(ckpt, fingerprint, step, samples, seconds, theta_m, theta_p, gen, opt, schedule) -> None:
