@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--profile", choices=["fast", "paper"], default="fast")
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
     parser.add_argument("--variants", nargs="+", choices=["ANP", "sub-network"], default=["ANP", "sub-network"])
+    parser.add_argument(
+        "--paper", nargs="*", default=[], help="row names also run with the paper profile (2,000 x 128 images)"
+    )
     args = parser.parse_args()
     tables, out = Path(args.tables), Path(args.out)
     missing = [name for name in MODELS.values() if not (tables / name / "model.json").is_file()]
@@ -64,6 +67,8 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         runs = [("ANP", f"{folder}-{args.profile}", ["--profile", args.profile])]
+        if name in args.paper and args.profile != "paper":
+            runs.append(("ANP", f"{folder}-paper", ["--profile", "paper"]))
         if name in SUBNETWORK:
             runs.append(("sub-network", f"{folder}-subnetwork", ["--variant", "subnetwork"]))
         for variant, run_name, extra in runs:
@@ -73,7 +78,7 @@ def main() -> None:
             before, after = result["before"], result["after"]
             row = {
                 "model": name,
-                "variant": variant,
+                "variant": variant if variant != "ANP" else f"ANP ({run_name.rsplit('-', 1)[1]})",
                 "ca_before": before["clean_accuracy"],
                 "ca_after": after["clean_accuracy"],
                 "ca_drop": after["clean_accuracy_drop"],
@@ -82,7 +87,7 @@ def main() -> None:
                 "seconds": result["defense_seconds"],
                 "result": str(out / run_name / "result.json"),
             }
-            if variant == "ANP":
+            if variant.startswith("ANP"):
                 rate = result["samples"] / result["mask_seconds"]
                 row.update(
                     pruned=f"{result['pruned']} / {result['neurons']}",

@@ -58,7 +58,7 @@ def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageS
     return data.subset(np.flatnonzero(train_mask)), data.subset(val_idx)
 
 
-def _shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     """Random translation by up to ``max_shift`` pixels with edge replication, one shift per image."""
     n, c, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
@@ -149,7 +149,7 @@ def fit(
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
         order = torch.randperm(len(fit_set), generator=gen).numpy()
-        augment = functools.partial(_shift, generator=gen) if cfg.augment else None
+        augment = functools.partial(random_shift, generator=gen) if cfg.augment else None
         model.train()
         total, seen = 0.0, 0
         bar = tqdm(

@@ -60,7 +60,7 @@ from ..data import ImageSet, to_tensor
 from ..errors import ConfigError
 from ..hooks import classifier_layer, trainable_only
 from ..io import atomic_write, tensor_digest, write_json
-from ..training import _shift, load_optimizer, optimizer_tensors
+from ..training import load_optimizer, optimizer_tensors, random_shift
 
 PRUNE_RULES = ("auto", "threshold", "fraction", "count")
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # the official 0, 0.05, ..., 0.95
@@ -377,7 +377,7 @@ def optimize_masks(
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError, json.JSONDecodeError) as exc:
             warnings.warn(f"{ckpt}: ignoring an unreadable ANP checkpoint ({exc})", stacklevel=2)
             start, history, seconds0 = 0, [], 0.0
-    augment = functools.partial(_shift, generator=gen) if cfg.augment else None
+    augment = functools.partial(random_shift, generator=gen) if cfg.augment else None
     was_training = model.training
     model.train(cfg.train_mode)
     began = time.perf_counter()
