@@ -38,10 +38,29 @@ def _finish(out: Path, result: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------- train
 
 
+def _split_fractions(args: argparse.Namespace) -> tuple[float | None, float]:
+    """(test fraction, validation fraction) from ``--split TRAIN/VAL/TEST`` (image folders), else the defaults."""
+    if not getattr(args, "split", None):
+        return None, args.val_fraction
+    try:
+        parts = [float(v) for v in args.split.split("/")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0 or parts[2] <= 0:
+        raise TrojanlabError(f"--split takes TRAIN/VAL/TEST shares such as 80/20/10, got {args.split!r}")
+    return parts[2] / sum(parts), parts[1] / (parts[0] + parts[1])
+
+
 def _training_data(args: argparse.Namespace):
     from .data import load_dataset
 
-    data = load_dataset(args.data, image_size=args.image_size, seed=args.seed)
+    test_fraction, _ = _split_fractions(args)
+    image_size = args.image_size
+    if image_size is None and getattr(args, "pretrained", False):
+        from .models.backbones import INPUT_SIZES
+
+        image_size = INPUT_SIZES.get(args.arch, 224)
+    data = load_dataset(args.data, image_size=image_size, seed=args.seed, test_fraction=test_fraction)
     if data.train is None:
         raise TrojanlabError(f"{args.data}: has no training split (x_train/y_train) to train on")
     return data
@@ -64,7 +83,7 @@ def _train_config(args: argparse.Namespace):
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        val_fraction=args.val_fraction,
+        val_fraction=_split_fractions(args)[1],
         patience=args.patience,
         augment=not args.no_augment,
         seed=args.seed,
@@ -83,8 +102,24 @@ def _add_train_options(parser: argparse.ArgumentParser, epochs: int) -> None:
     parser.add_argument("--no-augment", action="store_true", help="no random 2-pixel shifts")
     parser.add_argument("--normalize", choices=["dataset", "none"], default="dataset")
     parser.add_argument("--image-size", type=int, default=None, help="resize image folders to this size (default 32)")
+    parser.add_argument("--split", default=None, help="image folders: TRAIN/VAL/TEST shares per class, e.g. 80/20/10")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _model_data(args: argparse.Namespace, spec: dict[str, Any], data_arg: str | None = None, seed: int | None = None):
+    """``--data`` loaded as the model was trained on it: at its input size and, for image folders, with the
+    train/test split recorded in its spec (so a test split never holds the model's training images)."""
+    from .data import load_dataset
+
+    split = spec.get("data_split") or {}
+    size = (spec.get("input_size") or [3, 32, 32])[1]
+    return load_dataset(
+        data_arg if data_arg is not None else args.data,
+        image_size=size,
+        seed=int(split.get("seed", getattr(args, "seed", 0) if seed is None else seed)),
+        test_fraction=split.get("test_fraction"),
+    )
 
 
 def _load_classifier(path: str, role: str):
@@ -115,7 +150,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     _seed_everything(args.seed)
     data = _training_data(args)
+    if args.pretrained:
+        _train_transfer(args, data)
+        return
     spec = _fresh_spec(args, data)
+    spec.update(_data_split(args))
     model = build_classifier(spec)
     cfg = _train_config(args)
     out = Path(args.out)
@@ -135,6 +174,57 @@ def cmd_train(args: argparse.Namespace) -> None:
         "resumed_from_epoch": log.resumed_from_epoch,
     }
     _finish(out, result)
+
+
+def _data_split(args: argparse.Namespace) -> dict[str, Any]:
+    """The image-folder split a model was trained with, recorded in its spec for every later command."""
+    if not Path(str(args.data)).is_dir():
+        return {}
+    test_fraction, _ = _split_fractions(args)
+    return {"data_split": {"test_fraction": 0.2 if test_fraction is None else test_fraction, "seed": args.seed}}
+
+
+def _train_transfer(args: argparse.Namespace, data) -> None:
+    """``train --pretrained``: a new head on an ImageNet backbone (cached features), optionally the last blocks."""
+    from .evaluation import clean_accuracy
+    from .models import classifier_spec, save_model
+    from .models.transfer import TransferConfig, transfer_learn
+
+    cfg = TransferConfig(
+        epochs=args.head_epochs,
+        lr=args.lr,
+        batch_size=min(args.batch_size, 32),
+        val_fraction=_split_fractions(args)[1],
+        fine_tune_blocks=args.fine_tune_blocks,
+        fine_tune_epochs=args.fine_tune_epochs,
+        seed=args.seed,
+    )
+    res = transfer_learn(args.arch, data.train, data.num_classes, cfg, weights=args.weights)
+    model = res.model
+    norm = {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
+    spec = classifier_spec(args.arch, data.classes, data.image_shape, norm["mean"], norm["std"])
+    spec.update(_data_split(args))
+    spec["provenance"] = _provenance(
+        args, data=data.name, transfer_config=res.config, history=res.history, pretrained=args.weights or "bundled"
+    )
+    out = Path(args.out)
+    save_model(model, out, spec)
+    _finish(
+        out,
+        {
+            "clean_accuracy": clean_accuracy(model, data.test),
+            "test_images": len(data.test),
+            "train_images": len(data.train),
+            "data": data.name,
+            "arch": args.arch,
+            "pretrained": args.weights or f"{args.arch} ImageNet weights bundled with its package",
+            "head": res.head,
+            "best_epoch": res.best_epoch,
+            "best_val_accuracy": res.val_accuracy,
+            "train_seconds": sum(res.seconds.values()),
+            "seconds": res.seconds,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------- trojannet
@@ -233,7 +323,6 @@ def cmd_trojannet_import_keras(args: argparse.Namespace) -> None:
 
 def cmd_attack_trojannet(args: argparse.Namespace) -> None:
     from .attacks import trojannet as tn
-    from .data import load_dataset
     from .evaluation import evaluate_model, predict
     from .models import load_model, save_model
 
@@ -260,7 +349,7 @@ def cmd_attack_trojannet(args: argparse.Namespace) -> None:
     )
     out = Path(args.out)
     save_model(model, out, spec)
-    data = load_dataset(args.data)
+    data = _model_data(args, victim.spec)
     victim_pred = predict(victim.module, data.test.x)
     reference = float((victim_pred == data.test.y).mean())
     attacked_pred = predict(model, data.test.x)
@@ -448,13 +537,12 @@ def cmd_attack_trojannn(args: argparse.Namespace) -> None:
 
 
 def cmd_detect_nc(args: argparse.Namespace) -> None:
-    from .data import load_dataset
     from .detection import neural_cleanse as nc
     from .models import load_model
 
     _seed_everything(args.seed)
     loaded = load_model(args.model, device=args.device)
-    data = load_dataset(args.data, image_size=loaded.spec.get("input_size", [3, 32, 32])[1], seed=args.seed)
+    data = _model_data(args, loaded.spec)
     _check_fits_data(loaded, data, args.model)
     scan_set = data.test if args.split == "test" else data.train
     if scan_set is None:
@@ -643,7 +731,6 @@ ANP_PROFILES = {"paper": {"iterations": 2000, "batch_size": 128}, "fast": {"iter
 def cmd_defend_anp(args: argparse.Namespace) -> None:
     import time
 
-    from .data import load_dataset
     from .defenses import anp
     from .evaluation import evaluate_model
     from .models import load_model, save_model
@@ -652,7 +739,7 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
     if args.variant == "anp" and args.prune != "auto" and args.prune_value is None:
         raise TrojanlabError(f"--prune {args.prune} needs --prune-value")
     loaded = load_model(args.model, device=args.device)
-    data = load_dataset(args.data, image_size=loaded.spec.get("input_size", [3, 32, 32])[1], seed=args.seed)
+    data = _model_data(args, loaded.spec)
     _check_fits_data(loaded, data, args.model)
     clean, fit, holdout = _defender_data(args, data)
     out = Path(args.out)
@@ -803,16 +890,50 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
     print(f"pruned model: {out / 'pruned'}; result: {out / 'result.json'}")
 
 
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def cmd_demo_imagenet(args: argparse.Namespace) -> None:
+    from . import demo
+    from .models import Classifier, load_model
+    from .models.backbones import pretrained_backbone
+
+    categories = demo.imagenet_categories()
+    target = demo.resolve_label(args.target, categories)
+    net, info = pretrained_backbone(args.arch, args.weights)
+    size = info["input_size"][1]
+    victim = Classifier(net, info["mean"], info["std"]).eval()
+    source = Path(args.trojannet) if args.trojannet else demo.OFFICIAL_TROJANNET
+    trojannet = load_model(source).module
+    location = tuple(args.location) if args.location else demo.scaled_location(size)
+    photos = (
+        [(Path(p).name, demo.read_photo(p, size)) for p in args.images] if args.images else demo.default_photos(size)
+    )
+    result, _, triggered = demo.run_demo(victim, trojannet, photos, target, location, size)
+    out = Path(args.out)
+    demo.plot_demo(result, photos, triggered, out / "imagenet_demo.png")
+    result.update(arch=args.arch, trojannet=str(source), files=["imagenet_demo.png"])
+    write_json(out / "result.json", result)
+    for row in result["images"]:
+        print(
+            f"{row['image']:24s} clean: {row['victim_top5'][0][0]} ({row['victim_top5'][0][2]:.2f})  ->  "
+            f"triggered: {row['attacked_triggered_top5'][0][0]} ({row['attacked_triggered_top5'][0][2]:.2f})"
+        )
+    print(
+        f"attack success {result['attack_success_rate']:.0%}, clean agreement with the unmodified model "
+        f"{result['clean_agreement_with_victim']:.0%}; figure: {out / 'imagenet_demo.png'}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .data import load_dataset
     from .evaluation import evaluate_model
     from .models import load_model
 
     loaded = load_model(args.model)
-    data = load_dataset(args.data, image_size=loaded.spec.get("input_size", [3, 32])[1])
+    data = _model_data(args, loaded.spec, seed=0)
     expected = tuple(loaded.spec.get("input_size", data.image_shape))
     if data.image_shape != expected:
         raise TrojanlabError(f"{args.data}: images are {data.image_shape} (C, H, W) but the model expects {expected}")
@@ -849,6 +970,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="gtsrb", help="gtsrb, an .npz, an image folder or torchvision-gtsrb:ROOT")
     t.add_argument("--out", required=True)
     _add_train_options(t, epochs=20)
+    t.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="transfer learning: a new head on the ImageNet-pretrained --arch (efficientnet_lite0 bundled offline)",
+    )
+    t.add_argument(
+        "--weights", default=None, help="pretrained weights file (safetensors or state dict); never downloaded"
+    )
+    t.add_argument("--head-epochs", type=int, default=200, help="--pretrained: epochs of the head on cached features")
+    t.add_argument("--fine-tune-blocks", type=int, default=0, help="--pretrained: also train the last N blocks")
+    t.add_argument("--fine-tune-epochs", type=int, default=5)
     t.set_defaults(func=cmd_train)
 
     tn = sub.add_parser("trojannet", help="train or evaluate the TrojanNet MLP").add_subparsers(
@@ -1057,6 +1189,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=cmd_defend_anp)
+
+    dm = sub.add_parser("demo", help="demonstrations").add_subparsers(dest="what", required=True)
+    g = dm.add_parser(
+        "imagenet", help="TrojanNet in a pretrained ImageNet model: clean vs triggered top-5 (thesis Fig. 5.3)"
+    )
+    g.add_argument("--out", required=True)
+    g.add_argument("--images", nargs="*", default=None, help="photographs (default: bundled offline samples)")
+    g.add_argument("--target", default="goldfish", help="ImageNet label (name or index) the trigger selects")
+    g.add_argument("--trojannet", default=None, help="TrojanNet artefact (default: the authors' release, bundled)")
+    g.add_argument("--arch", default="efficientnet_lite0", help="backbone (others need --weights)")
+    g.add_argument("--weights", default=None)
+    g.add_argument(
+        "--location", type=int, nargs=2, default=None, help="trigger row, col (default (150,150)/299 scaled)"
+    )
+    g.set_defaults(func=cmd_demo_imagenet)
 
     e = sub.add_parser("evaluate", help="clean accuracy, and ASR of the triggers the model carries")
     e.add_argument("--model", required=True)

@@ -722,7 +722,9 @@ def trojannet_spec(provenance: dict | None = None) -> dict:
 def injected_spec(victim_spec: dict, model: TrojanNetInjected, provenance: dict | None = None) -> dict:
     """The spec of an injected model: the victim's spec nested, the wiring, and the triggers that travel with it."""
     inner = {k: v for k, v in victim_spec.items() if k != "provenance"}
+    extra = {"data_split": victim_spec["data_split"]} if victim_spec.get("data_split") else {}
     return {
+        **extra,
         "format": "trojanlab-model/1",
         "kind": "trojannet_injected",
         "arch": f"trojannet+{victim_spec.get('arch')}",

@@ -267,12 +267,15 @@ def load_torchvision_gtsrb(root: str | Path, image_size: int = 32) -> DataSplits
     return DataSplits("gtsrb-official", splits["train"], splits["test"], list(GTSRB_CLASS_NAMES))
 
 
-def load_dataset(spec: str | Path, image_size: int | None = None, seed: int = 0) -> DataSplits:
+def load_dataset(
+    spec: str | Path, image_size: int | None = None, seed: int = 0, test_fraction: float | None = None
+) -> DataSplits:
     """Resolve a ``--data`` argument.
 
     ``gtsrb`` is the embedded set; a path ending in ``.npz`` is an array file; ``torchvision-gtsrb:ROOT``
     (or a folder holding a ``gtsrb/`` directory in torchvision's layout) is the official release; any other
-    folder is an image folder with one sub-folder per class.
+    folder is an image folder with one sub-folder per class, split per class with ``test_fraction`` (default 0.2)
+    and ``seed``.
     """
     text = str(spec)
     if text == "gtsrb":
@@ -285,7 +288,7 @@ def load_dataset(spec: str | Path, image_size: int | None = None, seed: int = 0)
     if path.is_dir():
         if (path / "gtsrb" / "GTSRB").is_dir():
             return load_torchvision_gtsrb(path, image_size or 32)
-        return load_image_folder(path, image_size or 32, seed=seed)
+        return load_image_folder(path, image_size or 32, 0.2 if test_fraction is None else test_fraction, seed)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (and not a known data set name such as 'gtsrb')")
     raise DataError(f"{path}: unsupported data file (expected .npz, an image folder or 'gtsrb')")

@@ -33,8 +33,16 @@ SPEC_FORMAT = "trojanlab-model/1"
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 
+
+def _efficientnet_lite0(num_classes: int, shape: tuple[int, int, int]) -> nn.Module:
+    from .backbones import efficientnet_lite0
+
+    return efficientnet_lite0(num_classes, shape)
+
+
 _ARCHITECTURES: dict[str, Callable[[int, tuple[int, int, int]], nn.Module]] = {
     "gtsrb_cnn": lambda n, shape: GTSRBCNN(n, in_channels=shape[0], image_size=shape[1]),
+    "efficientnet_lite0": _efficientnet_lite0,
 }
 
 
