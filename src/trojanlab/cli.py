@@ -683,15 +683,25 @@ def _mitigate(args: argparse.Namespace, loaded, data, scan, labels: list[int], o
 # ----------------------------------------------------------------------------------------------- defend
 
 
-def _defender_data(args: argparse.Namespace, data):
-    """The defender's clean images (``--clean-fraction`` of the training split, stratified) split into the part the
-    defense fits on and the held-out part its automatic rule (or monitor) reads."""
+def _defender_data(args: argparse.Namespace, data, spec: dict[str, Any] | None = None):
+    """The defender's clean images split into the part the defense fits on and the held-out part its automatic rule
+    reads: every image of ``--clean-data`` (the defender's own data; its training split if it has one), else
+    ``--clean-fraction`` of ``--data``'s training split (stratified; images the model may have trained on)."""
     from .training import split_validation
 
-    if data.train is None:
-        raise TrojanlabError(f"{args.data}: the defense needs a training split to draw the defender's clean data from")
     if not 0 < args.clean_fraction < 1 or not 0 < args.holdout < 1:
         raise TrojanlabError("--clean-fraction and --holdout must lie in (0, 1)")
+    if getattr(args, "clean_data", None):
+        own = _model_data(args, spec or {}, data_arg=args.clean_data)
+        clean = own.train if own.train is not None else own.test
+        if int(clean.y.max()) >= data.num_classes:
+            raise TrojanlabError(f"{args.clean_data}: label {int(clean.y.max())} is out of range for the model")
+        fit, holdout = split_validation(clean, args.holdout, args.seed + 1)
+        if holdout is None or len(fit) == 0 or len(holdout) == 0:
+            raise TrojanlabError(f"{args.clean_data}: too few images to split into fit and held-out parts")
+        return clean, fit, holdout
+    if data.train is None:
+        raise TrojanlabError(f"{args.data}: the defense needs a training split to draw the defender's clean data from")
     _, clean = split_validation(data.train, args.clean_fraction, args.seed)
     per_class = np.bincount(clean.y)
     if not (per_class >= 2).any():  # split_validation holds out only from classes with at least 2 images
@@ -741,7 +751,7 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device)
     data = _model_data(args, loaded.spec)
     _check_fits_data(loaded, data, args.model)
-    clean, fit, holdout = _defender_data(args, data)
+    clean, fit, holdout = _defender_data(args, data, loaded.spec)
     out = Path(args.out)
     model, triggers = loaded.module, loaded.triggers
     before = evaluate_model(model, data.test, triggers, device=args.device)
@@ -1152,6 +1162,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tolerance", type=float, default=0.02, help="auto: largest held-out accuracy drop allowed")
     f.add_argument("--prune-bias", action="store_true", help="also zero a pruned neuron's bias (output exactly 0)")
     f.add_argument("--clean-fraction", type=float, default=0.01, help="defender's share of the training split")
+    f.add_argument(
+        "--clean-data",
+        default=None,
+        help="the defender's own clean images (.npz or image folder) instead of a share of --data's training split",
+    )
     f.add_argument("--holdout", type=float, default=0.5, help="share of the defender's images held out for the rule")
     f.add_argument("--eps", type=float, default=0.4, help="perturbation bound")
     f.add_argument("--anp-steps", type=int, default=1, help="signed ascent steps per iteration")

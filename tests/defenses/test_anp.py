@@ -261,6 +261,23 @@ def test_cli_defends_and_writes_an_artefact_evaluate_reads(backdoored, tmp_path,
     assert again["pruned"] == 25 and again["mask_seconds"] == pytest.approx(result["mask_seconds"], abs=1.0)
 
 
+def test_cli_takes_the_defenders_own_clean_data(backdoored, tmp_path, capsys):
+    from trojanlab.data import load_image_folder
+
+    own = load_image_folder(GTSRB5, 32, test_fraction=0).test.subset(np.arange(0, 550, 11))  # 50 images, 10 a class
+    path = tmp_path / "own.npz"
+    np.savez(path, x_test=own.x, y_test=own.y)
+    out = tmp_path / "anp"
+    argv = ["defend", "anp", "--model", str(backdoored), "--data", str(GTSRB5), "--out", str(out), "--quiet"]
+    assert main([*argv, "--clean-data", str(path), "--iterations", "4", "--batch-size", "8", "--no-curve"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["defender_images"] == 50 and result["fit_images"] + result["holdout_images"] == 50
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_test=own.x, y_test=own.y + 5)
+    assert main([*argv, "--clean-data", str(bad)]) == 2
+    assert "out of range for the model" in capsys.readouterr().err
+
+
 def test_cli_refuses_bad_input(backdoored, tmp_path, capsys):
     argv = ["defend", "anp", "--data", str(GTSRB5), "--out", str(tmp_path / "x"), "--quiet"]
     assert main([*argv, "--model", str(tmp_path / "missing")]) == 2
