@@ -42,6 +42,23 @@ def defend(model: Path, out: Path, extra: list[str]) -> dict:
     return json.loads(result.read_text())
 
 
+def unseen_images(victim: Path, path: Path, count: int = 248) -> str:
+    """``count`` images (stratified) of the victim's early-stopping split: GTSRB training images it never trained on
+    (its spec records the split's fraction and seed)."""
+    if not path.is_file():
+        import numpy as np
+
+        from trojanlab.data.datasets import load_gtsrb
+        from trojanlab.training import split_validation
+
+        cfg = json.loads((victim / "model.json").read_text())["provenance"]["train_config"]
+        _, val = split_validation(load_gtsrb().train, cfg["val_fraction"], cfg["seed"])
+        _, pick = split_validation(val, count / len(val), 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, x_train=pick.x, y_train=pick.y, x_test=pick.x[:1], y_test=pick.y[:1])
+    return str(path)
+
+
 def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
@@ -56,6 +73,12 @@ def main() -> None:
     parser.add_argument(
         "--paper", nargs="*", default=[], help="row names also run with the paper profile (2,000 x 128 images)"
     )
+    parser.add_argument(
+        "--unseen",
+        nargs="*",
+        default=[],
+        help="row names also run with defender images the victim never trained on (its early-stopping split)",
+    )
     args = parser.parse_args()
     tables, out = Path(args.tables), Path(args.out)
     missing = [name for name in MODELS.values() if not (tables / name / "model.json").is_file()]
@@ -69,6 +92,9 @@ def main() -> None:
         runs = [("ANP", f"{folder}-{args.profile}", ["--profile", args.profile])]
         if name in args.paper and args.profile != "paper":
             runs.append(("ANP", f"{folder}-paper", ["--profile", "paper"]))
+        if name in args.unseen:
+            unseen = unseen_images(tables / "victim", out / "victim-unseen-248.npz")
+            runs.append(("ANP", f"{folder}-{args.profile}-unseen", ["--profile", args.profile, "--clean-data", unseen]))
         if name in SUBNETWORK:
             runs.append(("sub-network", f"{folder}-subnetwork", ["--variant", "subnetwork"]))
         for variant, run_name, extra in runs:
@@ -78,7 +104,7 @@ def main() -> None:
             before, after = result["before"], result["after"]
             row = {
                 "model": name,
-                "variant": variant if variant != "ANP" else f"ANP ({run_name.rsplit('-', 1)[1]})",
+                "variant": variant if variant != "ANP" else f"ANP ({run_name.split('-', 2)[2]})",
                 "ca_before": before["clean_accuracy"],
                 "ca_after": after["clean_accuracy"],
                 "ca_drop": after["clean_accuracy_drop"],
