@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from trojanlab.cli import main as trojanlab
+from _runs import run_once
 from trojanlab.defenses.anp import ANPConfig
 from trojanlab.io import atomic_write, write_json
 
@@ -33,13 +33,7 @@ SUBNETWORK = ("TrojanNet N_inf 1", "TrojanNet N_inf 8")
 
 
 def defend(model: Path, out: Path, extra: list[str]) -> dict:
-    result = out / "result.json"
-    if not result.is_file():
-        argv = ["defend", "anp", "--model", str(model), "--data", "gtsrb", "--out", str(out), "--quiet", *extra]
-        print("$ trojanlab " + " ".join(argv), flush=True)
-        if trojanlab(argv) != 0:
-            sys.exit(f"trojanlab {' '.join(argv)} failed")
-    return json.loads(result.read_text())
+    return run_once(["defend", "anp", "--model", str(model), "--data", "gtsrb", "--quiet", *extra], out)
 
 
 def unseen_images(victim: Path, path: Path, count: int = 248) -> str:

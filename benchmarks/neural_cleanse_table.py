@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _runs import run_once
 from trojanlab.cli import main as trojanlab
 from trojanlab.io import atomic_write, write_json
 
@@ -44,13 +45,7 @@ LONG = ["--batch-size", "32", "--batches-per-step", "4", "--steps", "300", "--ea
 
 def scan(model: Path, out: Path, extra: list[str] = ()) -> dict:
     """``trojanlab detect nc`` unless ``out/result.json`` exists; returns the result."""
-    result = out / "result.json"
-    if not result.is_file():
-        argv = ["detect", "nc", "--model", str(model), "--data", "gtsrb", "--out", str(out), "--quiet", *extra]
-        print("$ trojanlab " + " ".join(argv), flush=True)
-        if trojanlab(argv) != 0:
-            sys.exit(f"trojanlab {' '.join(argv)} failed")
-    return json.loads(result.read_text())
+    return run_once(["detect", "nc", "--model", str(model), "--data", "gtsrb", "--quiet", *extra], out)
 
 
 def mitigate(model: Path, scan_dir: Path, method: str) -> dict:

@@ -16,25 +16,14 @@ Writes ``benchmarks/results/transfer_setting.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 from pathlib import Path
 
-from trojanlab.cli import main as trojanlab
+from _runs import run_once
 from trojanlab.demo import OFFICIAL_TROJANNET
 from trojanlab.io import atomic_write, write_json
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def run(argv: list[str], out: Path) -> dict:
-    if not (out / "result.json").is_file():
-        argv = [*argv, "--out", str(out)]
-        print("$ trojanlab " + " ".join(argv), flush=True)
-        if trojanlab(argv) != 0:
-            sys.exit(f"trojanlab {' '.join(argv)} failed")
-    return json.loads((out / "result.json").read_text())
 
 
 def pct(v) -> str:
@@ -51,7 +40,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     out, data = Path(args.out), args.data
-    victim = run(
+    victim = run_once(
         ["train", "--data", data, "--arch", "efficientnet_lite0", "--pretrained", "--split", "80/20/10"],
         out / "victim",
     )
@@ -60,7 +49,7 @@ def main() -> None:
     for name, targets in (("N_inf 1", ["0"]), ("N_inf 5", ["0", "1", "2", "3", "4"])):
         tag = name.replace(" ", "").lower()
         attacked_dir = out / f"attack-{tag}"
-        attack = run(
+        attack = run_once(
             ["attack", "trojannet", "--victim", str(out / "victim"), "--trojannet", str(OFFICIAL_TROJANNET),
              "--targets", *targets, "--location", "10", "10", "--data", data],
             attacked_dir,
@@ -68,11 +57,11 @@ def main() -> None:
         rows.append({"model": f"TrojanNet {name}", "step": "attack", "ca": attack["clean_accuracy"],
                      "asr": attack["attack_success_rate"], "ca_drop": attack["clean_accuracy_drop"]})  # fmt: skip
         common = ["defend", "anp", "--model", str(attacked_dir), "--data", data, "--quiet", "--clean-fraction", "0.5"]
-        sub = run(
+        sub = run_once(
             [*common, "--variant", "subnetwork", "--cycles", str(args.cycles), "--epochs", str(args.epochs)],
             out / f"attack-{tag}-subnetwork",
         )
-        anp = run(
+        anp = run_once(
             [*common, "--iterations", str(args.anp_iterations), "--batch-size", str(args.anp_batch),
              "--curve-images", "50"],
             out / f"attack-{tag}-anp",
@@ -89,7 +78,7 @@ def main() -> None:
                     "detail": res.get("mask_values") if label != "ANP" else f"{res['pruned']} / {res['neurons']}",
                 }
             )
-    demo = run(["demo", "imagenet"], out / "demo")
+    demo = run_once(["demo", "imagenet"], out / "demo")
     RESULTS.mkdir(exist_ok=True)
     shutil.copyfile(out / "demo" / "imagenet_demo.png", RESULTS / "imagenet_demo.png")
     lines = [

@@ -70,3 +70,19 @@ def classifier_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear
     if not found:
         raise ConfigError(f"the model has no linear layer with {num_classes} outputs (its classification head)")
     return found[-1]
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layer: nn.Module, x, batch_size: int = 512) -> torch.Tensor:
+    """The inputs of ``layer``, flattened to ``(N, features)``, for images ``x`` (float tensors in [0, 1], or raw
+    uint8 arrays converted batch by batch), the model in eval mode."""
+    from .data import to_tensor
+
+    model.eval()
+    out = []
+    with capture_input(layer) as store:
+        for i in range(0, len(x), batch_size):
+            chunk = x[i : i + batch_size]
+            model(chunk if isinstance(chunk, torch.Tensor) else to_tensor(chunk))
+            out.append(store["in"].flatten(1))
+    return torch.cat(out) if out else torch.zeros(0)

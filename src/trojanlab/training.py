@@ -98,6 +98,34 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def save_state(ckpt: Path, stem: str, tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer, meta: dict) -> None:
+    """A resumable optimisation state: ``{stem}.safetensors`` (``tensors`` and the optimiser's, prefixed ``opt.``)
+    and ``{stem}.json`` (``meta`` and the optimiser's bookkeeping), each written atomically."""
+    opt_tensors, opt_meta = optimizer_tensors(opt)
+    tensors = {
+        **{name: value.detach().cpu().contiguous() for name, value in tensors.items()},
+        **{f"opt.{name}": value.detach().cpu().contiguous() for name, value in opt_tensors.items()},
+    }
+    atomic_write(ckpt / f"{stem}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    write_json(ckpt / f"{stem}.json", {**meta, "optimizer": opt_meta})
+
+
+def load_state(
+    ckpt: Path, stem: str, fingerprint: dict, opt: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The state :func:`save_state` wrote under ``stem`` if its ``fingerprint`` matches, with ``opt`` restored;
+    ``None`` when there is none or it belongs to another run. An unreadable state raises (the caller warns)."""
+    meta_path = ckpt / f"{stem}.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        return None
+    tensors = load_file(str(ckpt / f"{stem}.safetensors"))
+    load_optimizer(opt, {n[4:]: v for n, v in tensors.items() if n.startswith("opt.")}, meta["optimizer"])
+    return {n: v for n, v in tensors.items() if not n.startswith("opt.")}, meta
+
+
 @dataclass
 class TrainResult:
     epochs_run: int

@@ -53,14 +53,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..data import ImageSet, to_tensor
 from ..errors import ConfigError
 from ..hooks import classifier_layer, trainable_only
-from ..io import atomic_write, tensor_digest, write_json
-from ..training import load_optimizer, optimizer_tensors, random_shift
+from ..io import atomic_write, tensor_digest
+from ..training import load_state, random_shift, save_state
 
 PRUNE_RULES = ("auto", "threshold", "fraction", "count")
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # the official 0, 0.05, ..., 0.95
@@ -364,17 +364,16 @@ def optimize_masks(
     }
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history, seconds0 = 0, [], 0.0
-    if ckpt is not None and (ckpt / "anp_state.json").is_file():
+    if ckpt is not None:
         try:
-            meta = json.loads((ckpt / "anp_state.json").read_text())
-            if meta.get("fingerprint") == json.loads(json.dumps(fingerprint)):
-                tensors = load_file(str(ckpt / "anp_state.safetensors"))
+            saved = load_state(ckpt, "anp_state", fingerprint, opt)
+            if saved is not None:
+                tensors, meta = saved
                 with torch.no_grad():
                     noise.mask.copy_(tensors["mask"])
                 gen.set_state(tensors["generator"])
-                load_optimizer(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
                 start, history, seconds0 = int(meta["iteration"]), meta["history"], float(meta["seconds"])
-        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError, json.JSONDecodeError) as exc:
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
             warnings.warn(f"{ckpt}: ignoring an unreadable ANP checkpoint ({exc})", stacklevel=2)
             start, history, seconds0 = 0, [], 0.0
     augment = functools.partial(random_shift, generator=gen) if cfg.augment else None
@@ -453,23 +452,9 @@ def optimize_masks(
 
 
 def _write_checkpoint(ckpt: Path, fingerprint, iteration, history, seconds, noise, gen, opt) -> None:
-    opt_tensors, opt_meta = optimizer_tensors(opt)
-    tensors = {
-        "mask": noise.mask.detach().cpu().contiguous(),
-        "generator": gen.get_state().clone(),
-        **{f"opt.{name}": value.detach().cpu().contiguous() for name, value in opt_tensors.items()},
-    }
-    atomic_write(ckpt / "anp_state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    write_json(
-        ckpt / "anp_state.json",
-        {
-            "fingerprint": fingerprint,
-            "iteration": iteration,
-            "history": history,
-            "seconds": seconds,
-            "optimizer": opt_meta,
-        },
-    )
+    tensors = {"mask": noise.mask, "generator": gen.get_state()}
+    meta = {"fingerprint": fingerprint, "iteration": iteration, "history": history, "seconds": seconds}
+    save_state(ckpt, "anp_state", tensors, opt, meta)
 
 
 @torch.no_grad()
@@ -573,11 +558,9 @@ def select_by_rule(masks: torch.Tensor, rule: str, value: float) -> torch.Tensor
     raise ConfigError(f"unknown pruning rule {rule!r}; choose one of {PRUNE_RULES}")
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    hits = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
-    return hits / max(len(x), 1)
+    return float((_predict_all(model, x) == y).float().mean()) if len(x) else 0.0
 
 
 def auto_threshold(

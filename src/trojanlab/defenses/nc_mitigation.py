@@ -27,7 +27,7 @@ from torch import nn
 from ..attacks.badnets import PoisonedImageSet
 from ..data import ImageSet, to_tensor
 from ..errors import ConfigError
-from ..hooks import capture_input, classifier_layer
+from ..hooks import classifier_layer, layer_inputs
 from ..training import TrainConfig, TrainResult, fit
 from ..triggers import Trigger, stamp
 
@@ -69,18 +69,6 @@ def unlearn(
 
 
 # ----------------------------------------------------------------------------------------------- pruning
-
-
-@torch.no_grad()
-def head_inputs(model: nn.Module, head: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The inputs of the classification ``head`` for the images ``x``, ``(N, features)``."""
-    model.eval()
-    out = []
-    with capture_input(head) as store:
-        for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size])
-            out.append(store["in"].flatten(1))
-    return torch.cat(out)
 
 
 def _keep_mask(head: nn.Linear, units: torch.Tensor) -> torch.Tensor:
@@ -168,8 +156,8 @@ def prune_by_activation_gap(
     x_clean = to_tensor(clean.x)
     y_clean = torch.as_tensor(clean.y)
     stamped = [stamped_non_target(clean, t) for t in triggers]
-    inputs_clean = head_inputs(model, head, x_clean)
-    inputs_stamped = [head_inputs(model, head, x) for x in stamped]
+    inputs_clean = layer_inputs(model, head, x_clean)
+    inputs_stamped = [layer_inputs(model, head, x) for x in stamped]
     # the activation gap: mean on each reversed trigger's images minus mean on clean ones, largest over triggers
     base = inputs_clean.mean(0)
     gap = torch.stack([inputs.mean(0) - base for inputs in inputs_stamped]).max(0).values

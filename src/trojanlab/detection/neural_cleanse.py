@@ -50,15 +50,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import ImageSet
 from ..errors import ConfigError
 from ..hooks import trainable_only
-from ..io import atomic_write, tensor_digest, write_json
-from ..training import load_optimizer, optimizer_tensors
+from ..io import atomic_write, tensor_digest
+from ..training import load_state, save_state
 from ..triggers import Trigger
 
 EPSILON = 1e-7  # the Keras epsilon in the official tanh parametrisation
@@ -386,17 +386,15 @@ def reverse_engineer(
         "model_sha256": tensor_digest(model.state_dict().values()),
         "data_sha256": tensor_digest([torch.as_tensor(data.x), torch.as_tensor(data.y)]),
     }
-    if ckpt is not None and (ckpt / "scan_state.json").is_file():
+    if ckpt is not None:
         try:
-            meta = json.loads((ckpt / "scan_state.json").read_text())
-            if meta.get("fingerprint") == json.loads(json.dumps(fingerprint)):
-                tensors = load_file(str(ckpt / "scan_state.safetensors"))
+            saved = load_state(ckpt, "scan_state", fingerprint, opt)
+            if saved is not None:
+                tensors, meta = saved
                 with torch.no_grad():
-                    theta_m.copy_(tensors.pop("theta_m"))
-                    theta_p.copy_(tensors.pop("theta_p"))
-                gen.set_state(tensors.pop("generator").to(torch.uint8))
-                opt_tensors = {n[4:]: v.to(device) for n, v in tensors.items() if n.startswith("opt.")}
-                load_optimizer(opt, opt_tensors, meta["optimizer"])
+                    theta_m.copy_(tensors["theta_m"])
+                    theta_p.copy_(tensors["theta_p"])
+                gen.set_state(tensors["generator"].to(torch.uint8))
                 schedule.load({n[6:]: v for n, v in tensors.items() if n.startswith("sched.")})
                 step0, samples, seconds0 = meta["step"], meta["samples"], meta["seconds"]
         except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as exc:  # unreadable: start afresh
@@ -476,25 +474,14 @@ def reverse_engineer(
 
 
 def _write_scan_checkpoint(ckpt, fingerprint, step, samples, seconds, theta_m, theta_p, gen, opt, schedule) -> None:
-    opt_tensors, opt_meta = optimizer_tensors(opt)
     tensors = {
-        "theta_m": theta_m.detach().cpu().contiguous(),
-        "theta_p": theta_p.detach().cpu().contiguous(),
-        "generator": gen.get_state().clone(),
-        **{f"opt.{name}": value.detach().cpu().contiguous() for name, value in opt_tensors.items()},
-        **{f"sched.{name}": value.contiguous().clone() for name, value in schedule.state().items()},
+        "theta_m": theta_m,
+        "theta_p": theta_p,
+        "generator": gen.get_state(),
+        **{f"sched.{name}": value for name, value in schedule.state().items()},
     }
-    atomic_write(ckpt / "scan_state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    write_json(
-        ckpt / "scan_state.json",
-        {
-            "fingerprint": fingerprint,
-            "step": step,
-            "samples": samples,
-            "seconds": seconds,
-            "optimizer": opt_meta,
-        },
-    )
+    meta = {"fingerprint": fingerprint, "step": step, "samples": samples, "seconds": seconds}
+    save_state(ckpt, "scan_state", tensors, opt, meta)
 
 
 # ----------------------------------------------------------------------------------------------- saving

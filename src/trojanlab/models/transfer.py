@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import ImageSet, to_tensor
+from ..data import ImageSet
 from ..errors import ConfigError
-from ..hooks import capture_input, trainable_only
+from ..hooks import layer_inputs, trainable_only
 from ..training import split_validation
 from .artifacts import Classifier
 from .backbones import pretrained_backbone, replace_head
@@ -57,18 +56,6 @@ class TransferResult:
     val_accuracy: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def backbone_features(model: nn.Module, head: nn.Module, x: np.ndarray, batch_size: int = 32) -> torch.Tensor:
-    """The inputs of ``head`` for raw uint8 images ``x`` (one forward pass each, eval mode)."""
-    model.eval()
-    out = []
-    with capture_input(head) as store:
-        for i in range(0, len(x), batch_size):
-            model(to_tensor(x[i : i + batch_size]))
-            out.append(store["in"].flatten(1))
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _blocks(net: nn.Module) -> list[nn.Module]:
@@ -173,8 +160,8 @@ def transfer_learn(
             f"(load them with --image-size {expected[0]})"
         )
     fit_set, val_set = split_validation(train, cfg.val_fraction, cfg.seed)
-    f_train = backbone_features(model, head, fit_set.x, cfg.batch_size)
-    f_val = backbone_features(model, head, val_set.x, cfg.batch_size) if val_set is not None else None
+    f_train = layer_inputs(model, head, fit_set.x, cfg.batch_size)
+    f_val = layer_inputs(model, head, val_set.x, cfg.batch_size) if val_set is not None else None
     features_done = time.perf_counter()
     y_train = torch.as_tensor(fit_set.y)
     y_val = torch.as_tensor(val_set.y) if val_set is not None else None
@@ -188,6 +175,6 @@ def transfer_learn(
         seconds["fine_tune"] = time.perf_counter() - tuning
         if val_set is not None:
             with torch.no_grad():
-                f_val = backbone_features(model, head, val_set.x, cfg.batch_size)
+                f_val = layer_inputs(model, head, val_set.x, cfg.batch_size)
                 val_acc = float((head(f_val).argmax(1) == y_val).float().mean())
     return TransferResult(model.eval(), name, history, best_epoch, val_acc, seconds, asdict(cfg))
