@@ -178,7 +178,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _data_split(args: argparse.Namespace) -> dict[str, Any]:
     """The image-folder split a model was trained with, recorded in its spec for every later command."""
-    if not Path(str(args.data)).is_dir():
+    from .data import EMBEDDED_GTSRB5
+
+    folder = Path(str(args.data))
+    if str(args.data) == "gtsrb5" and not folder.exists():
+        folder = EMBEDDED_GTSRB5
+    if not folder.is_dir():
         return {}
     test_fraction, _ = _split_fractions(args)
     return {"data_split": {"test_fraction": 0.2 if test_fraction is None else test_fraction, "seed": args.seed}}
@@ -189,6 +194,7 @@ def _train_transfer(args: argparse.Namespace, data) -> None:
     from .evaluation import clean_accuracy
     from .models import classifier_spec, save_model
     from .models.transfer import TransferConfig, transfer_learn
+    from .training import split_validation
 
     cfg = TransferConfig(
         epochs=args.head_epochs,
@@ -209,12 +215,20 @@ def _train_transfer(args: argparse.Namespace, data) -> None:
     )
     out = Path(args.out)
     save_model(model, out, spec)
+    fit_set, val_set = split_validation(data.train, cfg.val_fraction, cfg.seed)  # the split transfer_learn made
+    parts = {"train": fit_set, "validation": val_set, "test": data.test}
+    per_class = {
+        part: {name: int((images.y == k).sum()) for k, name in enumerate(data.classes)}
+        for part, images in parts.items()
+        if images is not None
+    }
     _finish(
         out,
         {
             "clean_accuracy": clean_accuracy(model, data.test),
             "test_images": len(data.test),
             "train_images": len(data.train),
+            "images_per_class": per_class,
             "data": data.name,
             "arch": args.arch,
             "pretrained": args.weights or f"{args.arch} ImageNet weights bundled with its package",
@@ -966,6 +980,32 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             )
 
 
+# ----------------------------------------------------------------------------------------------- reproduce
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .reproduce import load_config, run_pipeline
+
+    overrides = list(args.set or [])
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    config = load_config("quick" if args.quick else "full", args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return
+    out = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
+    run = run_pipeline(config, out, progress=not args.quiet, only_report=args.report_only)
+    ran = sum(1 for s in run["stages"] if s["status"] == "ran")
+    print(
+        f"reproduce: {len(run['stages'])} stages ({ran} run, {len(run['stages']) - ran} reused) in "
+        f"{run['wall_seconds']:.0f} s; report: {run['report']['markdown']} and {run['report']['html']}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------- parser
 
 
@@ -1219,6 +1259,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--location", type=int, nargs=2, default=None, help="trigger row, col (default (150,150)/299 scaled)"
     )
     g.set_defaults(func=cmd_demo_imagenet)
+
+    r = sub.add_parser(
+        "reproduce", help="run every thesis experiment as resumable stages and write a report (md + html)"
+    )
+    r.add_argument("--quick", action="store_true", help="small data and schedules: a first look in a few minutes")
+    r.add_argument("--out", default=None, help="run directory (default runs/reproduce or runs/reproduce-quick)")
+    r.add_argument("--config", default=None, help="YAML file of settings over the profile's defaults")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="one setting, e.g. gtsrb.victim.epochs=10")
+    r.add_argument("--device", default=None, help="cpu or cuda (default: the configuration's, cpu)")
+    r.add_argument("--seed", type=int, default=None, help="seed of every stage (default: the configuration's, 0)")
+    r.add_argument("--print-config", action="store_true", help="print the resolved configuration and stop")
+    r.add_argument("--report-only", action="store_true", help="rebuild the report from finished stages only")
+    r.add_argument("--quiet", action="store_true", help="no overall progress bar")
+    r.set_defaults(func=cmd_reproduce)
 
     e = sub.add_parser("evaluate", help="clean accuracy, and ASR of the triggers the model carries")
     e.add_argument("--model", required=True)

@@ -6,6 +6,7 @@ model-specific normalisation; models receive float ``(N, C, H, W)`` tensors in [
 
 from .datasets import (
     EMBEDDED_GTSRB,
+    EMBEDDED_GTSRB5,
     GTSRB_CLASS_NAMES,
     DataSplits,
     ImageSet,
@@ -18,6 +19,7 @@ from .datasets import (
 
 __all__ = [
     "EMBEDDED_GTSRB",
+    "EMBEDDED_GTSRB5",
     "GTSRB_CLASS_NAMES",
     "DataSplits",
     "ImageSet",

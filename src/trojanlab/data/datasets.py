@@ -14,6 +14,8 @@ import torch
 from ..errors import DataError
 
 EMBEDDED_GTSRB = Path(__file__).with_name("gtsrb32.npz")
+# five real GTSRB classes x 110 photographs at native size: the thesis's 5-class transfer setting (ch. 6)
+EMBEDDED_GTSRB5 = Path(__file__).with_name("gtsrb5")
 EMBEDDED_GTSRB_SHA256 = "faa92f5eeff77276b991998ab2ab430fdae616552d46c2b72e80d0c68c48e2b7"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -272,7 +274,7 @@ def load_dataset(
 ) -> DataSplits:
     """Resolve a ``--data`` argument.
 
-    ``gtsrb`` is the embedded set; a path ending in ``.npz`` is an array file; ``torchvision-gtsrb:ROOT``
+    ``gtsrb`` is the embedded set, ``gtsrb5`` the embedded 5-class image folder; a path ending in ``.npz`` is an array file; ``torchvision-gtsrb:ROOT``
     (or a folder holding a ``gtsrb/`` directory in torchvision's layout) is the official release; any other
     folder is an image folder with one sub-folder per class, split per class with ``test_fraction`` (default 0.2)
     and ``seed``.
@@ -280,6 +282,8 @@ def load_dataset(
     text = str(spec)
     if text == "gtsrb":
         return load_gtsrb()
+    if text == "gtsrb5" and not Path(text).exists():
+        text = str(EMBEDDED_GTSRB5)
     if text.startswith("torchvision-gtsrb:"):
         return load_torchvision_gtsrb(text.split(":", 1)[1], image_size or 32)
     path = Path(text)
