@@ -512,7 +512,8 @@ th{background:#f3f4f6}tr:nth-child(even) td{background:#fafafa}
 td a{color:#0b57d0;text-decoration:none}td a:hover{text-decoration:underline}
 code{font-size:.85em;background:#f3f4f6;padding:0 .2em}
 figure{margin:1.5em 0;border:1px solid #e5e7eb;padding:.6em;border-radius:6px}
-figure img{max-width:100%;height:auto;display:block;margin:auto}figcaption{font-size:.9em;color:#4b5563}
+figure img{max-width:100%;height:auto;display:block;margin:auto}
+figure img.pixel{width:192px;image-rendering:pixelated}figcaption{font-size:.9em;color:#4b5563}
 .note{font-size:.9em;color:#4b5563}.meta td{font-size:.85em}
 """
 
@@ -531,6 +532,13 @@ def _html_cell(cell: Cell | str) -> str:
         text = html.escape(cell.text)
         return f'<a href="{html.escape(cell.link)}">{text}</a>' if cell.link else text
     return _html_inline(str(cell))
+
+
+def _width(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size[0]
 
 
 def render_html(title: str, intro: list[str], tables: list[Table], figures: list[Figure]) -> str:
@@ -555,8 +563,11 @@ def render_html(title: str, intro: list[str], tables: list[Table], figures: list
         parts.append("<h2>Figures</h2>")
         for f in figures:
             data = base64.b64encode(f.path.read_bytes()).decode()
+            # a reversed trigger is 32x32: enlarge it without smoothing
+            pixel = ' class="pixel"' if _width(f.path) < 100 else ""
             parts.append(
-                f'<figure><img alt="{html.escape(f.title)}" src="data:image/png;base64,{data}">'
+                f'<figure><img alt="{html.escape(f.title)}"{pixel} '
+                f'src="data:image/png;base64,{data}">'
                 f"<figcaption><b>{html.escape(f.title)}</b>{'. ' + html.escape(f.caption) if f.caption else ''}"
                 "</figcaption></figure>"
             )
@@ -600,10 +611,13 @@ def write_report(run_dir: str | Path, config: dict[str, Any], run: dict[str, Any
     tables.append(table_stages(run))
     figures = collect_figures(run_dir, config, fig_dir)
     title = "trojanlab reproduce — thesis tables re-measured"
+    stage_seconds = sum(s["seconds"] for s in run["stages"])
+    reused = sum(1 for s in run["stages"] if s["status"] == "reused")
     intro = [
-        f"Profile **{run.get('profile')}**, seed {run['seed']}, device {run['device']}, finished {run['finished']} "
-        f"after {run['wall_seconds']:.0f} s ({run['threads']} torch threads; {sum(1 for s in run['stages'] if s['status'] == 'reused')} "
-        f"of {len(run['stages'])} stages reused from an earlier run).",
+        f"Profile **{run.get('profile')}**, seed {run['seed']}, device {run['device']}, finished {run['finished']}; "
+        f"the {len(run['stages'])} stages took {stage_seconds:.0f} s ({stage_seconds / 60:.1f} min) with "
+        f"{run['threads']} torch threads (this call: {run['wall_seconds']:.0f} s, {reused} stages reused from an "
+        "earlier call).",
         f"Versions: trojanlab {run['trojanlab']}, Python {run['python']}, torch {run['torch']}, torchvision "
         f"{run['torchvision']}, numpy {run['numpy']}; {run['platform']}.",
         "Each of our figures links to the `result.json` it came from; the command that wrote it is in the "
