@@ -169,7 +169,7 @@ def test_report_tables_link_to_existing_results_and_embed_the_figures(finished_r
 
 def test_cli_refuses_a_foreign_folder_and_reports_a_bad_setting(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    assert main(["reproduce", "--quick", "--out", str(tmp_path), *sum((["--set", s] for s in TINY), [])]) == 2
+    assert main(["reproduce", "--quick", "--out", str(tmp_path), *[arg for s in TINY for arg in ("--set", s)]]) == 2
     assert "notes.txt" in capsys.readouterr().err
     assert main(["reproduce", "--quick", "--set", "gtsrb.victim.epoch=1", "--print-config"]) == 2
     assert "unknown setting" in capsys.readouterr().err

@@ -158,7 +158,12 @@ def _subset_stage(data: str, subset: dict[str, int], seed: int) -> Callable[[Pat
             index = np.sort(np.concatenate(keep))
             arrays[f"x_{part}"], arrays[f"y_{part}"] = images.x[index], images.y[index]
         path = out / "data.npz"
-        atomic_write(path, lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, **arrays)
+
+        atomic_write(path, write)
         return {"data": str(path), "source": data, "train_images": len(arrays["y_train"]),
                 "test_images": len(arrays["y_test"]), "per_class": subset}  # fmt: skip
 
@@ -179,7 +184,10 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
                   params={"data": data, "subset": g["subset"], "seed": seed}, title="GTSRB subset")
         )  # fmt: skip
         data, data_deps = str(out / "gtsrb" / "data" / "data.npz"), ["gtsrb/data"]
-    path = lambda name: str(out / name)  # noqa: E731
+
+    def path(name: str) -> str:
+        return str(out / name)
+
     v = g["victim"]
     stages.append(
         Stage("gtsrb/victim", ["train", "--data", data, "--arch", v["arch"], "--epochs", str(v["epochs"]),
@@ -192,15 +200,22 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
             tn += [flag, str(g["trojannet"][key])]
     stages.append(Stage("gtsrb/trojannet", tn, deps=data_deps, title="TrojanNet MLP"))
     location = [str(int(c)) for c in g["location"]]
+    if g["attack_with"] == "trained":
+        trojannet, trojannet_deps = path("gtsrb/trojannet"), ["gtsrb/trojannet"]
+    elif g["attack_with"] == "official":
+        from ..demo import OFFICIAL_TROJANNET
+
+        trojannet, trojannet_deps = str(OFFICIAL_TROJANNET), []
+    else:
+        raise ConfigError(f"gtsrb.attack_with must be 'trained' or 'official', got {g['attack_with']!r}")
     attacks: dict[str, str] = {}  # short name -> stage name
     for n in g["trojannet_n_inf"]:
         name = f"gtsrb/attacks/trojannet-n{n}"
         attacks[f"trojannet-n{n}"] = name
         stages.append(
-            Stage(name, ["attack", "trojannet", "--victim", path("gtsrb/victim"), "--trojannet",
-                         path("gtsrb/trojannet"), *_targets(int(n), 43), "--location", *location, "--data", data,
-                         "--seed", seed],
-                  deps=["gtsrb/victim", "gtsrb/trojannet", *data_deps], title=f"TrojanNet N_inf {n}")
+            Stage(name, ["attack", "trojannet", "--victim", path("gtsrb/victim"), "--trojannet", trojannet,
+                         *_targets(int(n), 43), "--location", *location, "--data", data, "--seed", seed],
+                  deps=["gtsrb/victim", *trojannet_deps, *data_deps], title=f"TrojanNet N_inf {n}")
         )  # fmt: skip
     b = g["badnets"]
     recipe = ["--victim", path("gtsrb/victim")] if b["finetune"] else ["--reference", path("gtsrb/victim")]
@@ -257,7 +272,9 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
     if tr["enabled"]:
         stages += _transfer_stages(tr, out, seed, device)
     if config["demo"]["enabled"]:
-        stages.append(Stage("demo", ["demo", "imagenet", "--target", str(config["demo"]["target"])], title="ImageNet demo"))
+        stages.append(
+            Stage("demo", ["demo", "imagenet", "--target", str(config["demo"]["target"])], title="ImageNet demo")
+        )
     return stages
 
 
@@ -411,7 +428,9 @@ def run_pipeline(
                     raise
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                raise StageFailed(f"stage {stage.name} crashed: {type(exc).__name__}: {exc} (see {folder}/stage.log)") from exc
+                raise StageFailed(
+                    f"stage {stage.name} crashed: {type(exc).__name__}: {exc} (see {folder}/stage.log)"
+                ) from exc
             seconds = time.perf_counter() - t0
             write_json(folder / "stage.json", {"stage": stage.name, "fingerprint": fp, "status": "done",
                                                "command": command, "deps": stage.deps, "seconds": seconds,
