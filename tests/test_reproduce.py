@@ -141,6 +141,11 @@ def test_rerun_reuses_everything_and_a_changed_setting_recomputes_only_its_stage
     changed = run_pipeline(tiny_config("gtsrb.anp.iterations=2"), out, progress=False)
     ran = {s["name"] for s in changed["stages"] if s["status"] == "ran"}
     assert ran == {"gtsrb/attacks/trojannet-n1/defend-anp"}
+    assert changed["stale_stages"] == []
+    fewer = run_pipeline(tiny_config("gtsrb.anp.iterations=2", "gtsrb.subnetwork.models=[]"), out, progress=False)
+    assert {s["status"] for s in fewer["stages"]} == {"reused"}
+    assert fewer["stale_stages"] == ["gtsrb/attacks/trojannet-n1/defend-subnetwork"]
+    assert "gtsrb/attacks/trojannet-n1/defend-subnetwork" in (out / "report/report.md").read_text()
     result = json.loads((out / "gtsrb/attacks/trojannet-n1/defend-anp/result.json").read_text())
     assert result["config"]["iterations"] == 2
 

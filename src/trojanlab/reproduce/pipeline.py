@@ -444,6 +444,7 @@ def run_pipeline(
     finally:
         bar.close()
         run = _run_record(config, records, time.perf_counter() - started, failure)
+        run["stale_stages"] = _stale_stages(out, {stage.name for stage in stages})
         write_json(out / "run.json", run)
     report = write_report(out, config, run)
     run["report"] = {k: str(v) for k, v in report.items()}
@@ -459,6 +460,12 @@ def _check_out(out: Path) -> None:
         raise ConfigError(
             f"{out}: holds {', '.join(strangers[:5])}, which no reproduce run writes; choose an empty or earlier --out"
         )
+
+
+def _stale_stages(out: Path, current: set[str]) -> list[str]:
+    """Stage folders of an earlier configuration that this one no longer has (kept on disk, never read)."""
+    found = (p.parent.relative_to(out).as_posix() for p in out.glob("**/stage.json"))
+    return sorted(name for name in found if name not in current)
 
 
 def _now() -> str:

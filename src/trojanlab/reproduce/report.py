@@ -375,8 +375,11 @@ def table_stages(run: dict[str, Any]) -> Table:
     rows: list[Row] = []
     for s in run["stages"]:
         rows.append([s["name"], s["title"], s["status"], f"{s['seconds']:.1f} s", f"`{s['command']}`"])
-    return Table("Stages", ["run directory", "what", "this run", "time", "command"], rows,
-                 "`reused`: finished earlier with the same configuration (time of that run).")  # fmt: skip
+    note = "`reused`: finished earlier with the same configuration (time of that run)."
+    if run.get("stale_stages"):
+        note += (" Left on disk from an earlier configuration and not used here: "
+                 + ", ".join(f"`{name}`" for name in run["stale_stages"]) + ".")  # fmt: skip
+    return Table("Stages", ["run directory", "what", "this run", "time", "command"], rows, note)
 
 
 # ----------------------------------------------------------------------------------------------- figures
