@@ -336,6 +336,7 @@ def tables_ch6(res: _Results, config: dict[str, Any]) -> list[Table]:
     if not config["transfer"]["enabled"]:
         return []
     rows: list[Row] = []
+    masks: list[Row] = []
     for n in config["transfer"]["n_inf"]:
         attack = f"transfer/attacks/trojannet-n{n}"
         a = res.get(attack)
@@ -344,22 +345,18 @@ def tables_ch6(res: _Results, config: dict[str, Any]) -> list[Table]:
         rows.append([f"TrojanNet N_inf {n}", "attack", "100 % / –", res.cell(attack, pct(a["clean_accuracy"])),
                      res.cell(attack, pct(a.get("attack_success_rate"))), "–"])  # fmt: skip
         for variant in ("defend-subnetwork", "defend-anp"):
-            row = _defense_row(res, f"TrojanNet N_inf {n}", f"{attack}/{variant}")
-            r = res.get(f"{attack}/{variant}")
+            stage = f"{attack}/{variant}"
+            row, r = _defense_row(res, f"TrojanNet N_inf {n}", stage), res.get(stage)
             if row is None or r is None:
                 continue
             thesis = "100 % / 0 %" if variant == "defend-subnetwork" and int(n) == 1 else "–"
-            rows.append([row[0], row[1], thesis, res.cell(f"{attack}/{variant}", pct(r["after"]["clean_accuracy"])),
-                         res.cell(f"{attack}/{variant}", pct(r["after"].get("attack_success_rate"))), row[4]])  # fmt: skip
-    masks: list[Row] = []
-    for n in config["transfer"]["n_inf"]:
-        stage = f"transfer/attacks/trojannet-n{n}/defend-subnetwork"
-        r = res.get(stage)
-        if r is None:
-            continue
-        m = r.get("mask_values", {})
-        masks.append([f"N_inf {n}", f"{THESIS_MASKS['trojannet']:.3f}", res.cell(stage, f"{m.get('trojannet', float('nan')):.3f}"),
-                      f"{THESIS_MASKS['victim']:.3f}", res.cell(stage, f"{m.get('victim', float('nan')):.3f}")])  # fmt: skip
+            rows.append([row[0], row[1], thesis, res.cell(stage, pct(r["after"]["clean_accuracy"])),
+                         res.cell(stage, pct(r["after"].get("attack_success_rate"))), row[4]])  # fmt: skip
+            if variant == "defend-subnetwork":
+                m = r.get("mask_values", {})
+                masks.append([f"N_inf {n}", f"{THESIS_MASKS['trojannet']:.3f}",
+                              res.cell(stage, f"{m.get('trojannet', float('nan')):.3f}"),
+                              f"{THESIS_MASKS['victim']:.3f}", res.cell(stage, f"{m.get('victim', float('nan')):.3f}")])  # fmt: skip
     header = ["model", "step", "thesis CA / ASR after", "CA", "ASR", "detail"]
     return [
         Table("Thesis §6.3 — TrojanNet in the 5-class model and its removal", header, rows,
