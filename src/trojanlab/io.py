@@ -32,6 +32,14 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The JSON in ``path``, or ``None`` when it is missing or unreadable (e.g. a run stopped before writing it)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _to_builtin(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()

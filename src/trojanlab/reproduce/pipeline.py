@@ -39,7 +39,7 @@ import yaml
 
 from .. import __version__
 from ..errors import ConfigError, TrojanlabError
-from ..io import atomic_write, write_json
+from ..io import atomic_write, read_json, write_json
 
 PROFILES = ("full", "quick")
 
@@ -320,13 +320,6 @@ class StageFailed(TrojanlabError):
     """A stage's command failed; the stages finished before it are kept."""
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _clear(folder: Path) -> None:
     """Empty a stage folder for a recomputation, keeping nothing of the old configuration."""
     if folder.is_dir():
@@ -351,7 +344,7 @@ def _run_command(stage: Stage, folder: Path, log: Path) -> dict[str, Any]:
             raise
     if code != 0:
         raise StageFailed(f"stage {stage.name}: `trojanlab {' '.join(argv)}` exited with status {code}")
-    result = _read_json(folder / "result.json")
+    result = read_json(folder / "result.json")
     if result is None:
         raise StageFailed(f"stage {stage.name}: the command wrote no readable result.json in {folder}")
     return result
@@ -399,7 +392,7 @@ def run_pipeline(
                 raise ConfigError(f"stage {stage.name} needs {', '.join(missing)}, which the configuration leaves out")
             fp = fingerprint(stage, [prints[d] for d in stage.deps])
             folder = out / stage.name
-            state = _read_json(folder / "stage.json") or {}
+            state = read_json(folder / "stage.json") or {}
             command = "trojanlab " + " ".join(stage.argv) if stage.argv else f"(function) {stage.params}"
             bar.set_description(f"reproduce: {stage.name}")
             if state.get("fingerprint") == fp and state.get("status") == "done" and (folder / "result.json").is_file():

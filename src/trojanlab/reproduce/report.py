@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write
+from ..io import atomic_write, read_json
 
 # thesis Table 5.4 (= TrojanNet paper Table 2) and the authors' release on the official noise tests
 THESIS_RECOGNITION, THESIS_DENOISE = 1.0, 0.9998
@@ -45,7 +44,6 @@ THESIS_NC = {
 # thesis Table 6.3 (images per class) and its ch. 6 results
 THESIS_SPLIT = {"train": 80, "validation": 20, "clean test": 10, "poisoned test": 10}
 THESIS_MASKS = {"trojannet": 0.545, "victim": 0.277}
-THESIS_CH6_AFTER = {"clean_accuracy": 1.0, "poisoned_correct": 1.0}
 
 NAMES = {
     "victim": "clean victim",
@@ -91,23 +89,19 @@ class _Results:
 
     def __init__(self, run_dir: Path, report_dir: Path) -> None:
         self.run_dir, self.report_dir = run_dir, report_dir
+        self._cache: dict[str, dict[str, Any] | None] = {}
 
     def get(self, stage: str) -> dict[str, Any] | None:
-        path = self.run_dir / stage / "result.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
+        """The stage's result (read once per report), or ``None`` when the stage has not finished."""
+        if stage not in self._cache:
+            self._cache[stage] = read_json(self.run_dir / stage / "result.json")
+        return self._cache[stage]
 
     def link(self, stage: str) -> str:
         return Path(os.path.relpath(self.run_dir / stage / "result.json", self.report_dir)).as_posix()
 
     def cell(self, stage: str, text: str) -> Cell:
         return Cell(text, self.link(stage))
-
-
-def _stage_exists(res: _Results, stage: str) -> bool:
-    return res.get(stage) is not None
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -170,7 +164,7 @@ def table_5_5(res: _Results) -> Table:
         ("Trojan Attack", "gtsrb/attacks/trojannn", "trojannn"),
         ("TrojanNet", "gtsrb/attacks/trojannet-n1", "trojannet"),
     ):
-        if _stage_exists(res, stage):
+        if res.get(stage) is not None:
             rows.append([name, *_attack_cells(res, stage, THESIS_SINGLE[key])])
     header = ["attack", "ASR thesis", "ASR trojanlab", "CA drop thesis", "CA drop trojanlab", "CA after"]
     return Table("Tables 5.5 / 5.7 — single-label attacks on GTSRB", header, rows,
@@ -184,7 +178,7 @@ def table_5_6(res: _Results, config: dict[str, Any]) -> Table:
     for n in ns:
         bad = "gtsrb/attacks/badnets" if n == 1 else f"gtsrb/attacks/badnets-n{n}"
         tro = f"gtsrb/attacks/trojannet-n{n}"
-        if not (_stage_exists(res, bad) or _stage_exists(res, tro)):
+        if res.get(bad) is None and res.get(tro) is None:
             continue
         label = f"{n} (all labels)" if n >= 43 else str(n)
         b = _attack_cells(res, bad, THESIS_MULTI["badnets"].get(n))
@@ -433,7 +427,8 @@ def trigger_examples(run_dir: Path, config: dict[str, Any], out: Path) -> Path |
     return path
 
 
-def collect_figures(run_dir: Path, config: dict[str, Any], fig_dir: Path) -> list[Figure]:
+def collect_figures(res: _Results, config: dict[str, Any], fig_dir: Path) -> list[Figure]:
+    run_dir = res.run_dir
     figures: list[Figure] = []
     made = trigger_examples(run_dir, config, fig_dir)
     if made:
@@ -444,7 +439,7 @@ def collect_figures(run_dir: Path, config: dict[str, Any], fig_dir: Path) -> lis
         model = "gtsrb/victim" if short == "victim" else f"gtsrb/attacks/{short}"
         wanted.append((f"{model}/detect-nc/norms.png", f"Neural Cleanse — {NAMES.get(short, short)}",
                        "L1 norms of the reversed triggers per label, with the MAD threshold"))  # fmt: skip
-        r = _read(run_dir / model / "detect-nc/result.json")
+        r = res.get(f"{model}/detect-nc")
         if r is not None:
             label = r["smallest_norm_label"]
             wanted.append((f"{model}/detect-nc/triggers/trigger_{int(label):03d}.png",
@@ -470,13 +465,6 @@ def collect_figures(run_dir: Path, config: dict[str, Any], fig_dir: Path) -> lis
             shutil.copyfile(src, dst)
             figures.append(Figure(title, dst, caption))
     return figures
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -612,7 +600,7 @@ def write_report(run_dir: str | Path, config: dict[str, Any], run: dict[str, Any
         ]  # fmt: skip
         tables.append(Table("ImageNet demo (thesis Fig. 5.3)", ["figure", "thesis", "trojanlab"], rows))
     tables.append(table_stages(run))
-    figures = collect_figures(run_dir, config, fig_dir)
+    figures = collect_figures(res, config, fig_dir)
     title = "trojanlab reproduce — thesis tables re-measured"
     stage_seconds = sum(s["seconds"] for s in run["stages"])
     reused = sum(1 for s in run["stages"] if s["status"] == "reused")
