@@ -791,6 +791,7 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
             alpha=args.sub_alpha,
             batch_size=args.sub_batch_size,
             orientation=args.orientation,
+            step=args.sub_step,
             seed=args.seed,
         )
         # the monitor: clean test images, as the thesis's 50 (only the parts' answers are compared: no label and no
@@ -1230,6 +1231,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=int, default=40, help="subnetwork: epochs per phase")
     f.add_argument("--sub-lr", type=float, default=4e-4, help="subnetwork: SGD learning rate")
     f.add_argument("--sub-alpha", type=float, default=0.8, help="subnetwork: weight of sensitivity in the score")
+    f.add_argument(
+        "--sub-step",
+        choices=["normalized", "sgd"],
+        default="normalized",
+        help="subnetwork: steps of --sub-lr times each weight tensor's norm along its gradient (they move a model "
+        "whose merged softmax has saturated), or the thesis's plain SGD",
+    )
     f.add_argument("--sub-batch-size", type=int, default=32)
     f.add_argument(
         "--monitor-images", type=int, default=500, help="subnetwork: clean test images whose answers are compared"

@@ -77,7 +77,7 @@ def monitor(gtsrb5):
 
 
 def _tiny(**kw) -> sub.SubnetworkConfig:
-    return sub.SubnetworkConfig(**{"cycles": 1, "epochs": 2, "orientation": "change", **kw})
+    return sub.SubnetworkConfig(**{"cycles": 1, "epochs": 2, "orientation": "change", "step": "sgd", **kw})
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,6 +104,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
         ({"val_fraction": 0.0}, r"val_fraction must lie in \(0, 1\)"),
         ({"val_fraction": 1.0}, r"val_fraction must lie in \(0, 1\)"),
         ({"orientation": "larger"}, "orientation must be one of"),
+        ({"step": "adam"}, "step must be one of"),
         ({"seed": -1}, "seed must be non-negative"),
     ],
 )
@@ -116,6 +117,7 @@ def test_defaults_are_the_thesis_values():
     cfg = sub.SubnetworkConfig()
     assert (cfg.cycles, cfg.epochs, cfg.lr, cfg.alpha, cfg.batch_size) == (5, 40, 4e-4, 0.8, 32)
     assert cfg.orientation == "agreement"
+    assert cfg.step == "normalized"  # the thesis's plain SGD is step="sgd" (see the saturated-model test)
 
 
 def test_a_model_without_trojannet_is_refused(victim, clean, monitor):
@@ -287,6 +289,26 @@ def test_a_flagged_victim_is_kept(injected, run):
     assert _same(_state(pruned), _state(injected))
     assert info["removed"] is None and info["decision"] == "kept-model"
     assert "would leave no classifier" in info["note"]
+
+
+def test_normalized_steps_move_a_saturated_model_that_sgd_cannot(victim, clean, monitor):
+    """A victim as confident as a well-trained one (its last layer scaled x1000) saturates the official merge: the
+    clean loss and its gradients are so small that the thesis's plain SGD at lr 4e-4 changes no answer of either
+    part (a tie, nothing removed), while steps of lr x |w| along each tensor's gradient move the victim's answers,
+    never the silent TrojanNet's, and the agreement orientation flags TrojanNet."""
+    confident = copy.deepcopy(victim)
+    last = [m for m in confident.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1000.0)
+        last.bias.mul_(1000.0)
+    model = _inject(confident)
+    kw = {"lr": 4e-4, "epochs": 1, "orientation": "agreement"}
+    plain = sub.subnetwork_scores(model, clean, monitor, _tiny(step="sgd", **kw), progress=False)
+    assert plain.agreement_scores == {"victim": 1.0, "trojannet": 1.0} and plain.backdoor_part is None
+    moved = sub.subnetwork_scores(model, clean, monitor, _tiny(step="normalized", **kw), progress=False)
+    assert moved.robustness["victim"] < 1.0 and moved.robustness["trojannet"] == 1.0
+    assert moved.history[0]["val_loss"] > plain.history[0]["val_loss"] + 0.2
+    assert moved.backdoor_part == "trojannet"
 
 
 def test_plot_curves_writes_three_pngs(run, tmp_path):

@@ -264,7 +264,8 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
         target = model_stage(short, "subnetwork")
         argv = ["defend", "anp", "--variant", "subnetwork", "--model", path(target), "--data", data, "--cycles",
                 str(s["cycles"]), "--epochs", str(s["epochs"]), "--monitor-images", str(s["monitor_images"]),
-                "--clean-fraction", str(s.get("clean_fraction", 0.01)), "--seed", seed, "--quiet", *device]  # fmt: skip
+                "--clean-fraction", str(s.get("clean_fraction", 0.01)), "--sub-step", str(s.get("step", "normalized")),
+                "--seed", seed, "--quiet", *device]  # fmt: skip
         stages.append(
             Stage(f"{target}/defend-subnetwork", argv, deps=[target, *data_deps], title=f"sub-network ANP: {short}")
         )
@@ -308,7 +309,7 @@ def _transfer_stages(tr: dict[str, Any], out: Path, seed: str, device: list[str]
         stages.append(
             Stage(f"{name}/defend-subnetwork", [*common, "--variant", "subnetwork", "--cycles", str(s["cycles"]),
                   "--epochs", str(s["epochs"]), "--clean-fraction", str(s["clean_fraction"]), "--monitor-images",
-                  str(s["monitor_images"])], deps=[name], title=f"5-class sub-network ANP: N_inf {n}")
+                  str(s["monitor_images"]), "--sub-step", str(s.get("step", "normalized"))], deps=[name], title=f"5-class sub-network ANP: N_inf {n}")
         )  # fmt: skip
     return stages
 
