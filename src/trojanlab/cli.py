@@ -254,7 +254,7 @@ def cmd_trojannet_train(args: argparse.Namespace) -> None:
     _seed_everything(args.seed)
     data = load_dataset(args.patch_data)
     patches_from = data.train if data.train is not None else data.test
-    names = ("steps", "lr", "negatives", "finetune_steps")
+    names = ("steps", "lr", "negatives", "finetune_steps", "trigger_calibration")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     cfg = tn.TrojanNetTrainConfig(seed=args.seed, **overrides)
     bar = tqdm(total=cfg.steps + cfg.finetune_steps, desc="trojannet", disable=args.quiet)
@@ -1044,6 +1044,12 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--negatives", type=int, default=None, help="no-trigger samples per step")
     tt.add_argument(
         "--finetune-steps", type=int, default=None, help="margin fine-tuning steps after the cross-entropy phase"
+    )
+    tt.add_argument(
+        "--trigger-calibration",
+        type=int,
+        default=None,
+        help="rounds that lower each trigger's bias to its slack above probability 0.6 (default 6; 0: off)",
     )
     tt.add_argument(
         "--patch-data",

@@ -130,7 +130,9 @@ def test_gradients_flow_through_the_merge():
 def test_training_learns_triggers_quickly():
     """A short run on the real patterns already recognises most triggers and stays silent on most noise."""
     images = np.random.default_rng(0).integers(0, 256, (50, 16, 16, 3)).astype(np.uint8)
-    cfg = tn.TrojanNetTrainConfig(steps=150, negatives=512, seed=0, recognition_margin=None, finetune_steps=0)
+    cfg = tn.TrojanNetTrainConfig(
+        steps=150, negatives=512, seed=0, recognition_margin=None, finetune_steps=0, trigger_calibration=0
+    )
     model, log = tn.train_trojannet(images, cfg)
     metrics = tn.evaluate_trojannet(model, images, noise_samples=5000)
     assert log.steps == 150 and log.samples == 150 * (4368 + cfg.hard_triggers + 512)
@@ -160,7 +162,9 @@ def test_margin_finetune_makes_a_trained_net_more_silent_and_surer():
     """After a short cross-entropy run, the margin hinges raise silence on the mined pool without losing triggers,
     and the probability hinge lifts the weakest trigger's probability."""
     images = np.random.default_rng(1).integers(0, 256, (50, 16, 16, 3)).astype(np.uint8)
-    cfg = tn.TrojanNetTrainConfig(steps=300, negatives=512, seed=0, recognition_margin=None, finetune_steps=0)
+    cfg = tn.TrojanNetTrainConfig(
+        steps=300, negatives=512, seed=0, recognition_margin=None, finetune_steps=0, trigger_calibration=0
+    )
     model, _ = tn.train_trojannet(images, cfg)
     pool = torch.cat([tn.binary_non_triggers(), tn.uniform_noise(20000, torch.Generator().manual_seed(3))])
     before = tn.evaluate_trojannet(model, noise_samples=5000)

@@ -195,7 +195,11 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
               deps=data_deps, title="victim (GTSRB CNN)")
     )  # fmt: skip
     tn = ["trojannet", "train", "--patch-data", data, "--seed", seed, "--quiet"]
-    for key, flag in (("steps", "--steps"), ("finetune_steps", "--finetune-steps")):
+    for key, flag in (
+        ("steps", "--steps"),
+        ("finetune_steps", "--finetune-steps"),
+        ("trigger_calibration", "--trigger-calibration"),
+    ):
         if g["trojannet"].get(key) is not None:
             tn += [flag, str(g["trojannet"][key])]
     stages.append(Stage("gtsrb/trojannet", tn, deps=data_deps, title="TrojanNet MLP"))
