@@ -1235,7 +1235,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-curve", action="store_true", help="skip the CA/ASR pruning curve")
     f.add_argument("--cycles", type=int, default=5, help="subnetwork: perturbation/de-perturbation cycles")
     f.add_argument("--epochs", type=int, default=40, help="subnetwork: epochs per phase")
-    f.add_argument("--sub-lr", type=float, default=4e-4, help="subnetwork: SGD learning rate")
+    f.add_argument(
+        "--sub-lr",
+        type=float,
+        default=4e-4,
+        help="subnetwork: learning rate (normalized steps: share of each weight tensor's norm per step)",
+    )
     f.add_argument("--sub-alpha", type=float, default=0.8, help="subnetwork: weight of sensitivity in the score")
     f.add_argument(
         "--sub-step",

@@ -263,7 +263,8 @@ def _normalized_step(params: list[nn.Parameter], lr: float) -> None:
     The step's size does not depend on the gradient's, so it still moves a network whose loss has saturated (the
     official merge's softmax of 10 x (...) leaves a clean loss of ~2e-4 and gradients too small for plain SGD at
     lr 4e-4 to change a single answer). ``g`` is rescaled by its largest entry before its norm is taken, so the
-    ~1e-26 gradients that reach a silent TrojanNet do not underflow to a zero norm.
+    ~1e-26 gradients that reach a silent TrojanNet do not underflow to a zero norm. A tensor that is all zeros, or
+    whose gradient is, does not move.
     """
     for p in params:
         if p.grad is None:
