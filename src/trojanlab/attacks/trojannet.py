@@ -396,7 +396,7 @@ def calibrate_triggers(model: TrojanNetMLP, min_probability: float = 0.6, rounds
     total = torch.zeros(NUM_TRIGGERS)
     for _ in range(rounds):
         logits = model(patterns)
-        own = logits[rows, rows].clone()
+        own = _own_logit(logits).clone()
         logits[rows, rows] = -math.inf
         shift = share * (own - torch.logsumexp(logits, 1) - floor).clamp_min(0)
         model.head.bias[:NUM_TRIGGERS] -= shift

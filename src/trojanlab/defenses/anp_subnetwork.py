@@ -74,6 +74,7 @@ Where the thesis is silent or contradicts itself, and what this module does (eac
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -341,8 +342,10 @@ def subnetwork_scores(
         nonlocal samples
         ascend = phase == PERTURBATION
         measure = "robustness" if ascend else "sensitivity"
-        opt = torch.optim.SGD(work.parameters(), lr=cfg.lr)  # plain SGD, no momentum (Keras's default)
-        params = [p for p in work.parameters() if p.requires_grad]
+        if cfg.step == "sgd":
+            step = torch.optim.SGD(work.parameters(), lr=cfg.lr).step  # plain SGD, no momentum (Keras's default)
+        else:
+            step = functools.partial(_normalized_step, list(work.parameters()), cfg.lr)
         best_loss, best_epoch, best_state = -math.inf if ascend else math.inf, 0, None
         for epoch in range(1, cfg.epochs + 1):
             order = torch.randperm(len(x_fit), generator=gen).to(device)
@@ -350,12 +353,9 @@ def subnetwork_scores(
             for i in range(0, len(order), cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
                 ce = F.nll_loss(work(x_fit[idx]), y_fit[idx])
-                opt.zero_grad(set_to_none=True)
+                work.zero_grad(set_to_none=True)
                 (-ce if ascend else ce).backward()
-                if cfg.step == "sgd":
-                    opt.step()
-                else:
-                    _normalized_step(params, cfg.lr)
+                step()
                 total += float(ce.detach()) * len(idx)
             samples += len(order)
             val_loss = _mean_ce(work, x_val, y_val, chunk)
