@@ -840,12 +840,18 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
                 args.tolerance,
                 prune_bias=args.prune_bias,
                 device=args.device,
+                measure=args.auto_measure,
             )
             index = anp.select_by_rule(masks.masks, "threshold", threshold)
+            measured = (
+                "expected accuracy (mean probability of the true label)"
+                if args.auto_measure == "probability"
+                else "top-1 accuracy"
+            )
             rule = (
                 f"auto: the largest threshold of {anp.THRESHOLD_GRID[0]}, {anp.THRESHOLD_GRID[1]}, ..., "
-                f"{anp.THRESHOLD_GRID[-1]} whose pruned model keeps the accuracy on {len(holdout)} held-out clean "
-                f"images within {args.tolerance:.1%} of the unpruned model (chosen {threshold:g})"
+                f"{anp.THRESHOLD_GRID[-1]} whose pruned model keeps the {measured} on {len(holdout)} held-out "
+                f"clean images within {args.tolerance:.1%} of the unpruned model (chosen {threshold:g})"
             )
             result["holdout_curve"] = holdout_curve
         else:
@@ -1207,6 +1213,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--prune", choices=["auto", "threshold", "fraction", "count"], default="auto")
     f.add_argument("--prune-value", type=float, default=None, help="the threshold, fraction or count of --prune")
     f.add_argument("--tolerance", type=float, default=0.02, help="auto: largest held-out accuracy drop allowed")
+    f.add_argument(
+        "--auto-measure",
+        choices=("probability", "top1"),  # anp.AUTO_MEASURES (the parser does not import torch)
+        default="probability",
+        help="auto: held-out accuracy read as the mean probability of the true label (default; top-1 accuracy "
+        "saturates on training-split images) or as top-1 accuracy",
+    )
     f.add_argument("--prune-bias", action="store_true", help="also zero a pruned neuron's bias (output exactly 0)")
     f.add_argument("--clean-fraction", type=float, default=0.01, help="defender's share of the training split")
     f.add_argument(

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trojanlab.attacks.trojannet import TrojanNetInjected, TrojanNetMLP
@@ -165,6 +166,33 @@ def test_rules_and_the_automatic_rule_reads_only_clean_held_out_images():
     assert threshold in anp.THRESHOLD_GRID or threshold == -1.0
     assert [c["threshold"] for c in curve] == list(anp.THRESHOLD_GRID[: len(curve)])
     assert all(c["pruned"] <= d["pruned"] for c, d in itertools.pairwise(curve))
+
+
+def test_the_automatic_rule_reads_the_measure_it_is_given():
+    torch.manual_seed(0)
+    model = _gtsrb_cnn()
+    holdout = _images(24, seed=3)
+    layers = anp.find_neurons(model, to_tensor(holdout.x[:2]), num_classes=4)
+    total = sum(layer.size for layer in layers)
+    masks = torch.linspace(0, 1, total)[torch.randperm(total, generator=torch.Generator().manual_seed(1))]
+    probs = F.softmax(model(to_tensor(holdout.x)), 1)
+    base = {
+        "top1": float((probs.argmax(1) == torch.as_tensor(holdout.y)).float().mean()),
+        "probability": float(probs[torch.arange(len(holdout)), torch.as_tensor(holdout.y)].mean()),
+    }
+    key = {"top1": "holdout_accuracy", "probability": "holdout_probability"}
+    for measure in anp.AUTO_MEASURES:
+        tolerance = 0.005
+        threshold, curve = anp.auto_threshold(model, layers, masks, holdout, tolerance=tolerance, measure=measure)
+        drops = [base[measure] - c[key[measure]] for c in curve]
+        # the rule keeps every threshold up to the first that breaks the tolerance in *its* measure, and stops there
+        kept = [c["threshold"] for c, d in zip(curve, drops) if d <= tolerance + 1e-12]
+        assert kept == [c["threshold"] for c in curve[: len(kept)]]
+        assert threshold == (kept[-1] if kept else -1.0)
+        assert len(curve) == len(anp.THRESHOLD_GRID) or drops[-1] > tolerance
+        assert all(0 <= c["holdout_probability"] <= 1 and 0 <= c["holdout_accuracy"] <= 1 for c in curve)
+    with pytest.raises(ConfigError, match="unknown held-out measure"):
+        anp.auto_threshold(model, layers, masks, holdout, measure="f1")
 
 
 def test_an_interrupted_optimisation_resumes_to_the_same_masks(tmp_path):

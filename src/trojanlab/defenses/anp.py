@@ -558,9 +558,18 @@ def select_by_rule(masks: torch.Tensor, rule: str, value: float) -> torch.Tensor
     raise ConfigError(f"unknown pruning rule {rule!r}; choose one of {PRUNE_RULES}")
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+@torch.no_grad()
+def _held_out_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> dict[str, float]:
+    """Top-1 accuracy and expected accuracy (mean softmax probability of the true label) on ``x``."""
     model.eval()
-    return float((_predict_all(model, x) == y).float().mean()) if len(x) else 0.0
+    probs = torch.cat([F.softmax(model(x[i : i + batch]), 1) for i in range(0, len(x), batch)])
+    return {
+        "top1": float((probs.argmax(1) == y).float().mean()),
+        "probability": float(probs[torch.arange(len(y)), y].mean()),
+    }
+
+
+AUTO_MEASURES = ("probability", "top1")
 
 
 def auto_threshold(
@@ -572,24 +581,40 @@ def auto_threshold(
     grid: Sequence[float] = THRESHOLD_GRID,
     prune_bias: bool = False,
     device: str | torch.device = "cpu",
+    measure: str = "probability",
 ) -> tuple[float, list[dict[str, float]]]:
     """The largest threshold of ``grid`` whose pruned model keeps the accuracy on ``holdout`` (clean images the
     masks were not fitted on) within ``tolerance`` of the unpruned model's; the curve measured along the way.
+
+    ``measure`` is how accuracy is read: ``probability`` (default) is the expected accuracy, the mean softmax
+    probability of the true label; ``top1`` counts argmax hits. A defender's clean images usually come from the
+    training split, and on images a model has fitted (GTSRB's come in tracks of near-identical frames) top-1
+    accuracy stays at 100 % until the pruned model is badly damaged, while its confidence falls with its test
+    accuracy from the first neurons that matter; the expected accuracy sees that fall.
 
     Only clean images are read: a defender has no triggered data. Thresholds are tried in increasing order and the
     search stops at the first one that breaks the tolerance (a larger threshold prunes a superset).
     """
     if len(holdout) == 0:
         raise ConfigError("the automatic pruning rule needs held-out clean images")
+    if measure not in AUTO_MEASURES:
+        raise ConfigError(f"unknown held-out measure {measure!r}; choose one of {AUTO_MEASURES}")
     x = to_tensor(holdout.x).to(device)
     y = torch.as_tensor(holdout.y).to(device)
-    base = _accuracy(model, x, y)
+    base = _held_out_scores(model, x, y)[measure]
     chosen, curve = None, []
     for threshold in grid:
         index = select_by_rule(masks, "threshold", threshold)
-        acc = _accuracy(prune_neurons(model, layers, index, prune_bias), x, y)
-        curve.append({"threshold": float(threshold), "pruned": len(index), "holdout_accuracy": acc})
-        if base - acc > tolerance + 1e-12:
+        scores = _held_out_scores(prune_neurons(model, layers, index, prune_bias), x, y)
+        curve.append(
+            {
+                "threshold": float(threshold),
+                "pruned": len(index),
+                "holdout_accuracy": scores["top1"],
+                "holdout_probability": scores["probability"],
+            }
+        )
+        if base - scores[measure] > tolerance + 1e-12:
             break
         chosen = float(threshold)
     if chosen is None:  # even threshold grid[0] breaks the tolerance: prune nothing

@@ -260,7 +260,8 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
         target = model_stage(short, "anp")
         argv = ["defend", "anp", "--model", path(target), "--data", data, "--iterations", str(a["iterations"]),
                 "--batch-size", str(a["batch_size"]), "--curve-images", str(a["curve_images"]),
-                "--clean-fraction", str(a.get("clean_fraction", 0.01)), "--seed", seed, "--quiet", *device]  # fmt: skip
+                "--clean-fraction", str(a.get("clean_fraction", 0.01)), "--auto-measure",
+                str(a.get("auto_measure", "probability")), "--seed", seed, "--quiet", *device]  # fmt: skip
         argv += ["--eps", str(a["eps"])] if a.get("eps") is not None else []
         stages.append(Stage(f"{target}/defend-anp", argv, deps=[target, *data_deps], title=f"ANP: {short}"))
     s = g["subnetwork"]
@@ -307,7 +308,8 @@ def _transfer_stages(tr: dict[str, Any], out: Path, seed: str, device: list[str]
         stages.append(
             Stage(f"{name}/defend-anp", [*common, "--iterations", str(a["iterations"]), "--batch-size",
                   str(a["batch_size"]), "--clean-fraction", str(a["clean_fraction"]), "--curve-images",
-                  str(a["curve_images"]), *(["--eps", str(a["eps"])] if a.get("eps") is not None else [])],
+                  str(a["curve_images"]), "--auto-measure", str(a.get("auto_measure", "probability")),
+                  *(["--eps", str(a["eps"])] if a.get("eps") is not None else [])],
                   deps=[name], title=f"5-class ANP: N_inf {n}")
         )  # fmt: skip
         stages.append(
