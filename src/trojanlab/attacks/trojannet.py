@@ -201,7 +201,7 @@ class TrojanNetTrainConfig:
     recognition_margin: float | None = 1.0  # see calibrate_silence; None leaves the trained bias
     trigger_calibration: int = 6  # rounds of calibrate_triggers after calibrate_silence; 0 skips it
     # margin fine-tuning after the cross-entropy phase (see margin_finetune); 0 steps skips it
-    finetune_steps: int = 300
+    finetune_steps: int = 800
     finetune_lr: float = 3e-3
     finetune_pool: int = 100_000  # grey, uniform and faded-trigger samples each (plus binary and patches)
     seed: int = 0
@@ -567,7 +567,8 @@ def margin_finetune(
     ``trigger_margin`` logits, and a no-trigger sample must have its "no trigger" logit ``noise_margin`` above the
     strongest triggers. Both are hinge losses, so only the samples near the boundary cost anything; every
     ``mine_every`` steps the whole ``negatives`` pool is scored and those still within ``noise_margin + 2`` of the
-    boundary form the active set. The triggers' hinge is weighted so heavily that recognition is kept, and a
+    boundary form the active set (the triggers too: those within 2 logits of ``trigger_margin`` or 0.25 of
+    ``log(min_probability)``; the others cost nothing until the next scoring). The triggers' hinge is weighted so heavily that recognition is kept, and a
     hinge on each trigger's probability (``min_probability``, ``confidence_weight``) keeps it high, not just
     first: the official merge needs a trigger's probability above 1/2 to override a confident victim.
     BatchNorm runs in inference mode (its exact statistics from :func:`recalibrate_batchnorm` become a fixed
@@ -584,25 +585,30 @@ def margin_finetune(
     rows = torch.arange(NUM_TRIGGERS)
     samples = 0
     for step in range(steps):
-        if step % mine_every == 0:  # the batch (triggers + active negatives) only changes when re-mined
+        if step % mine_every == 0:  # the batch (active triggers + active negatives) only changes when re-mined
             margin = _noise_margins(model, negatives)
             active = negatives[margin < noise_margin + 2.0]
-            n = len(active)
-            x = torch.cat([triggers, active])
-            own = torch.cat([rows, torch.full((n,), NO_TRIGGER)])
-            margins = torch.cat([torch.full((NUM_TRIGGERS, 1), trigger_margin), torch.full((n, 1), noise_margin)])
+            with torch.no_grad():
+                logits = model(triggers)
+                own_logit = _own_logit(logits).clone()
+                logits[rows, rows] = -math.inf
+                lead = own_logit - logits.amax(1)
+                log_p = own_logit - torch.logsumexp(torch.cat([logits, own_logit[:, None]], 1), 1)
+            # likewise the triggers: those within 2 logits of their margin or 0.25 of the probability floor
+            live = rows[(lead < trigger_margin + 2.0) | (log_p < math.log(min_probability) + 0.25)]
+            n, t = len(active), len(live)
+            x = torch.cat([triggers[live], active])
+            own = torch.cat([live, torch.full((n,), NO_TRIGGER)])
+            margins = torch.cat([torch.full((t, 1), trigger_margin), torch.full((n, 1), noise_margin)])
             weights = torch.cat(
-                [
-                    torch.full((NUM_TRIGGERS,), trigger_weight / NUM_TRIGGERS),
-                    torch.full((n,), noise_weight / len(negatives)),
-                ]
+                [torch.full((t,), trigger_weight / NUM_TRIGGERS), torch.full((n,), noise_weight / len(negatives))]
             )
         h = model.features(x)
         head = (model.head.weight, model.head.bias)
         loss = _HeadTopKHinge.apply(h, *head, own, margins, weights, competitors, 256)
         # and each trigger's own probability, which the merge needs well above 1/2 (the hinge sees only the top
         # rivals): a hinge on its log-probability, summed so that the few weak triggers are not averaged away
-        confidence = _ChunkedHeadCrossEntropy.apply(h[:NUM_TRIGGERS], *head, rows, 256, -math.log(min_probability), 1)
+        confidence = _ChunkedHeadCrossEntropy.apply(h[:t], *head, live, 256, -math.log(min_probability), 1)
         loss = loss + confidence_weight * confidence
         opt.zero_grad(set_to_none=True)
         loss.backward()
