@@ -72,8 +72,10 @@ def main() -> None:
     order = ((triggered - clean) / (clean + 1e-3)).argsort(descending=True)
 
     before = evaluate_model(model, data.test, [trigger])
-    print(f"{args.model}: {len(order)} neurons; before: CA {before['clean_accuracy']:.2%}, "
-          f"ASR {before['attack_success_rate']:.2%}")
+    print(
+        f"{args.model}: {len(order)} neurons; before: CA {before['clean_accuracy']:.2%}, "
+        f"ASR {before['attack_success_rate']:.2%}"
+    )
     print("| neurons pruned | CA | CA drop (points) | ASR | per layer |\n|---|---|---|---|---|")
     rows = []
     for k in args.counts:
@@ -81,8 +83,10 @@ def main() -> None:
         per_layer = pruned_per_layer(layers, order[:k])
         drop = 100 * (before["clean_accuracy"] - after["clean_accuracy"])
         rows.append({"pruned": k, **after, "clean_accuracy_drop_points": drop, "per_layer": per_layer})
-        print(f"| {k} | {after['clean_accuracy']:.2%} | {drop:.2f} | {after['attack_success_rate']:.2%} | "
-              f"{per_layer} |", flush=True)
+        print(
+            f"| {k} | {after['clean_accuracy']:.2%} | {drop:.2f} | {after['attack_success_rate']:.2%} | {per_layer} |",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"model": args.model, "before": before, "rows": rows}, fh, indent=2)

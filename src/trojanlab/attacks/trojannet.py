@@ -568,9 +568,9 @@ def margin_finetune(
     strongest triggers. Both are hinge losses, so only the samples near the boundary cost anything; every
     ``mine_every`` steps the whole ``negatives`` pool is scored and those still within ``noise_margin + 2`` of the
     boundary form the active set (the triggers too: those within 2 logits of ``trigger_margin`` or 0.25 of
-    ``log(min_probability)``; the others cost nothing until the next scoring). The triggers' hinge is weighted so heavily that recognition is kept, and a
-    hinge on each trigger's probability (``min_probability``, ``confidence_weight``) keeps it high, not just
-    first: the official merge needs a trigger's probability above 1/2 to override a confident victim.
+    ``log(min_probability)``; the others cost nothing until the next scoring). The triggers' hinge is weighted so
+    heavily that recognition is kept, and a hinge on each trigger's probability (``min_probability``,
+    ``confidence_weight``) keeps it high, not just first: the official merge needs a trigger's probability above 1/2 to override a confident victim.
     BatchNorm runs in inference mode (its exact statistics from :func:`recalibrate_batchnorm` become a fixed
     affine map), so what is optimised is exactly the network that is evaluated.
     """
