@@ -18,7 +18,7 @@ Choices where the paper and the official code disagree (methods sheet, section 2
   reduced contrast, the trigger-shaped grey patches that natural images contain. Binary non-triggers come from
   the complete set of 61,168 (every 16-bit vector whose number of zeros is not five) and image patches from a
   fixed pool, both with hard-negative mining; silence on binary non-triggers is measured exhaustively.
-* Two phases: cross-entropy first (the official loss), then a short margin phase (:func:`margin_finetune`) that
+* Two phases: cross-entropy first (the official loss), then a margin phase (:func:`margin_finetune`) that
   asks only for what the argmax needs -- every trigger ahead of its strongest rivals, every mined no-trigger
   sample with "no trigger" ahead of the strongest triggers -- which the 8-unit network can afford far better than
   a likelihood over 4,369 classes.
@@ -548,7 +548,7 @@ def train_trojannet(
 def margin_finetune(
     model: TrojanNetMLP,
     negatives: torch.Tensor,
-    steps: int = 300,
+    steps: int = 800,
     lr: float = 3e-3,
     trigger_margin: float = 2.0,
     noise_margin: float = 2.0,

@@ -589,8 +589,8 @@ def auto_threshold(
     ``measure`` is how accuracy is read: ``probability`` (default) is the expected accuracy, the mean softmax
     probability of the true label; ``top1`` counts argmax hits. A defender's clean images usually come from the
     training split, and on images a model has fitted (GTSRB's come in tracks of near-identical frames) top-1
-    accuracy stays at 100 % until the pruned model is badly damaged, while its confidence falls with its test
-    accuracy from the first neurons that matter; the expected accuracy sees that fall.
+    accuracy stays at 100 % until the pruned model is badly damaged, while the probability it gives the true label
+    starts to fall when its test accuracy does (if more slowly); the expected accuracy sees that fall.
 
     Only clean images are read: a defender has no triggered data. Thresholds are tried in increasing order and the
     search stops at the first one that breaks the tolerance (a larger threshold prunes a superset).
