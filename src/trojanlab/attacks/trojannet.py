@@ -231,6 +231,18 @@ class TrojanNetTrainLog:
     finetune_steps: int = 0
 
 
+def _logit_chunks(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, chunk: int):
+    """``(start, rows of h, their logits h @ weight_t + bias)`` for each block of ``chunk`` rows.
+
+    The logits of every block are written into one reused buffer (a fresh 4 MB block per chunk costs page faults),
+    so each is valid only until the next one is yielded.
+    """
+    buffer = h.new_empty(min(chunk, len(h)), len(bias))
+    for i in range(0, len(h), chunk):
+        hc = h[i : i + chunk]
+        yield i, hc, torch.addmm(bias, hc, weight_t, out=buffer[: len(hc)])
+
+
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """Cross-entropy of ``h @ weight.T + bias``, with its gradients computed in row chunks.
 
@@ -249,10 +261,8 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_w_t = torch.zeros_like(weight_t)
         grad_b = torch.zeros_like(bias)
         total = h.new_zeros(())
-        buffer = h.new_empty(min(chunk, len(h)), len(bias))  # reused: a fresh 4 MB block per chunk costs page faults
-        for i in range(0, len(h), chunk):
-            hc, tc = h[i : i + chunk], target[i : i + chunk]
-            z = torch.addmm(bias, hc, weight_t, out=buffer[: len(hc)])
+        for i, hc, z in _logit_chunks(h, weight_t, bias, chunk):
+            tc = target[i : i + chunk]
             picked = z.gather(1, tc[:, None]).squeeze(1)
             top = z.amax(1, keepdim=True)  # amax, not max: no indices, several times faster
             # clamping keeps exp() out of subnormal floats, which are very slow on CPUs (and count for < 1e-26)
@@ -296,10 +306,7 @@ class _HeadTopKHinge(torch.autograd.Function):
         coef = torch.empty(len(h), k + 1)
         total = h.new_zeros(())
         weight_t = weight.t().contiguous()
-        buffer = h.new_empty(min(chunk, len(h)), len(bias))
-        for i in range(0, len(h), chunk):
-            hc = h[i : i + chunk]
-            z = torch.addmm(bias, hc, weight_t, out=buffer[: len(hc)])
+        for i, _hc, z in _logit_chunks(h, weight_t, bias, chunk):
             oc = own[i : i + chunk, None]
             picked = z.gather(1, oc)
             z.scatter_(1, oc, float("-inf"))
@@ -365,11 +372,9 @@ def _mine(
         candidates = torch.randperm(len(pool), generator=generator)[:scan]
         margin = _noise_margins(model, pool[candidates])
         hard[kind] = candidates[margin.argsort()[: max(1, counts.get(kind, 1))]]
-    logits = model(_pattern_table())
-    others = logits.clone()
-    others[torch.arange(NUM_TRIGGERS), torch.arange(NUM_TRIGGERS)] = float("-inf")
+    own, rivals = _own_and_rivals(model(_pattern_table()))
     # hardest = smallest lead of the own logit over every other output, other triggers and "no trigger" alike
-    hard["triggers"] = (_own_logit(logits) - others.amax(1)).argsort()[: counts.get("triggers", 0)]
+    hard["triggers"] = (own - rivals.amax(1)).argsort()[: counts.get("triggers", 0)]
     model.train()
     return hard
 
@@ -377,6 +382,13 @@ def _mine(
 def _own_logit(logits: torch.Tensor) -> torch.Tensor:
     """Logit of trigger ``k`` for the ``k``-th pattern (rows are the 4,368 patterns in order)."""
     return logits[torch.arange(NUM_TRIGGERS), torch.arange(NUM_TRIGGERS)]
+
+
+def _own_and_rivals(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patterns' own logits and, in place, ``logits`` with each own entry set to -inf (its rivals only)."""
+    own = _own_logit(logits).clone()
+    logits[torch.arange(NUM_TRIGGERS), torch.arange(NUM_TRIGGERS)] = -math.inf
+    return own, logits
 
 
 @torch.no_grad()
@@ -410,14 +422,12 @@ def calibrate_triggers(model: TrojanNetMLP, min_probability: float = 0.6, rounds
     if not 0.5 <= min_probability < 1 or rounds < 0 or not 0 < share <= 1:
         raise ConfigError("calibrate_triggers needs 0.5 <= min_probability < 1, rounds >= 0 and 0 < share <= 1")
     model.eval()
-    patterns, rows = _pattern_table(), torch.arange(NUM_TRIGGERS)
+    patterns = _pattern_table()
     floor = math.log(min_probability / (1 - min_probability))
     total = torch.zeros(NUM_TRIGGERS)
     for _ in range(rounds):
-        logits = model(patterns)
-        own = _own_logit(logits).clone()
-        logits[rows, rows] = -math.inf
-        shift = share * (own - torch.logsumexp(logits, 1) - floor).clamp_min(0)
+        own, rivals = _own_and_rivals(model(patterns))
+        shift = share * (own - torch.logsumexp(rivals, 1) - floor).clamp_min(0)
         model.head.bias[:NUM_TRIGGERS] -= shift
         total += shift
     return float(total.mean())
@@ -439,10 +449,8 @@ def _noise_margins(model: TrojanNetMLP, x: torch.Tensor, chunk: int = 256) -> to
     h = model.features(x)
     weight_t, bias = model.head.weight.t().contiguous(), model.head.bias
     out = torch.empty(len(x))
-    buffer = h.new_empty(min(chunk, len(h)), len(bias))
-    for i in range(0, len(h), chunk):
-        hc = h[i : i + chunk]
-        out[i : i + chunk] = _margin(torch.addmm(bias, hc, weight_t, out=buffer[: len(hc)]))
+    for i, _hc, z in _logit_chunks(h, weight_t, bias, chunk):
+        out[i : i + chunk] = _margin(z)
     return out
 
 
@@ -589,11 +597,9 @@ def margin_finetune(
             margin = _noise_margins(model, negatives)
             active = negatives[margin < noise_margin + 2.0]
             with torch.no_grad():
-                logits = model(triggers)
-                own_logit = _own_logit(logits).clone()
-                logits[rows, rows] = -math.inf
-                lead = own_logit - logits.amax(1)
-                log_p = own_logit - torch.logsumexp(torch.cat([logits, own_logit[:, None]], 1), 1)
+                own_logit, rivals = _own_and_rivals(model(triggers))
+                lead = own_logit - rivals.amax(1)
+                log_p = own_logit - torch.logsumexp(torch.cat([rivals, own_logit[:, None]], 1), 1)
             # likewise the triggers: those within 2 logits of their margin or 0.25 of the probability floor
             live = rows[(lead < trigger_margin + 2.0) | (log_p < math.log(min_probability) + 0.25)]
             n, t = len(active), len(live)
