@@ -729,8 +729,8 @@ def _defender_data(args: argparse.Namespace, data, spec: dict[str, Any] | None =
     return clean, fit, holdout
 
 
-def _test_curve(args, model, prune, data, triggers, masks) -> list[dict[str, Any]]:
-    """CA and ASR on a test subset after pruning at each threshold of the official grid (report only)."""
+def _test_curve(args, prune, data, triggers, masks, grid) -> list[dict[str, Any]]:
+    """CA and ASR on a test subset after pruning at each threshold of ``grid`` (report only)."""
     from .defenses import anp
     from .evaluation import evaluate_model
 
@@ -738,7 +738,7 @@ def _test_curve(args, model, prune, data, triggers, masks) -> list[dict[str, Any
     if args.curve_images and args.curve_images < len(test):
         test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), args.curve_images, False)))
     curve = []
-    for threshold in anp.THRESHOLD_GRID:
+    for threshold in grid:
         index = anp.select_by_rule(masks, "threshold", threshold)
         metrics = evaluate_model(prune(index), test, triggers, device=args.device)
         point = {"threshold": threshold, "pruned": len(index), "fraction": len(index) / len(masks)}
@@ -752,6 +752,65 @@ def _test_curve(args, model, prune, data, triggers, masks) -> list[dict[str, Any
 ANP_PROFILES = {"paper": {"iterations": 2000, "batch_size": 128}, "fast": {"iterations": 500, "batch_size": 64}}
 
 
+def _anp_masks(args: argparse.Namespace, model, fit, loaded, out: Path):
+    from .defenses import anp
+
+    cfg = anp.ANPConfig(
+        eps=args.eps,
+        steps=args.anp_steps,
+        alpha=args.alpha,
+        lr=args.lr,
+        momentum=args.momentum,
+        batch_size=args.batch_size or ANP_PROFILES[args.profile]["batch_size"],
+        iterations=args.iterations or ANP_PROFILES[args.profile]["iterations"],
+        augment=not args.no_augment,
+        train_mode=args.train_mode,
+        include_classifier=args.include_classifier,
+        seed=args.seed,
+    )
+    return anp.optimize_masks(model, fit, cfg, loaded.num_classes, args.device, out / "checkpoint", not args.quiet)
+
+
+def _guided_ranking(args: argparse.Namespace, model, fit, loaded, result: dict[str, Any]):
+    """``(neurons, rank masks)`` of the nc-guided variant, masks ``None`` when no label is flagged or given; what it
+    read goes into ``result["guide"]``."""
+    from .data import to_tensor
+    from .defenses import anp, guided
+    from .detection import neural_cleanse as nc
+
+    if not args.reversed_triggers:
+        raise TrojanlabError("--variant nc-guided needs --reversed-triggers (a `trojanlab detect nc` output folder)")
+    scan = Path(args.reversed_triggers)
+    labels = args.guide_labels
+    if labels is None:
+        try:
+            labels = json.loads((scan / "result.json").read_text())["flagged_labels"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise TrojanlabError(f"{scan}: cannot read the flagged labels of a Neural Cleanse scan ({exc})") from exc
+    bad = [label for label in labels if not 0 <= label < loaded.num_classes]
+    if bad:
+        raise TrojanlabError(f"--guide-labels {bad} are out of range for a {loaded.num_classes}-class model")
+    probe = to_tensor(fit.x[:2]).to(args.device)
+    layers = anp.find_neurons(model, probe, loaded.num_classes, args.include_classifier)
+    result["guide"] = {"reversed_triggers": str(scan), "labels": [int(label) for label in labels]}
+    if not labels:  # as the Neural Cleanse mitigation (and BackdoorBench): nothing flagged, nothing repaired
+        return layers, None
+    reversed_triggers = nc.load_reversed(scan / "reversed_triggers.safetensors", labels)
+    for trigger in reversed_triggers:
+        trigger.check_fits(*probe.shape[-2:])  # a scan of another model's images: a clear error, not a shape clash
+    scores = guided.trigger_scores(model, layers, fit, reversed_triggers, args.device)
+    describe = anp.NeuronPerturbation(layers).describe
+    result["guide"].update(
+        score="largest relative rise of the mean activation under a reversed trigger, (stamped - clean) / (clean + "
+        "1e-3), on the defender's fitting images of other labels",
+        highest=[
+            {"index": i, "layer": describe(i)[0], "neuron": describe(i)[1], "score": float(scores[i])}
+            for i in torch.argsort(-scores, stable=True)[:20].tolist()
+        ],
+    )
+    return layers, guided.rank_masks(scores)
+
+
 def cmd_defend_anp(args: argparse.Namespace) -> None:
     import time
 
@@ -760,7 +819,7 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
     from .models import load_model, save_model
 
     _seed_everything(args.seed)
-    if args.variant == "anp" and args.prune != "auto" and args.prune_value is None:
+    if args.variant != "subnetwork" and args.prune != "auto" and args.prune_value is None:
         raise TrojanlabError(f"--prune {args.prune} needs --prune-value")
     loaded = load_model(args.model, device=args.device)
     data = _model_data(args, loaded.spec)
@@ -813,90 +872,108 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
         spec = dict(loaded.spec["victim"]) if decision["removed"] == "trojannet" else dict(loaded.spec)
         spec["triggers"] = loaded.spec.get("triggers", [])
     else:
-        cfg = anp.ANPConfig(
-            eps=args.eps,
-            steps=args.anp_steps,
-            alpha=args.alpha,
-            lr=args.lr,
-            momentum=args.momentum,
-            batch_size=args.batch_size or ANP_PROFILES[args.profile]["batch_size"],
-            iterations=args.iterations or ANP_PROFILES[args.profile]["iterations"],
-            augment=not args.no_augment,
-            train_mode=args.train_mode,
-            include_classifier=args.include_classifier,
-            seed=args.seed,
-        )
-        masks = anp.optimize_masks(
-            model, fit, cfg, loaded.num_classes, args.device, out / "checkpoint", progress=not args.quiet
-        )
-        result["premise"] = anp.collapse_check(model, masks.layers, holdout, cfg.eps, args.seed, args.device)
         selecting = time.perf_counter()
-        if args.prune == "auto":
-            threshold, holdout_curve = anp.auto_threshold(
-                model,
+        if args.variant == "nc-guided":
+            from .defenses import guided
+
+            layers, values = _guided_ranking(args, model, fit, loaded, result)
+            unguided = values is None
+            if unguided:
+                values = torch.ones(sum(layer.size for layer in layers), dtype=torch.float64)
+            grid, mask_seconds = guided.GUIDED_GRID, time.perf_counter() - selecting
+        else:
+            masks = _anp_masks(args, model, fit, loaded, out)
+            layers, values, grid, mask_seconds, unguided = (
                 masks.layers,
                 masks.masks,
+                anp.THRESHOLD_GRID,
+                masks.seconds,
+                False,
+            )
+            result["premise"] = anp.collapse_check(
+                model, masks.layers, holdout, masks.config["eps"], args.seed, args.device
+            )
+        selecting = time.perf_counter()
+        if unguided:
+            threshold, index = None, torch.zeros(0, dtype=torch.long)
+            rule = (
+                "none: Neural Cleanse flagged no label and none was given, so nothing is pruned (the model is "
+                "returned unchanged, as the Neural Cleanse mitigation and BackdoorBench do)"
+            )
+        elif args.prune == "auto":
+            threshold, holdout_curve = anp.auto_threshold(
+                model,
+                layers,
+                values,
                 holdout,
                 args.tolerance,
+                grid=grid,
                 prune_bias=args.prune_bias,
                 device=args.device,
                 measure=args.auto_measure,
+                jitter=args.auto_jitter,
+                seed=args.seed,
             )
-            index = anp.select_by_rule(masks.masks, "threshold", threshold)
+            index = anp.select_by_rule(values, "threshold", threshold)
             measured = (
                 "expected accuracy (mean probability of the true label)"
                 if args.auto_measure == "probability"
                 else "top-1 accuracy"
             )
+            scored = (
+                f"{args.auto_jitter} jittered copies of {len(holdout)} held-out clean images"
+                if args.auto_jitter
+                else f"{len(holdout)} held-out clean images"
+            )
+            what = "threshold" if args.variant == "anp" else "fraction of neurons (ranked by the reversed triggers)"
             rule = (
-                f"auto: the largest threshold of {anp.THRESHOLD_GRID[0]}, {anp.THRESHOLD_GRID[1]}, ..., "
-                f"{anp.THRESHOLD_GRID[-1]} whose pruned model keeps the {measured} on {len(holdout)} held-out "
-                f"clean images within {args.tolerance:.1%} of the unpruned model (chosen {threshold:g})"
+                f"auto: the largest {what} of {grid[0]}, {grid[1]}, ..., {grid[-1]} whose pruned model keeps the "
+                f"{measured} on {scored} within {args.tolerance:.1%} of the unpruned model (chosen {threshold:g})"
             )
             result["holdout_curve"] = holdout_curve
         else:
             threshold = args.prune_value if args.prune == "threshold" else None
-            index = anp.select_by_rule(masks.masks, args.prune, args.prune_value)
+            index = anp.select_by_rule(values, args.prune, args.prune_value)
             rule = f"{args.prune} {args.prune_value:g}"
         selection_seconds = time.perf_counter() - selecting
-        pruned = anp.prune_neurons(model, masks.layers, index, args.prune_bias)
-        anp.save_masks(masks, out / "masks.safetensors")
-        table = masks.mask_table()
-        write_json(out / "mask_values.json", table)
-        files += ["masks.safetensors", "mask_values.json", "mask_histogram.png"]
-        anp.plot_masks(masks.masks, out / "mask_histogram.png", threshold)
+        pruned = anp.prune_neurons(model, layers, index, args.prune_bias)
         result.update(
             rule=rule,
             threshold=threshold,
-            neurons=masks.masks.numel(),
-            neuron_layers=[layer.to_json() for layer in masks.layers],
+            neurons=values.numel(),
+            neuron_layers=[layer.to_json() for layer in layers],
             pruned=len(index),
-            pruned_fraction=len(index) / masks.masks.numel(),
-            pruned_per_layer=anp.pruned_per_layer(masks.layers, index),
-            mask_values={
-                "lowest": table[:20],
-                "mean": float(masks.masks.mean()),
-                "below_0.2": sum(r["mask"] <= 0.2 for r in table),
-            },
-            mask_seconds=masks.seconds,
-            selection_seconds=selection_seconds,
-            samples=masks.samples,
-            official_recipe_samples=anp.ANPConfig().passes(),
-            history=masks.history,
-            config=masks.config,
-            defense_seconds=masks.seconds + selection_seconds,
+            pruned_fraction=len(index) / values.numel(),
+            pruned_per_layer=anp.pruned_per_layer(layers, index),
         )
-        if not args.no_curve:
+        if args.variant == "anp":
+            anp.save_masks(masks, out / "masks.safetensors")
+            table = masks.mask_table()
+            write_json(out / "mask_values.json", table)
+            files += ["masks.safetensors", "mask_values.json", "mask_histogram.png"]
+            anp.plot_masks(masks.masks, out / "mask_histogram.png", threshold)
+            result.update(
+                mask_values={
+                    "lowest": table[:20],
+                    "mean": float(masks.masks.mean()),
+                    "below_0.2": sum(r["mask"] <= 0.2 for r in table),
+                },
+                samples=masks.samples,
+                official_recipe_samples=anp.ANPConfig().passes(),
+                history=masks.history,
+                config=masks.config,
+            )
+        result.update(
+            mask_seconds=mask_seconds,
+            selection_seconds=selection_seconds,
+            defense_seconds=mask_seconds + selection_seconds,
+        )
+        if not args.no_curve and not unguided:
             curve = _test_curve(
-                args,
-                model,
-                lambda idx: anp.prune_neurons(model, masks.layers, idx, args.prune_bias),
-                data,
-                triggers,
-                masks.masks,
+                args, lambda idx: anp.prune_neurons(model, layers, idx, args.prune_bias), data, triggers, values, grid
             )
             result["test_curve"] = curve
-            anp.plot_pruning_curve(curve, out / "pruning_curve.png", len(index) / masks.masks.numel())
+            anp.plot_pruning_curve(curve, out / "pruning_curve.png", len(index) / values.numel())
             files.append("pruning_curve.png")
         spec = dict(loaded.spec)
     after = evaluate_model(pruned, data.test, triggers, device=args.device)
@@ -913,7 +990,7 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
     line = f"ANP ({args.variant}): clean accuracy {before['clean_accuracy']:.4f} -> {after['clean_accuracy']:.4f}"
     if "attack_success_rate" in before:
         line += f", ASR {before['attack_success_rate']:.4f} -> {after['attack_success_rate']:.4f}"
-    if args.variant == "anp":
+    if args.variant != "subnetwork":
         line += f"; pruned {result['pruned']} of {result['neurons']} neurons ({result['rule']})"
     else:
         line += f"; {result['decision'].get('note', '')}"
@@ -1206,9 +1283,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True)
     f.add_argument(
         "--variant",
-        choices=["anp", "subnetwork"],
+        choices=["anp", "subnetwork", "nc-guided"],
         default="anp",
-        help="neuron masks, or the thesis's two-part perturbation/de-perturbation scores (TrojanNet-injected models)",
+        help="neuron masks; the thesis's two-part perturbation/de-perturbation scores (TrojanNet-injected models); or "
+        "no masks, ANP's neurons ranked by how much Neural Cleanse's reversed triggers excite them (nc-guided)",
+    )
+    f.add_argument(
+        "--reversed-triggers",
+        default=None,
+        help="nc-guided: a `trojanlab detect nc` output folder (its reversed_triggers.safetensors and result.json)",
+    )
+    f.add_argument(
+        "--guide-labels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="nc-guided: the reversed triggers to rank with (default: the labels the scan flagged)",
     )
     f.add_argument("--prune", choices=["auto", "threshold", "fraction", "count"], default="auto")
     f.add_argument("--prune-value", type=float, default=None, help="the threshold, fraction or count of --prune")
@@ -1216,9 +1306,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--auto-measure",
         choices=("probability", "top1"),  # anp.AUTO_MEASURES (the parser does not import torch)
-        default="probability",
-        help="auto: held-out accuracy read as the mean probability of the true label (default; top-1 accuracy "
-        "saturates on training-split images) or as top-1 accuracy",
+        default="top1",
+        help="auto: held-out accuracy read as top-1 accuracy (default) or as the mean probability of the true label",
+    )
+    f.add_argument(
+        "--auto-jitter",
+        type=int,
+        default=8,
+        help="auto: score this many jittered copies (shift, brightness, contrast, noise) of each held-out image, "
+        "whose accuracy falls with test accuracy where the memorised images' own does not; 0 scores the images",
     )
     f.add_argument("--prune-bias", action="store_true", help="also zero a pruned neuron's bias (output exactly 0)")
     f.add_argument("--clean-fraction", type=float, default=0.01, help="defender's share of the training split")

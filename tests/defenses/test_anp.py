@@ -158,14 +158,35 @@ def test_rules_and_the_automatic_rule_reads_only_clean_held_out_images():
     holdout = _images(20, seed=5)
     seen = []
     handle = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
-    threshold, curve = anp.auto_threshold(model, layers, masks, holdout, tolerance=0.0)
+    for jitter in (0, 3):
+        seen.clear()
+        threshold, curve = anp.auto_threshold(model, layers, masks, holdout, tolerance=0.0, jitter=jitter, seed=4)
+        x = to_tensor(holdout.x)
+        expected = anp.jitter_images(x, jitter, torch.Generator().manual_seed(4)) if jitter else x
+        # every image the rule looked at is a held-out clean image or its jittered copy (the pruned deep copies
+        # carry the recording hook)
+        assert seen and all(torch.equal(batch, expected) for batch in seen)
+        assert threshold in anp.THRESHOLD_GRID or threshold == -1.0
+        assert [c["threshold"] for c in curve] == list(anp.THRESHOLD_GRID[: len(curve)])
+        assert all(c["pruned"] <= d["pruned"] for c, d in itertools.pairwise(curve))
     handle.remove()
-    expected = to_tensor(holdout.x)
-    # every image the rule looked at is a held-out clean image (the pruned deep copies carry the recording hook)
-    assert seen and all(torch.equal(batch, expected) for batch in seen)
-    assert threshold in anp.THRESHOLD_GRID or threshold == -1.0
-    assert [c["threshold"] for c in curve] == list(anp.THRESHOLD_GRID[: len(curve)])
-    assert all(c["pruned"] <= d["pruned"] for c, d in itertools.pairwise(curve))
+
+
+def test_jittered_copies_keep_shape_and_range_and_follow_the_seed():
+    # six smooth images (one low-frequency wave each), as natural images are at the scale of a few pixels
+    grid = torch.arange(32.0)
+    waves = [torch.sin(2 * torch.pi * (i % 3 + 1) * (grid[:, None] * (i // 3) + grid[None, :]) / 64) for i in range(6)]
+    x = (0.5 + 0.4 * torch.stack(waves))[:, None].expand(6, 3, 32, 32).contiguous()
+    a = anp.jitter_images(x, 4, torch.Generator().manual_seed(0))
+    b = anp.jitter_images(x, 4, torch.Generator().manual_seed(0))
+    c = anp.jitter_images(x, 4, torch.Generator().manual_seed(1))
+    assert a.shape == (24, *x.shape[1:]) and torch.equal(a, b) and not torch.equal(a, c)
+    assert 0 <= float(a.min()) and float(a.max()) <= 1
+    # each copy is a mild change of its image: closer to it than to the other images
+    dist = torch.cdist(a.flatten(1), x.flatten(1))
+    assert torch.equal(dist.argmin(1), torch.arange(6).repeat(4))
+    with pytest.raises(ConfigError, match="copies"):
+        anp.jitter_images(x, 0, torch.Generator())
 
 
 def test_the_automatic_rule_reads_the_measure_it_is_given():
@@ -183,7 +204,9 @@ def test_the_automatic_rule_reads_the_measure_it_is_given():
     key = {"top1": "holdout_accuracy", "probability": "holdout_probability"}
     for measure in anp.AUTO_MEASURES:
         tolerance = 0.005
-        threshold, curve = anp.auto_threshold(model, layers, masks, holdout, tolerance=tolerance, measure=measure)
+        threshold, curve = anp.auto_threshold(
+            model, layers, masks, holdout, tolerance=tolerance, measure=measure, jitter=0
+        )
         drops = [base[measure] - c[key[measure]] for c in curve]
         # the rule keeps every threshold up to the first that breaks the tolerance in *its* measure, and stops there
         kept = [c["threshold"] for c, d in zip(curve, drops) if d <= tolerance + 1e-12]
@@ -318,3 +341,93 @@ def test_cli_refuses_bad_input(backdoored, tmp_path, capsys):
     assert main([*argv, "--model", str(backdoored), *sub]) == 2
     assert "TrojanNet" in capsys.readouterr().err
     assert not (tmp_path / "x" / "result.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- nc-guided variant
+
+
+def _white_square_detector() -> nn.Module:
+    """Conv 1x1 with four channels: channel 0 fires only on near-white pixels (sum of RGB > 2.7), the others on any."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0] * 3, [0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5]]).view(4, 3, 1, 1))
+        net[0].bias.copy_(torch.tensor([-2.7, 0.0, 0.0, 0.0]))
+    return net.eval()
+
+
+def test_guided_scores_rank_first_the_unit_the_trigger_switches_on():
+    from trojanlab.defenses import guided
+    from trojanlab.triggers import Trigger
+
+    model = _white_square_detector()
+    rng = np.random.default_rng(0)
+    clean = ImageSet(rng.integers(0, 200, (12, 32, 32, 3), dtype=np.uint8), np.arange(12) % 4)  # never near white
+    x = to_tensor(clean.x)
+    layers = anp.find_neurons(model, x[:2], num_classes=4)
+    assert [(layer.kind, layer.size) for layer in layers] == [("conv", 4)]
+    white = Trigger(np.ones((4, 4)), (28, 28), 3)
+    scores = guided.trigger_scores(model, layers, clean, [white])
+    assert int(scores.argmax()) == 0 and float(scores[0]) > 10 * float(scores[1:].abs().max())
+    assert guided.mean_activations(model, layers, x)[0] == 0  # silent on clean images, excited by the square
+    masks = guided.rank_masks(torch.tensor([0.1, 5.0, -1.0, 2.0]))
+    assert masks.tolist() == [0.625, 0.125, 0.875, 0.375]
+    assert anp.select_by_rule(masks, "threshold", 0.5).tolist() == [1, 3]
+    # a grid fraction prunes exactly that share of the ranking
+    n = 960
+    many = guided.rank_masks(torch.randn(n, generator=torch.Generator().manual_seed(0)))
+    assert [len(anp.select_by_rule(many, "threshold", f)) for f in guided.GUIDED_GRID] == [
+        int(f * n + 0.5) for f in guided.GUIDED_GRID
+    ]
+    with pytest.raises(ConfigError, match="at least one reversed trigger"):
+        guided.trigger_scores(model, layers, clean, [])
+
+
+def _reversed_scan(folder, labels, flagged, image=32):
+    """A `detect nc` folder whose reversed trigger of every label is the 4x4 white square at rows/cols 27-30."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    masks = torch.zeros(len(labels), image, image)
+    masks[:, 27:31, 27:31] = 1
+    save_file(
+        {"masks": masks, "patterns": torch.ones(len(labels), 3, image, image)},
+        str(folder / "reversed_triggers.safetensors"),
+        metadata={"labels": json.dumps(labels), "l1_norms": json.dumps([16.0] * len(labels))},
+    )
+    (folder / "result.json").write_text(json.dumps({"flagged_labels": flagged}))
+    return folder
+
+
+def test_cli_nc_guided_variant_prunes_what_the_reversed_trigger_excites(backdoored, tmp_path, capsys):
+    scan = _reversed_scan(tmp_path / "nc", list(range(5)), [2])
+    out = tmp_path / "guided"
+    argv = ["defend", "anp", "--model", str(backdoored), "--data", str(GTSRB5), "--out", str(out), "--quiet"]
+    guided_args = ["--variant", "nc-guided", "--clean-fraction", "0.3", "--curve-images", "100"]
+    assert main([*argv, *guided_args, "--reversed-triggers", str(scan)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["variant"] == "nc-guided" and result["guide"]["labels"] == [2]
+    assert result["neurons"] == 960 and result["rule"].startswith("auto: the largest fraction")
+    assert result["pruned"] == int(result["threshold"] * 960 + 0.5) == sum(result["pruned_per_layer"].values())
+    assert "premise" not in result and "masks.safetensors" not in result["files"]
+    # the ranking follows the trigger: pruning its first 20 % removes this small model's backdoor (92 % -> 0 % on
+    # the 100-image curve when written)
+    fifth = next(c for c in result["test_curve"] if c["threshold"] == 0.2)
+    assert result["before"]["attack_success_rate"] > 0.9 and fifth["attack_success_rate"] < 0.05
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "pruned"), "--data", str(GTSRB5), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["clean_accuracy"] == pytest.approx(result["after"]["clean_accuracy"])
+    # what a defender can get wrong is named
+    assert main([*argv, *guided_args]) == 2
+    assert "needs --reversed-triggers" in capsys.readouterr().err
+    # nothing flagged: the model comes back unchanged, and says why
+    silent = _reversed_scan(tmp_path / "nc-silent", list(range(5)), [])
+    assert main([*argv, *guided_args, "--reversed-triggers", str(silent)]) == 0
+    unchanged = json.loads((out / "result.json").read_text())
+    assert unchanged["pruned"] == 0 and "flagged no label" in unchanged["rule"]
+    assert unchanged["after"]["attack_success_rate"] == unchanged["before"]["attack_success_rate"]
+    assert main([*argv, *guided_args, "--reversed-triggers", str(scan), "--guide-labels", "7"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    partial = _reversed_scan(tmp_path / "nc-partial", [0, 1], [1])
+    assert main([*argv, *guided_args, "--reversed-triggers", str(partial), "--guide-labels", "3"]) == 2
+    assert "were not scanned" in capsys.readouterr().err

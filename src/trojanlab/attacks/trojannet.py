@@ -204,6 +204,8 @@ class TrojanNetTrainConfig:
     finetune_steps: int = 800
     finetune_lr: float = 3e-3
     finetune_pool: int = 100_000  # grey, uniform and faded-trigger samples each (plus binary and patches)
+    # weight of each kind's samples in the fine-tuning hinge (kinds left out weigh 1)
+    finetune_weights: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -220,6 +222,9 @@ class TrojanNetTrainConfig:
             raise ConfigError(f"trigger_calibration must be >= 0 rounds, got {self.trigger_calibration}")
         if self.finetune_steps < 0 or self.finetune_lr <= 0 or self.finetune_pool < 1:
             raise ConfigError("TrojanNetTrainConfig needs finetune_steps >= 0, finetune_lr > 0, finetune_pool >= 1")
+        bad = {k: v for k, v in self.finetune_weights.items() if k not in TRAIN_NOISE_KINDS or not v > 0}
+        if bad:
+            raise ConfigError(f"finetune_weights must give positive weights to kinds of {TRAIN_NOISE_KINDS}, got {bad}")
 
 
 @dataclass
@@ -535,12 +540,15 @@ def train_trojannet(
             progress(step + 1, cfg.steps, loss_value)
     recalibrate_batchnorm(model, calibration)
     if cfg.finetune_steps:
-        pool = [pools[k] for k in ("binary", "image_patches") if k in pools]
-        pool += [grey_noise(cfg.finetune_pool, gen), uniform_noise(cfg.finetune_pool, gen)]
-        pool.append(faded_triggers(cfg.finetune_pool // 2, gen))
+        pool = {k: pools[k] for k in ("binary", "image_patches") if k in pools}
+        pool["grey"] = grey_noise(cfg.finetune_pool, gen)
+        pool["uniform"] = uniform_noise(cfg.finetune_pool, gen)
+        pool["faded_triggers"] = faded_triggers(cfg.finetune_pool // 2, gen)
+        weights = [torch.full((len(v),), float(cfg.finetune_weights.get(k, 1.0))) for k, v in pool.items()]
         samples += margin_finetune(
             model,
-            torch.cat(pool),
+            torch.cat(list(pool.values())),
+            negative_weights=torch.cat(weights) if cfg.finetune_weights else None,
             steps=cfg.finetune_steps,
             lr=cfg.finetune_lr,
             progress=None if progress is None else lambda i, n, v: progress(cfg.steps + i, cfg.steps + n, v),
@@ -566,6 +574,7 @@ def margin_finetune(
     min_probability: float = 0.6,
     competitors: int = 5,
     mine_every: int = 25,
+    negative_weights: torch.Tensor | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> int:
     """Fine-tune the whole MLP for margins instead of likelihood; returns the samples used.
@@ -586,6 +595,10 @@ def margin_finetune(
         raise ConfigError(
             f"margin_finetune needs a non-empty (N, 16) pool of no-trigger samples, got {tuple(negatives.shape)}"
         )
+    if negative_weights is None:
+        negative_weights = torch.ones(len(negatives))
+    if negative_weights.shape != (len(negatives),):
+        raise ConfigError(f"negative_weights needs one weight per negative, got {tuple(negative_weights.shape)}")
     model.eval()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -595,7 +608,8 @@ def margin_finetune(
     for step in range(steps):
         if step % mine_every == 0:  # the batch (active triggers + active negatives) only changes when re-mined
             margin = _noise_margins(model, negatives)
-            active = negatives[margin < noise_margin + 2.0]
+            near = margin < noise_margin + 2.0
+            active, active_weights = negatives[near], negative_weights[near]
             with torch.no_grad():
                 own_logit, rivals = _own_and_rivals(model(triggers))
                 lead = own_logit - rivals.amax(1)
@@ -607,7 +621,7 @@ def margin_finetune(
             own = torch.cat([live, torch.full((n,), NO_TRIGGER)])
             margins = torch.cat([torch.full((t, 1), trigger_margin), torch.full((n, 1), noise_margin)])
             weights = torch.cat(
-                [torch.full((t,), trigger_weight / NUM_TRIGGERS), torch.full((n,), noise_weight / len(negatives))]
+                [torch.full((t,), trigger_weight / NUM_TRIGGERS), active_weights * (noise_weight / len(negatives))]
             )
         h = model.features(x)
         head = (model.head.weight, model.head.bias)

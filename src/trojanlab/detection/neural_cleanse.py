@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -492,6 +492,30 @@ def save_reversed(result: NCResult, path: str | Path) -> Path:
     tensors = {"masks": result.masks.contiguous(), "patterns": result.patterns.contiguous()}
     meta = {"labels": json.dumps(result.labels), "l1_norms": json.dumps(result.l1_norms)}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_reversed(path: str | Path, labels: Sequence[int] | None = None) -> list[Trigger]:
+    """The reversed triggers of ``labels`` (default: every scanned label) from a :func:`save_reversed` file, as
+    full-image :class:`Trigger` objects (what :meth:`NCResult.trigger` gives)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no reversed triggers here (a `trojanlab detect nc` output folder holds them)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            scanned = json.loads(fh.metadata()["labels"])
+            masks, patterns = fh.get_tensor("masks"), fh.get_tensor("patterns")
+    except (SafetensorError, KeyError, ValueError, OSError) as exc:
+        raise ConfigError(f"{path}: not a reversed-trigger file ({exc})") from exc
+    wanted = scanned if labels is None else [int(label) for label in labels]
+    missing = [label for label in wanted if label not in scanned]
+    if missing:
+        raise ConfigError(f"{path}: labels {missing} were not scanned (scanned: {scanned})")
+    triggers = []
+    for label in wanted:
+        k = scanned.index(label)
+        pattern = patterns[k].permute(1, 2, 0).clamp(0, 1).numpy()
+        triggers.append(Trigger(pattern, (0, 0), label, mask=masks[k].clamp(0, 1).numpy(), name=f"nc-reversed-{label}"))
+    return triggers
 
 
 def save_scan_images(result: NCResult, out_dir: str | Path) -> list[str]:

@@ -7,7 +7,7 @@ detections and defenses that consumed it sit inside it::
     OUT/gtsrb/victim/                   trojanlab train                (+ detect-nc/ inside)
     OUT/gtsrb/trojannet/                trojanlab trojannet train
     OUT/gtsrb/attacks/trojannet-n8/     trojanlab attack trojannet     (+ detect-nc/, defend-anp/, defend-subnetwork/)
-    OUT/gtsrb/attacks/badnets/ ...      trojanlab attack badnets
+    OUT/gtsrb/attacks/badnets/ ...      trojanlab attack badnets       (+ detect-nc/, defend-anp/, defend-nc-guided/)
     OUT/transfer/victim/, OUT/transfer/attacks/trojannet-n1/defend-anp/, OUT/demo/, OUT/report/
 
 A stage writes ``stage.json`` with the fingerprint of its command line and of the stages it consumed. On a
@@ -261,9 +261,22 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
         argv = ["defend", "anp", "--model", path(target), "--data", data, "--iterations", str(a["iterations"]),
                 "--batch-size", str(a["batch_size"]), "--curve-images", str(a["curve_images"]),
                 "--clean-fraction", str(a.get("clean_fraction", 0.01)), "--auto-measure",
-                str(a.get("auto_measure", "probability")), "--seed", seed, "--quiet", *device]  # fmt: skip
+                str(a.get("auto_measure", "top1")), "--auto-jitter", str(a.get("auto_jitter", 8)), "--seed", seed,
+                "--quiet", *device]  # fmt: skip
         argv += ["--eps", str(a["eps"])] if a.get("eps") is not None else []
         stages.append(Stage(f"{target}/defend-anp", argv, deps=[target, *data_deps], title=f"ANP: {short}"))
+    for short in g["nc_guided"]["models"]:
+        target = model_stage(short, "nc_guided")
+        if short not in nc["models"]:
+            raise ConfigError(f"gtsrb.nc_guided.models: {short} needs its Neural Cleanse scan; add it to "
+                              "gtsrb.neural_cleanse.models")  # fmt: skip
+        argv = ["defend", "anp", "--variant", "nc-guided", "--reversed-triggers", path(f"{target}/detect-nc"),
+                "--model", path(target), "--data", data, "--curve-images", str(a["curve_images"]),
+                "--clean-fraction", str(a.get("clean_fraction", 0.01)), "--auto-measure",
+                str(a.get("auto_measure", "top1")), "--auto-jitter", str(a.get("auto_jitter", 8)), "--seed", seed,
+                "--quiet", *device]  # fmt: skip
+        stages.append(Stage(f"{target}/defend-nc-guided", argv, deps=[target, f"{target}/detect-nc", *data_deps],
+                            title=f"NC-guided pruning: {short}"))  # fmt: skip
     s = g["subnetwork"]
     for short in s["models"]:
         target = model_stage(short, "subnetwork")
@@ -308,7 +321,8 @@ def _transfer_stages(tr: dict[str, Any], out: Path, seed: str, device: list[str]
         stages.append(
             Stage(f"{name}/defend-anp", [*common, "--iterations", str(a["iterations"]), "--batch-size",
                   str(a["batch_size"]), "--clean-fraction", str(a["clean_fraction"]), "--curve-images",
-                  str(a["curve_images"]), "--auto-measure", str(a.get("auto_measure", "probability")),
+                  str(a["curve_images"]), "--auto-measure", str(a.get("auto_measure", "top1")),
+                  "--auto-jitter", str(a.get("auto_jitter", 8)),
                   *(["--eps", str(a["eps"])] if a.get("eps") is not None else [])],
                   deps=[name], title=f"5-class ANP: N_inf {n}")
         )  # fmt: skip

@@ -269,7 +269,11 @@ def _defense_row(res: _Results, name: str, stage: str) -> list[Cell | str] | Non
     if r is None:
         return None
     before, after = r["before"], r["after"]
-    if r.get("variant") == "subnetwork":
+    if r.get("variant") == "nc-guided":
+        labels = ", ".join(map(str, r.get("guide", {}).get("labels", []))) or "none flagged"
+        detail = f"{r['pruned']} / {r['neurons']} neurons (reversed trigger of {labels})"
+        variant = "NC-guided pruning"
+    elif r.get("variant") == "subnetwork":
         masks = r.get("mask_values", {})
         what = r.get("decision", {}).get("removed") or "nothing"
         detail = f"removed: {what}; masks " + ", ".join(f"{k} {v:.3f}" for k, v in masks.items())
@@ -285,7 +289,7 @@ def _defense_row(res: _Results, name: str, stage: str) -> list[Cell | str] | Non
 def table_anp(res: _Results, config: dict[str, Any]) -> Table:
     rows: list[Row] = []
     g = config["gtsrb"]
-    for variant, key in (("defend-anp", "anp"), ("defend-subnetwork", "subnetwork")):
+    for variant, key in (("defend-anp", "anp"), ("defend-nc-guided", "nc_guided"), ("defend-subnetwork", "subnetwork")):
         for short in g[key]["models"]:
             model = "gtsrb/victim" if short == "victim" else f"gtsrb/attacks/{short}"
             row = _defense_row(
@@ -454,6 +458,10 @@ def collect_figures(res: _Results, config: dict[str, Any], fig_dir: Path) -> lis
             caption = "CA and ASR against the fraction of neurons pruned (test split, for the report only)"
             wanted.append((f"{base}/pruning_curve.png", f"ANP pruning curve — {prefix} {short}", caption))
             wanted.append((f"{base}/mask_histogram.png", f"ANP mask values — {prefix} {short}", ""))
+        for short in config["gtsrb"]["nc_guided"]["models"] if prefix == "gtsrb" else []:
+            base = f"{prefix}/attacks/{short}/defend-nc-guided"
+            caption = "CA and ASR against the fraction of neurons pruned, in the reversed trigger's order (test split)"
+            wanted.append((f"{base}/pruning_curve.png", f"NC-guided pruning curve — {prefix} {short}", caption))
         for short in sub_models:
             base = f"{prefix}/attacks/{short}/defend-subnetwork"
             for what, fig in (("loss", "6.7/6.9"), ("robustness", "6.8/6.11"), ("sensitivity", "6.10/6.12")):
