@@ -33,6 +33,7 @@ TINY = [
     "gtsrb.trojannn.epochs=1",
     "gtsrb.neural_cleanse={models: [trojannet-n1], steps: 2}",
     "gtsrb.anp={models: [trojannet-n1], iterations: 3, batch_size: 8, curve_images: 40, clean_fraction: 0.2}",
+    "gtsrb.nc_guided.models=[]",
     "gtsrb.subnetwork={models: [trojannet-n1], cycles: 1, epochs: 1, monitor_images: 20, clean_fraction: 0.2}",
     "transfer.enabled=false",
     "demo.enabled=false",
@@ -92,7 +93,7 @@ def test_a_changed_setting_invalidates_its_stage_and_everything_downstream(tmp_p
     base = _prints(load_config("full"), tmp_path)
     assert {"gtsrb/victim", "gtsrb/trojannet", "gtsrb/attacks/trojannet-n8", "gtsrb/attacks/badnets-n8",
             "gtsrb/attacks/trojannn/detect-nc", "gtsrb/attacks/trojannet-n1/defend-subnetwork",
-            "transfer/attacks/trojannet-n5/defend-anp", "demo"} <= set(base)  # fmt: skip
+            "transfer/attacks/trojannet-n5/defend-anp", "gtsrb/attacks/badnets/defend-nc-guided", "demo"} <= set(base)  # fmt: skip
     changed = _prints(load_config("full", overrides=["gtsrb.victim.epochs=9"]), tmp_path)
     differs = {name for name in base if base[name] != changed[name]}
     assert "gtsrb/victim" in differs and "gtsrb/attacks/trojannet-n1/defend-anp" in differs
@@ -103,6 +104,11 @@ def test_a_changed_setting_invalidates_its_stage_and_everything_downstream(tmp_p
     }
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         build_stages(load_config("full", overrides=["gtsrb.anp.models=[nope]"]), tmp_path)
+    # the guided pruning reads its model's Neural Cleanse scan: a new scan re-runs it, and it needs one
+    scan = _prints(load_config("full", overrides=["gtsrb.neural_cleanse.steps=61"]), tmp_path)
+    assert base["gtsrb/attacks/badnets/defend-nc-guided"] != scan["gtsrb/attacks/badnets/defend-nc-guided"]
+    with pytest.raises(ConfigError, match="needs its Neural Cleanse scan"):
+        build_stages(load_config("full", overrides=["gtsrb.neural_cleanse.models=[victim]"]), tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- end to end
