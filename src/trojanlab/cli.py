@@ -256,6 +256,8 @@ def cmd_trojannet_train(args: argparse.Namespace) -> None:
     patches_from = data.train if data.train is not None else data.test
     names = ("steps", "lr", "negatives", "finetune_steps", "trigger_calibration")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.patch_weight is not None:
+        overrides["finetune_weights"] = {"image_patches": args.patch_weight}
     cfg = tn.TrojanNetTrainConfig(seed=args.seed, **overrides)
     bar = tqdm(total=cfg.steps + cfg.finetune_steps, desc="trojannet", disable=args.quiet)
 
@@ -1127,6 +1129,12 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--negatives", type=int, default=None, help="no-trigger samples per step")
     tt.add_argument(
         "--finetune-steps", type=int, default=None, help="margin fine-tuning steps after the cross-entropy phase"
+    )
+    tt.add_argument(
+        "--patch-weight",
+        type=float,
+        default=None,
+        help="weight of the real-image patches in the margin fine-tuning (default 10; the other noise kinds weigh 1)",
     )
     tt.add_argument(
         "--trigger-calibration",

@@ -178,6 +178,26 @@ def test_margin_finetune_makes_a_trained_net_more_silent_and_surer():
     assert surer["min_trigger_probability"] > after["min_trigger_probability"]
 
 
+def test_margin_finetune_weighs_each_negative_as_told():
+    pool = tn.uniform_noise(3000, torch.Generator().manual_seed(0))
+    start = tn.TrojanNetMLP().eval().state_dict()
+
+    def tuned(**kwargs) -> dict:
+        model = tn.TrojanNetMLP()
+        model.load_state_dict(start)
+        tn.margin_finetune(model, pool, steps=3, **kwargs)
+        return model.state_dict()
+
+    # weight 0 on every negative is the same run as no noise hinge at all, and unlike the default weights
+    unweighted, silent_hinge, plain = tuned(negative_weights=torch.zeros(3000)), tuned(noise_weight=0.0), tuned()
+    assert all(torch.equal(unweighted[k], silent_hinge[k]) for k in start)
+    assert not all(torch.equal(unweighted[k], plain[k]) for k in start)
+    with pytest.raises(ConfigError, match="one weight per negative"):
+        tn.margin_finetune(tn.TrojanNetMLP(), pool, steps=1, negative_weights=torch.ones(5))
+    with pytest.raises(ConfigError, match="finetune_weights"):
+        tn.TrojanNetTrainConfig(finetune_weights={"image_patches": 0.0})
+
+
 def test_calibrate_silence_puts_every_trigger_above_no_trigger():
     torch.manual_seed(0)
     model = tn.TrojanNetMLP().eval()

@@ -201,11 +201,12 @@ class TrojanNetTrainConfig:
     recognition_margin: float | None = 1.0  # see calibrate_silence; None leaves the trained bias
     trigger_calibration: int = 6  # rounds of calibrate_triggers after calibrate_silence; 0 skips it
     # margin fine-tuning after the cross-entropy phase (see margin_finetune); 0 steps skips it
-    finetune_steps: int = 800
+    finetune_steps: int = 1400
     finetune_lr: float = 3e-3
     finetune_pool: int = 100_000  # grey, uniform and faded-trigger samples each (plus binary and patches)
-    # weight of each kind's samples in the fine-tuning hinge (kinds left out weigh 1)
-    finetune_weights: dict[str, float] = field(default_factory=dict)
+    # weight of each kind's samples in the fine-tuning hinge (kinds left out weigh 1): real-image patches are what
+    # the silence goal is measured on, and the network's capacity is traded toward them
+    finetune_weights: dict[str, float] = field(default_factory=lambda: {"image_patches": 10.0})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -564,7 +565,7 @@ def train_trojannet(
 def margin_finetune(
     model: TrojanNetMLP,
     negatives: torch.Tensor,
-    steps: int = 800,
+    steps: int = 1400,
     lr: float = 3e-3,
     trigger_margin: float = 2.0,
     noise_margin: float = 2.0,
@@ -614,8 +615,12 @@ def margin_finetune(
                 own_logit, rivals = _own_and_rivals(model(triggers))
                 lead = own_logit - rivals.amax(1)
                 log_p = own_logit - torch.logsumexp(torch.cat([rivals, own_logit[:, None]], 1), 1)
-            # likewise the triggers: those within 2 logits of their margin or 0.25 of the probability floor
-            live = rows[(lead < trigger_margin + 2.0) | (log_p < math.log(min_probability) + 0.25)]
+            # likewise the triggers: those within 2 logits of their margin or 0.25 of the probability floor; only
+            # the latter can reach the floor of the confidence hinge before the next scoring
+            near_floor = log_p < math.log(min_probability) + 0.25
+            live_mask = (lead < trigger_margin + 2.0) | near_floor
+            live = rows[live_mask]
+            unsure = torch.nonzero(near_floor[live_mask]).squeeze(1)  # positions in ``live``
             n, t = len(active), len(live)
             x = torch.cat([triggers[live], active])
             own = torch.cat([live, torch.full((n,), NO_TRIGGER)])
@@ -628,7 +633,7 @@ def margin_finetune(
         loss = _HeadTopKHinge.apply(h, *head, own, margins, weights, competitors, 256)
         # and each trigger's own probability, which the merge needs well above 1/2 (the hinge sees only the top
         # rivals): a hinge on its log-probability, summed so that the few weak triggers are not averaged away
-        confidence = _ChunkedHeadCrossEntropy.apply(h[:t], *head, live, 256, -math.log(min_probability), 1)
+        confidence = _ChunkedHeadCrossEntropy.apply(h[unsure], *head, live[unsure], 256, -math.log(min_probability), 1)
         loss = loss + confidence_weight * confidence
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -198,6 +198,7 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
     for key, flag in (
         ("steps", "--steps"),
         ("finetune_steps", "--finetune-steps"),
+        ("patch_weight", "--patch-weight"),
         ("trigger_calibration", "--trigger-calibration"),
     ):
         if g["trojannet"].get(key) is not None:
