@@ -8,6 +8,7 @@ raises their mean activation (after ReLU; the spatial mean for a convolution cha
 images, relative to the clean mean, prunes the ``k`` highest in the original weights, and measures clean accuracy
 and ASR on the whole test split. When ANP leaves a backdoor in place, this tells whether a neuron set that removes
 it within the accuracy budget exists at all, that is, whether ANP's ranking or pruning as such is what falls short.
+The ranking is ``trojanlab defend anp --variant nc-guided``'s, with the planted trigger in place of a reversed one.
 """
 
 from __future__ import annotations
@@ -21,31 +22,9 @@ import torch
 from trojanlab.data import to_tensor
 from trojanlab.data.datasets import load_dataset
 from trojanlab.defenses.anp import find_neurons, prune_neurons, pruned_per_layer
+from trojanlab.defenses.guided import trigger_scores
 from trojanlab.evaluation.metrics import evaluate_model
 from trojanlab.models.artifacts import load_model
-from trojanlab.triggers import stamp
-
-
-@torch.no_grad()
-def mean_activations(model, layers, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Mean post-ReLU output of every neuron over ``x`` (flat, in the order of ``layers``)."""
-    sums = {layer.name: 0.0 for layer in layers}
-
-    def hook(name):
-        def record(_module, _inputs, out):
-            a = out.detach().relu()
-            sums[name] = sums[name] + (a.sum(dim=(0, 2, 3)) if a.dim() == 4 else a.sum(0))
-
-        return record
-
-    handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in layers]
-    try:
-        for i in range(0, len(x), batch):
-            model(x[i : i + batch])
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.cat([torch.as_tensor(sums[layer.name]).flatten() for layer in layers]) / len(x)
 
 
 def main() -> None:
@@ -64,12 +43,10 @@ def main() -> None:
     model, trigger = loaded.module, loaded.triggers[0]
     data = load_dataset(args.data)
     pick = np.random.default_rng(args.seed).choice(len(data.train), min(args.images, len(data.train)), replace=False)
-    x, y = data.train.x[pick], data.train.y[pick]
-    x = x[y != trigger.target_label]
-    layers = find_neurons(model, to_tensor(x[:2]), num_classes=data.num_classes)
-    clean = mean_activations(model, layers, to_tensor(x))
-    triggered = mean_activations(model, layers, to_tensor(stamp(x, trigger)))
-    order = ((triggered - clean) / (clean + 1e-3)).argsort(descending=True)
+    images = data.train.subset(pick)
+    layers = find_neurons(model, to_tensor(images.x[:2]), num_classes=data.num_classes)
+    # the nc-guided variant's score, with the planted trigger in place of a reversed one
+    order = trigger_scores(model, layers, images, [trigger]).argsort(descending=True)
 
     before = evaluate_model(model, data.test, [trigger])
     print(

@@ -632,11 +632,13 @@ def auto_threshold(
     if jitter:
         x, y = jitter_images(x, jitter, torch.Generator().manual_seed(seed)), y.repeat(jitter)
     x, y = x.to(device), y.to(device)
-    base = _held_out_scores(model, x, y)[measure]
-    chosen, curve = None, []
+    unpruned = _held_out_scores(model, x, y)
+    base = unpruned[measure]
+    chosen, curve, scores, scored = None, [], unpruned, 0
     for threshold in grid:
         index = select_by_rule(masks, "threshold", threshold)
-        scores = _held_out_scores(prune_neurons(model, layers, index, prune_bias), x, y)
+        if len(index) != scored:  # the same count is the same set (thresholds only add neurons): nothing to score
+            scores, scored = _held_out_scores(prune_neurons(model, layers, index, prune_bias), x, y), len(index)
         curve.append(
             {
                 "threshold": float(threshold),
