@@ -318,10 +318,15 @@ class _HeadTopKHinge(torch.autograd.Function):
             z.scatter_(1, oc, float("-inf"))
             # only rows whose strongest rival is within the margin can have an active rival: top-k (slow) on those
             live = (margin[i : i + chunk] - picked + z.amax(1, keepdim=True) > 0).squeeze(1)
-            top = torch.full((len(z), k), float("-inf"))
-            rivals = torch.zeros(len(z), k, dtype=torch.long)
-            if live.any():
-                top[live], rivals[live] = z[live].topk(k, 1)
+            n_live = int(live.sum())
+            if 2 * n_live > len(z):  # mostly live: one top-k over the chunk beats copying the live rows out first
+                top, rivals = z.topk(k, 1)
+                top[~live] = float("-inf")
+            else:
+                top = torch.full((len(z), k), float("-inf"))
+                rivals = torch.zeros(len(z), k, dtype=torch.long)
+                if n_live:
+                    top[live], rivals[live] = z[live].topk(k, 1)
             slack = (margin[i : i + chunk] - picked + top).clamp_min(0)
             active = (slack > 0).float() * row_weight[i : i + chunk, None]
             total += (slack * row_weight[i : i + chunk, None]).sum()
