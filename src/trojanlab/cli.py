@@ -874,15 +874,15 @@ def cmd_defend_anp(args: argparse.Namespace) -> None:
         spec = dict(loaded.spec["victim"]) if decision["removed"] == "trojannet" else dict(loaded.spec)
         spec["triggers"] = loaded.spec.get("triggers", [])
     else:
-        selecting = time.perf_counter()
         if args.variant == "nc-guided":
             from .defenses import guided
 
+            ranking = time.perf_counter()
             layers, values = _guided_ranking(args, model, fit, loaded, result)
             unguided = values is None
             if unguided:
                 values = torch.ones(sum(layer.size for layer in layers), dtype=torch.float64)
-            grid, mask_seconds = guided.GUIDED_GRID, time.perf_counter() - selecting
+            grid, mask_seconds = guided.GUIDED_GRID, time.perf_counter() - ranking
         else:
             masks = _anp_masks(args, model, fit, loaded, out)
             layers, values, grid, mask_seconds, unguided = (

@@ -594,6 +594,7 @@ def margin_finetune(
     ``log(min_probability)``; the others cost nothing until the next scoring). The triggers' hinge is weighted so
     heavily that recognition is kept, and a hinge on each trigger's probability (``min_probability``,
     ``confidence_weight``) keeps it high, not just first: the official merge needs a trigger's probability above 1/2 to override a confident victim.
+    ``negative_weights`` (one per negative; default all 1) scales each no-trigger sample's hinge.
     BatchNorm runs in inference mode (its exact statistics from :func:`recalibrate_batchnorm` become a fixed
     affine map), so what is optimised is exactly the network that is evaluated.
     """

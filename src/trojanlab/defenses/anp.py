@@ -32,7 +32,7 @@ gets gamma 0, a pruned conv/linear neuron a zero filter; the bias is kept by def
 neuron then outputs a constant and carries no signal; the mask optimisation assumed exactly that) or zeroed with
 ``prune_bias=True`` (the neuron outputs 0). Rules: every neuron with mask <= a threshold, the lowest fraction, the
 lowest count, or ``auto``: the largest threshold of the official grid (0, 0.05, ..., 0.95) whose pruned model keeps
-its accuracy on the defender's held-out clean images within a tolerance of the unpruned one. No rule reads
+its accuracy on jittered copies of the defender's held-out clean images within a tolerance of the unpruned one. No rule reads
 triggered data; BackdoorBench's choice by minimum test ASR is not offered.
 """
 
