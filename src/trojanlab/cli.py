@@ -739,10 +739,10 @@ def _test_curve(args, prune, data, triggers, masks, grid) -> list[dict[str, Any]
     test = data.test
     if args.curve_images and args.curve_images < len(test):
         test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), args.curve_images, False)))
-    curve = []
-    for threshold in grid:
-        index = anp.select_by_rule(masks, "threshold", threshold)
-        metrics = evaluate_model(prune(index), test, triggers, device=args.device)
+    curve, metrics = [], None
+    for threshold, index, new in anp.threshold_prunings(masks, grid):
+        if new or metrics is None:  # a threshold that prunes nothing new has the last point's figures
+            metrics = evaluate_model(prune(index), test, triggers, device=args.device)
         point = {"threshold": threshold, "pruned": len(index), "fraction": len(index) / len(masks)}
         point["clean_accuracy"] = metrics["clean_accuracy"]
         if "attack_success_rate" in metrics:

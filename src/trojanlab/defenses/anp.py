@@ -558,6 +558,17 @@ def select_by_rule(masks: torch.Tensor, rule: str, value: float) -> torch.Tensor
     raise ConfigError(f"unknown pruning rule {rule!r}; choose one of {PRUNE_RULES}")
 
 
+def threshold_prunings(masks: torch.Tensor, grid: Sequence[float]) -> Iterator[tuple[float, torch.Tensor, bool]]:
+    """``(threshold, pruned indices, new)`` for each threshold of the increasing ``grid``; ``new`` is False when the
+    threshold prunes the same neurons as the one before (or none, for the first): a caller can reuse what it
+    measured last instead of measuring the same model again."""
+    count = 0
+    for threshold in grid:
+        index = select_by_rule(masks, "threshold", threshold)
+        yield threshold, index, len(index) != count  # thresholds only add neurons: the same count is the same set
+        count = len(index)
+
+
 @torch.no_grad()
 def _held_out_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> dict[str, float]:
     """Top-1 accuracy and expected accuracy (mean softmax probability of the true label) on ``x``."""
@@ -634,11 +645,10 @@ def auto_threshold(
     x, y = x.to(device), y.to(device)
     unpruned = _held_out_scores(model, x, y)
     base = unpruned[measure]
-    chosen, curve, scores, scored = None, [], unpruned, 0
-    for threshold in grid:
-        index = select_by_rule(masks, "threshold", threshold)
-        if len(index) != scored:  # the same count is the same set (thresholds only add neurons): nothing to score
-            scores, scored = _held_out_scores(prune_neurons(model, layers, index, prune_bias), x, y), len(index)
+    chosen, curve, scores = None, [], unpruned
+    for threshold, index, new in threshold_prunings(masks, grid):
+        if new:
+            scores = _held_out_scores(prune_neurons(model, layers, index, prune_bias), x, y)
         curve.append(
             {
                 "threshold": float(threshold),
