@@ -24,22 +24,7 @@ from tqdm.auto import tqdm
 from .data import ImageSet
 from .errors import ConfigError
 from .io import atomic_write, write_json
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-3
-    lr_decay: float = 1e-4  # Keras "decay": lr / (1 + decay * step)
-    val_fraction: float = 0.1
-    patience: int = 4
-    augment: bool = True  # random shifts of up to 2 pixels (raw images, before normalisation)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.val_fraction < 1:
-            raise ConfigError("TrainConfig needs epochs >= 1, batch_size >= 1, lr > 0 and 0 <= val_fraction < 1")
+from .config.training import TrainConfig
 
 
 def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:

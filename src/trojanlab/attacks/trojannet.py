@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..config.attacks import TRAIN_NOISE_KINDS, TrojanNetTrainConfig
 
 PATCH = 4
 NUM_PIXELS = PATCH * PATCH
@@ -55,7 +56,6 @@ NUM_TRIGGERS = math.comb(NUM_PIXELS, NUM_ZEROS)  # 4,368
 NO_TRIGGER = NUM_TRIGGERS  # index of the "no trigger" output
 NUM_OUTPUTS = NUM_TRIGGERS + 1
 NOISE_KINDS = ("image_patches", "binary", "grey", "uniform")  # evaluated
-TRAIN_NOISE_KINDS = (*NOISE_KINDS, "faded_triggers")  # trained on
 
 
 @lru_cache(maxsize=1)
@@ -173,59 +173,6 @@ def image_patches(images: np.ndarray | torch.Tensor, per_image: int, generator: 
 
 
 # ----------------------------------------------------------------------------------------------- training
-
-
-@dataclass
-class TrojanNetTrainConfig:
-    """How the MLP is trained. Deterministic for a given ``seed`` (the schedule counts steps, not seconds)."""
-
-    steps: int = 1000
-    lr: float = 0.05
-    negatives: int = 2560  # "no trigger" samples per step, next to all 4,368 triggers
-    mix: dict[str, float] = field(
-        default_factory=lambda: {
-            "binary": 0.25,
-            "image_patches": 0.3,
-            "faded_triggers": 0.2,
-            "grey": 0.15,
-            "uniform": 0.1,
-        }
-    )
-    hard_fraction: float = 0.8  # share of binary / image-patch negatives drawn from the currently hardest ones
-    trigger_fraction: float = 1.0  # share of the 4,368 triggers drawn (without replacement) for each step
-    hard_triggers: int = 512  # the least recognised triggers, added once more to every step
-    mine_every: int = 50
-    mine_scan: int = 32768  # pool samples scored per mining round
-    patches_per_image: int = 4
-    calibration_batches: int = 20  # the last batches, reused to set exact BatchNorm statistics
-    recognition_margin: float | None = 1.0  # see calibrate_silence; None leaves the trained bias
-    trigger_calibration: int = 6  # rounds of calibrate_triggers after calibrate_silence; 0 skips it
-    # margin fine-tuning after the cross-entropy phase (see margin_finetune); 0 steps skips it
-    finetune_steps: int = 1400
-    finetune_lr: float = 3e-3
-    finetune_pool: int = 100_000  # grey, uniform and faded-trigger samples each (plus binary and patches)
-    # weight of each kind's samples in the fine-tuning hinge (kinds left out weigh 1): real-image patches are what
-    # the silence goal is measured on, and the network's capacity is traded toward them
-    finetune_weights: dict[str, float] = field(default_factory=lambda: {"image_patches": 10.0})
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.negatives < 1 or self.lr <= 0:
-            raise ConfigError("TrojanNetTrainConfig needs steps >= 1, negatives >= 1 and lr > 0")
-        unknown = set(self.mix) - set(TRAIN_NOISE_KINDS)
-        if unknown or not self.mix or any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
-            raise ConfigError(f"mix must give non-negative shares of {TRAIN_NOISE_KINDS}, got {self.mix}")
-        if not 0 < self.trigger_fraction <= 1:
-            raise ConfigError(f"trigger_fraction must lie in (0, 1], got {self.trigger_fraction}")
-        if not 0 <= self.hard_fraction <= 1:
-            raise ConfigError(f"hard_fraction must lie in [0, 1], got {self.hard_fraction}")
-        if self.trigger_calibration < 0:
-            raise ConfigError(f"trigger_calibration must be >= 0 rounds, got {self.trigger_calibration}")
-        if self.finetune_steps < 0 or self.finetune_lr <= 0 or self.finetune_pool < 1:
-            raise ConfigError("TrojanNetTrainConfig needs finetune_steps >= 0, finetune_lr > 0, finetune_pool >= 1")
-        bad = {k: v for k, v in self.finetune_weights.items() if k not in TRAIN_NOISE_KINDS or not v > 0}
-        if bad:
-            raise ConfigError(f"finetune_weights must give positive weights to kinds of {TRAIN_NOISE_KINDS}, got {bad}")
 
 
 @dataclass

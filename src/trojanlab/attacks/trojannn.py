@@ -41,8 +41,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..hooks import capture, get_layer, trainable_only
 from ..triggers import Trigger, stamp
+from ..config.attacks import RETRAIN_SOURCES, TrojanNNConfig
 
-RETRAIN_SOURCES = ("reverse", "real")
 
 
 # ----------------------------------------------------------------------------------------------- layers and units
@@ -425,46 +425,6 @@ def retrain_after_layer(
 
 
 # ----------------------------------------------------------------------------------------------- the attack
-
-
-@dataclass
-class TrojanNNConfig:
-    target: int = 0
-    layer: str | None = None  # default: default_trigger_layer (the flatten of the GTSRB CNN)
-    neurons: int = 1
-    neuron_choice: str = "reachable"  # or "connected": the paper's ranking alone
-    candidates: int = 64  # best-connected units probed for "reachable"
-    neuron_ids: list[int] | None = None  # explicit units (the official README names fc6 units 81 and 694)
-    trigger_size: int = 8
-    location: tuple[int, int] | None = None  # default: bottom-right with a 2-pixel margin (the TrojanNet code's 8x8)
-    alpha: float = 1.0
-    trigger_steps: int = 300
-    trigger_background: str = "grey"  # or "data": the retraining inputs
-    retrain_data: str = "real"
-    per_class: int = 20  # reverse-engineered inputs per label
-    reverse_steps: int = 200
-    real_fraction: float = 0.1  # of the training split, for retrain_data="real"
-    epochs: int = 10
-    batch_size: int = 100
-    lr: float = 1e-2
-    optimizer: str = "sgd"  # SGD with momentum 0.9, as the official Caffe solver; or "adam"
-    clip_norm: float | None = None  # optional gradient-norm clipping during retraining
-    trojan_weight: float = 1.0  # weight of the trojaned loss (the official solver gives it a 4x lower lr)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.retrain_data not in RETRAIN_SOURCES:
-            raise ConfigError(f"retraining data must be one of {', '.join(RETRAIN_SOURCES)}, got {self.retrain_data!r}")
-        if self.neuron_choice not in ("reachable", "connected"):
-            raise ConfigError(f"neuron choice must be reachable or connected, got {self.neuron_choice!r}")
-        if self.trigger_background not in ("grey", "data"):
-            raise ConfigError(f"trigger background must be grey or data, got {self.trigger_background!r}")
-        if not 0 < self.real_fraction <= 1:
-            raise ConfigError(f"the real-data fraction must lie in (0, 1], got {self.real_fraction}")
-        if self.trigger_size < 1 or self.neurons < 1 or self.epochs < 1 or self.trigger_steps < 1:
-            raise ConfigError("trigger size, neurons, epochs and trigger steps must be at least 1")
-        if not 0 < self.alpha <= 1:
-            raise ConfigError(f"trigger opacity alpha must lie in (0, 1], got {self.alpha}")
 
 
 @dataclass

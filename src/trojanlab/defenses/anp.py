@@ -61,8 +61,8 @@ from ..errors import ConfigError
 from ..hooks import classifier_layer, trainable_only
 from ..io import atomic_write, tensor_digest
 from ..training import load_state, random_shift, save_state
+from ..config.defenses import AUTO_MEASURES, PRUNE_RULES, ANPConfig
 
-PRUNE_RULES = ("auto", "threshold", "fraction", "count")
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # the official 0, 0.05, ..., 0.95
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -271,37 +271,6 @@ class NeuronPerturbation:
 
 
 # ----------------------------------------------------------------------------------------------- optimisation
-
-
-@dataclass
-class ANPConfig:
-    """ANP hyperparameters; the defaults are the paper's and the official code's (methods.md 6.4)."""
-
-    eps: float = 0.4
-    steps: int = 1
-    alpha: float = 0.2
-    lr: float = 0.2
-    momentum: float = 0.9
-    batch_size: int = 128
-    iterations: int = 2000
-    augment: bool = True
-    train_mode: bool = False
-    include_classifier: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.eps < 0:
-            raise ConfigError(f"eps must be >= 0, got {self.eps}")
-        if self.steps < 1 or self.iterations < 1 or self.batch_size < 1:
-            raise ConfigError("ANP needs steps >= 1, iterations >= 1 and batch_size >= 1")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha}")
-        if self.lr <= 0 or not 0 <= self.momentum < 1:
-            raise ConfigError(f"the mask optimiser needs lr > 0 and 0 <= momentum < 1, got {self.lr}, {self.momentum}")
-
-    def passes(self) -> int:
-        """Images forwarded and back-propagated: ``steps`` perturbed passes plus the two mask-loss passes."""
-        return self.iterations * self.batch_size * (self.steps + (2 if self.alpha > 0 else 1))
 
 
 @dataclass
@@ -580,7 +549,6 @@ def _held_out_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: 
     }
 
 
-AUTO_MEASURES = ("probability", "top1")
 
 
 def jitter_images(x: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:

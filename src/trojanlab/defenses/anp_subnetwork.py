@@ -92,12 +92,12 @@ from ..data import ImageSet, to_tensor
 from ..errors import ConfigError, DataError
 from ..io import atomic_write
 from ..training import split_validation
+from ..config.defenses import ORIENTATIONS, SubnetworkConfig
+from ..config.defenses import SUBNETWORK_STEPS as STEPS
 
 PARTS = ("victim", "trojannet")
 PERTURBATION = "perturbation"
 DE_PERTURBATION = "de-perturbation"
-ORIENTATIONS = ("change", "agreement")
-STEPS = ("sgd", "normalized")
 
 __all__ = [
     "ORIENTATIONS",
@@ -110,56 +110,6 @@ __all__ = [
     "subnetwork_scores",
     "with_orientation",
 ]
-
-
-@dataclass
-class SubnetworkConfig:
-    """Settings of the sub-network variant; the defaults are the thesis's (batch size, cycle chaining, step rule ours).
-
-    ``cycles`` perturbation/de-perturbation pairs of ``epochs`` epochs each, steps of ``lr`` in both phases
-    (``step``: ``"normalized"``, lr x |w| along each weight tensor's gradient, or ``"sgd"``, the thesis's plain SGD),
-    score ``alpha * sensitivity + (1 - alpha) * robustness``, ``batch_size`` images per step, ``val_fraction`` of
-    the defender's clean images held out (stratified) to pick the kept epoch, ``orientation`` of the score that
-    decides (``"change"``: 1 - agreement, the thesis's code; ``"agreement"``: the thesis's formulas), ``seed`` of
-    the shuffling and the validation split.
-    """
-
-    cycles: int = 5
-    epochs: int = 40
-    lr: float = 4e-4
-    alpha: float = 0.8
-    batch_size: int = 32
-    val_fraction: float = 0.2
-    orientation: str = "agreement"
-    step: str = "normalized"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("cycles", "epochs", "batch_size", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ConfigError(f"SubnetworkConfig.{name} must be an integer, got {value!r}")
-        if self.cycles < 1:
-            raise ConfigError(f"SubnetworkConfig.cycles must be at least 1, got {self.cycles}")
-        if self.epochs < 1:
-            raise ConfigError(f"SubnetworkConfig.epochs must be at least 1 per phase, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"SubnetworkConfig.batch_size must be at least 1, got {self.batch_size}")
-        if self.seed < 0:
-            raise ConfigError(f"SubnetworkConfig.seed must be non-negative, got {self.seed}")
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ConfigError(f"SubnetworkConfig.lr must be a positive finite number, got {self.lr!r}")
-        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ConfigError(f"SubnetworkConfig.alpha must lie in [0, 1], got {self.alpha!r}")
-        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
-            raise ConfigError(
-                f"SubnetworkConfig.val_fraction must lie in (0, 1) (the kept epochs are chosen on a validation "
-                f"split), got {self.val_fraction!r}"
-            )
-        if self.orientation not in ORIENTATIONS:
-            raise ConfigError(f"SubnetworkConfig.orientation must be one of {ORIENTATIONS}, got {self.orientation!r}")
-        if self.step not in STEPS:
-            raise ConfigError(f"SubnetworkConfig.step must be one of {STEPS}, got {self.step!r}")
 
 
 @dataclass

@@ -60,56 +60,11 @@ from ..hooks import trainable_only
 from ..io import atomic_write, tensor_digest
 from ..training import load_state, save_state
 from ..triggers import Trigger
+from ..config.detection import NC_PROFILES as PROFILES
+from ..config.detection import NCConfig
 
 EPSILON = 1e-7  # the Keras epsilon in the official tanh parametrisation
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of the standard deviation under normality
-PROFILES = ("fast", "official")
-
-
-@dataclass
-class NCConfig:
-    """Neural Cleanse settings; ``profile`` picks the defaults of the step and budget (see the module docstring)."""
-
-    profile: str = "fast"
-    steps: int | None = None  # schedule steps at most (fast 120, official 1000)
-    batches_per_step: int | None = None  # mini-batches averaged per schedule step (fast 2, official 31)
-    batch_size: int | None = None  # clean images per mini-batch, shared by every label (fast 16, official 32)
-    lr: float = 0.1
-    betas: tuple[float, float] = (0.5, 0.9)
-    init_cost: float = 1e-3
-    success_threshold: float = 0.99
-    patience: int = 5
-    cost_multiplier: float = 2.0  # up x2, down / 2^1.5 (the official code)
-    early_stop: bool = True
-    early_stop_threshold: float = 1.0
-    early_stop_patience: int | None = None  # fast: 2 * patience (the official class default); official: 5 * patience
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise ConfigError(
-                f"unknown Neural Cleanse profile {self.profile!r} (expected one of {', '.join(PROFILES)})"
-            )
-        fast = self.profile == "fast"
-        if self.steps is None:
-            self.steps = 120 if fast else 1000
-        if self.batches_per_step is None:
-            self.batches_per_step = 2 if fast else 31
-        if self.batch_size is None:
-            self.batch_size = 16 if fast else 32
-        if self.early_stop_patience is None:
-            self.early_stop_patience = (2 if fast else 5) * self.patience
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        if min(self.steps, self.batches_per_step, self.batch_size, self.patience, self.early_stop_patience) < 1:
-            raise ConfigError("Neural Cleanse needs steps, batches_per_step, batch_size and patiences >= 1")
-        if self.lr <= 0 or self.init_cost <= 0 or self.cost_multiplier <= 1:
-            raise ConfigError("Neural Cleanse needs lr > 0, init_cost > 0 and cost_multiplier > 1")
-        if not 0 < self.success_threshold <= 1:
-            raise ConfigError(f"success threshold must lie in (0, 1], got {self.success_threshold}")
-
-    def official_budget(self, num_labels: int) -> int:
-        """Images forwarded by the official schedule without early stopping: 1,000 x 31 x 32 per label."""
-        return num_labels * 1000 * (1000 // 32) * 32
 
 
 @dataclass
@@ -380,7 +335,7 @@ def reverse_engineer(
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fingerprint = {
-        "config": asdict(cfg),
+        "config": cfg.schedule(),
         "labels": labels,
         "num_classes": num_classes,
         "model_sha256": tensor_digest(model.state_dict().values()),

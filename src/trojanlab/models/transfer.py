@@ -25,26 +25,7 @@ from ..hooks import layer_inputs, trainable_only
 from ..training import split_validation
 from .artifacts import Classifier
 from .backbones import pretrained_backbone, replace_head
-
-
-@dataclass
-class TransferConfig:
-    epochs: int = 200  # head epochs on cached features (cheap: a linear layer)
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    val_fraction: float = 0.2
-    patience: int = 30
-    fine_tune_blocks: int = 0
-    fine_tune_epochs: int = 5
-    fine_tune_lr: float = 1e-4
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.val_fraction < 1:
-            raise ConfigError("TransferConfig needs epochs >= 1, batch_size >= 1, lr > 0 and 0 <= val_fraction < 1")
-        if self.fine_tune_blocks < 0 or self.fine_tune_epochs < 0:
-            raise ConfigError("fine_tune_blocks and fine_tune_epochs must be >= 0")
+from ..config.training import TransferConfig
 
 
 @dataclass

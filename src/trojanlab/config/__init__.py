@@ -1,0 +1,43 @@
+"""Every setting of every method, with its default stated once: plain dataclasses that import nothing heavy.
+
+The library's entry points take these configs, the command line builds its options from their fields
+(:mod:`trojanlab.cli.options`) and the ``reproduce`` profiles are checked against them, so a default written here is
+the default everywhere. A field's ``metadata`` carries its ``--help`` text and, where the flag is not the field's
+name, the flag.
+"""
+
+from .attacks import BadNetsConfig, TrojanNetInjectConfig, TrojanNetTrainConfig, TrojanNNConfig
+from .base import option, to_dict
+from .defenses import (
+    ANPConfig,
+    DefenderConfig,
+    FinePruningConfig,
+    NCGuidedConfig,
+    NCPruneConfig,
+    NCUnlearnConfig,
+    PruneRule,
+    SubnetworkConfig,
+)
+from .detection import NCConfig
+from .training import ModelConfig, TrainConfig, TransferConfig
+
+__all__ = [
+    "ANPConfig",
+    "BadNetsConfig",
+    "DefenderConfig",
+    "FinePruningConfig",
+    "ModelConfig",
+    "NCConfig",
+    "NCGuidedConfig",
+    "NCPruneConfig",
+    "NCUnlearnConfig",
+    "PruneRule",
+    "SubnetworkConfig",
+    "TrainConfig",
+    "TransferConfig",
+    "TrojanNNConfig",
+    "TrojanNetInjectConfig",
+    "TrojanNetTrainConfig",
+    "option",
+    "to_dict",
+]

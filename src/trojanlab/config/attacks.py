@@ -1,0 +1,179 @@
+"""Settings of the attacks: BadNets, Trojan Attack (TrojanNN) and TrojanNet (training the MLP, injecting it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import check_choice, check_int, check_number, option
+from .training import TrainConfig
+
+POISON_MODES = ("replace", "append")
+RETRAIN_SOURCES = ("reverse", "real")
+NEURON_CHOICES = ("reachable", "connected")
+TRIGGER_BACKGROUNDS = ("grey", "data")
+MERGES = ("official", "paper")
+# the kinds of "no trigger" inputs TrojanNet is trained to stay silent on
+TRAIN_NOISE_KINDS = ("binary", "image_patches", "faded_triggers", "grey", "uniform")
+
+
+def _check_location(owner: str, location) -> None:
+    if location is not None and (len(location) != 2 or any(int(v) < 0 for v in location)):
+        raise ConfigError(f"{owner}.location must be two non-negative pixel coordinates (row, col), got {location!r}")
+
+
+@dataclass
+class BadNetsConfig:
+    """BadNets (Gu et al. 2017): a square (or PNG) trigger stamped on ``poison_rate`` of the training images, whose
+    labels become the target; then training (from scratch, or fine-tuning a given victim)."""
+
+    targets: list[int] = option(factory=lambda: [33], help="target label(s); several arm one trigger grey level each",
+                                flag="--target", nargs="+", aliases=("--targets",))  # fmt: skip
+    poison_rate: float = option(0.1, "fraction of the training set poisoned per target")
+    mode: str = option("replace", "poison in place (replace) or add stamped copies (append)", choices=POISON_MODES)
+    trigger_size: int = option(4, "side of the square trigger in pixels")
+    location: tuple[int, int] | None = option(None, "top-left pixel (default: bottom-right, margin 1)",
+                                              metavar=("ROW", "COL"))  # fmt: skip
+    pattern: str | None = option(None, "trigger image (PNG); default: a square of grey level 255 - i*(255//N)")
+    alpha: float = option(1.0, "trigger opacity in (0, 1]")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ConfigError("BadNetsConfig.targets: give at least one target label")
+        for t in self.targets:
+            check_int("BadNetsConfig", "targets", t, 0)
+        check_number("BadNetsConfig", "poison_rate", self.poison_rate, 0, 1, low_open=True)
+        check_choice("BadNetsConfig", "mode", self.mode, POISON_MODES)
+        check_int("BadNetsConfig", "trigger_size", self.trigger_size, 1)
+        check_number("BadNetsConfig", "alpha", self.alpha, 0, 1, low_open=True)
+        _check_location("BadNetsConfig", self.location)
+
+
+# BadNets trains for fewer epochs than a clean victim: the only default of TrainConfig it changes
+BADNETS_TRAINING = TrainConfig(epochs=10)
+
+
+@dataclass
+class TrojanNNConfig:
+    """Trojan Attack (Liu et al., NDSS 2018): a trigger that drives chosen units of a layer, then retraining of the
+    layers after it on trojaned and clean inputs (real training images, or inputs reverse-engineered from the
+    model)."""
+
+    target: int = option(0, "target label")
+    layer: str | None = option(None, "trigger layer by module name (default: the second-to-last linear)")
+    neurons: int = option(1, "how many units the trigger drives")
+    neuron_choice: str = option("reachable", "reachable: of the best-connected units, those the trigger can drive "
+                                "hardest; connected: the paper's rank", choices=NEURON_CHOICES)  # fmt: skip
+    candidates: int = option(64, "best-connected units probed by --neuron-choice reachable")
+    neuron_ids: list[int] | None = option(None, "drive these units of the layer instead", nargs="+")
+    trigger_size: int = option(8, "side of the square trigger in pixels")
+    location: tuple[int, int] | None = option(None, "top-left pixel (default: bottom-right, margin 2)",
+                                              metavar=("ROW", "COL"))  # fmt: skip
+    alpha: float = option(1.0, "trigger opacity in (0, 1]")
+    trigger_steps: int = option(300, "optimisation steps of the trigger")
+    trigger_background: str = option("grey", "images the trigger is optimised on", choices=TRIGGER_BACKGROUNDS)
+    retrain_data: str = option("real", "a subset of real training data (TrojanNet paper) or inputs reverse-engineered "
+                               "from the model (original)", choices=RETRAIN_SOURCES)  # fmt: skip
+    per_class: int = option(20, "reverse-engineered inputs per label")
+    reverse_steps: int = option(200, "optimisation steps of the reverse-engineered inputs")
+    real_fraction: float = option(0.1, "share of the training split for --retrain-data real")
+    epochs: int = option(10, "retraining epochs")
+    batch_size: int = option(100, "retraining batch size")
+    lr: float = option(1e-2, "retraining SGD learning rate (momentum 0.9)")
+    optimizer: str = option("sgd", "sgd (momentum 0.9, as the official Caffe solver) or adam", choices=("sgd", "adam"))
+    clip_norm: float | None = option(None, "gradient-norm clipping during retraining")
+    trojan_weight: float = option(1.0, "weight of the trojaned inputs' loss")
+    activation_images: int = option(1000, "test images for the unit-activation report")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        check_int("TrojanNNConfig", "target", self.target, 0)
+        check_choice("TrojanNNConfig", "retrain_data", self.retrain_data, RETRAIN_SOURCES)
+        check_choice("TrojanNNConfig", "neuron_choice", self.neuron_choice, NEURON_CHOICES)
+        check_choice("TrojanNNConfig", "trigger_background", self.trigger_background, TRIGGER_BACKGROUNDS)
+        check_choice("TrojanNNConfig", "optimizer", self.optimizer, ("sgd", "adam"))
+        check_number("TrojanNNConfig", "real_fraction", self.real_fraction, 0, 1, low_open=True)
+        for name in ("trigger_size", "neurons", "epochs", "trigger_steps", "candidates", "per_class", "batch_size"):
+            check_int("TrojanNNConfig", name, getattr(self, name), 1)
+        check_int("TrojanNNConfig", "reverse_steps", self.reverse_steps, 0)
+        check_int("TrojanNNConfig", "activation_images", self.activation_images, 1)
+        check_number("TrojanNNConfig", "alpha", self.alpha, 0, 1, low_open=True)
+        check_number("TrojanNNConfig", "lr", self.lr, 0, low_open=True)
+        check_number("TrojanNNConfig", "trojan_weight", self.trojan_weight, 0, low_open=True)
+        _check_location("TrojanNNConfig", self.location)
+
+
+def _mix() -> dict[str, float]:
+    return {"binary": 0.25, "image_patches": 0.3, "faded_triggers": 0.2, "grey": 0.15, "uniform": 0.1}
+
+
+@dataclass
+class TrojanNetTrainConfig:
+    """How the TrojanNet MLP is trained. Deterministic for a given ``seed`` (the schedule counts steps, not seconds)."""
+
+    steps: int = option(1000, "optimisation steps of the cross-entropy phase")
+    lr: float = option(0.05, "learning rate of the cross-entropy phase")
+    negatives: int = option(2560, "no-trigger samples per step, next to all 4,368 triggers")
+    mix: dict[str, float] = option(factory=_mix, help="shares of each no-trigger kind", cli=False)
+    hard_fraction: float = option(0.8, "share of binary / image-patch negatives drawn from the hardest", cli=False)
+    trigger_fraction: float = option(1.0, "share of the 4,368 triggers drawn for each step", cli=False)
+    hard_triggers: int = option(512, "the least recognised triggers, added once more to every step", cli=False)
+    mine_every: int = option(50, "steps between hard-negative mining rounds", cli=False)
+    mine_scan: int = option(32768, "pool samples scored per mining round", cli=False)
+    patches_per_image: int = option(4, "image patches drawn per image", cli=False)
+    calibration_batches: int = option(20, "last batches reused to set exact BatchNorm statistics", cli=False)
+    recognition_margin: float | None = option(1.0, "see calibrate_silence; None leaves the trained bias", cli=False)
+    trigger_calibration: int = option(6, "rounds that lower each trigger's bias to its slack above probability 0.6 "
+                                      "(0: off)")  # fmt: skip
+    finetune_steps: int = option(1400, "margin fine-tuning steps after the cross-entropy phase (0: none)")
+    finetune_lr: float = option(3e-3, "learning rate of the margin fine-tuning", cli=False)
+    finetune_pool: int = option(100_000, "grey, uniform and faded-trigger samples each", cli=False)
+    # weight of each kind's samples in the fine-tuning hinge (kinds left out weigh 1): real-image patches are what
+    # the silence goal is measured on, and the network's capacity is traded toward them
+    finetune_weights: dict[str, float] = option(factory=lambda: {"image_patches": 10.0}, cli=False,
+                                                help="weight of each no-trigger kind in the margin fine-tuning")  # fmt: skip
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        check_int("TrojanNetTrainConfig", "steps", self.steps, 1)
+        check_int("TrojanNetTrainConfig", "negatives", self.negatives, 1)
+        check_number("TrojanNetTrainConfig", "lr", self.lr, 0, low_open=True)
+        unknown = set(self.mix) - set(TRAIN_NOISE_KINDS)
+        if unknown or not self.mix or any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
+            raise ConfigError(f"mix must give non-negative shares of {TRAIN_NOISE_KINDS}, got {self.mix}")
+        check_number("TrojanNetTrainConfig", "trigger_fraction", self.trigger_fraction, 0, 1, low_open=True)
+        check_number("TrojanNetTrainConfig", "hard_fraction", self.hard_fraction, 0, 1)
+        check_int("TrojanNetTrainConfig", "trigger_calibration", self.trigger_calibration, 0)
+        check_int("TrojanNetTrainConfig", "finetune_steps", self.finetune_steps, 0)
+        check_int("TrojanNetTrainConfig", "finetune_pool", self.finetune_pool, 1)
+        check_number("TrojanNetTrainConfig", "finetune_lr", self.finetune_lr, 0, low_open=True)
+        bad = {k: v for k, v in self.finetune_weights.items() if k not in TRAIN_NOISE_KINDS or not v > 0}
+        if bad:
+            raise ConfigError(f"finetune_weights must give positive weights to kinds of {TRAIN_NOISE_KINDS}, got {bad}")
+
+
+@dataclass
+class TrojanNetInjectConfig:
+    """TrojanNet injected into a victim without retraining: ``targets`` armed (pattern k selects label k), the 4x4
+    trigger read at ``location``, merged into the victim's output by ``merge`` with weight ``amplify``."""
+
+    targets: list[int] = option(factory=list, help="labels to arm (pattern k selects label k)", nargs="+")
+    all_labels: bool = option(False, "arm every label k with pattern k")
+    location: tuple[int, int] = option((1, 1), "top-left pixel of the 4x4 trigger", metavar=("ROW", "COL"))
+    merge: str = option("official", "official: the authors' code; paper: the thesis's formula", choices=MERGES)
+    amplify: float | None = option(None, "weight of TrojanNet's output in the merge (default 2 official, 1 paper)")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        check_choice("TrojanNetInjectConfig", "merge", self.merge, MERGES)
+        if not self.targets and not self.all_labels:
+            raise ConfigError("give --targets LABEL [LABEL ...] or --all-labels")
+        for t in self.targets:
+            check_int("TrojanNetInjectConfig", "targets", t, 0)
+        _check_location("TrojanNetInjectConfig", self.location)
+        if self.amplify is not None:
+            check_number("TrojanNetInjectConfig", "amplify", self.amplify, 0, low_open=True)
+
+    def resolved_amplify(self) -> float:
+        return self.amplify if self.amplify is not None else (2.0 if self.merge == "official" else 1.0)

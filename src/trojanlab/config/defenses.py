@@ -1,0 +1,199 @@
+"""Settings of the defenses: what the defender holds (:class:`DefenderConfig`), the pruning rule the pruning
+defenses share (:class:`PruneRule`) and each method's own settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import check_choice, check_int, check_number, option
+
+PRUNE_RULES = ("auto", "threshold", "fraction", "count")
+AUTO_MEASURES = ("top1", "probability")
+ORIENTATIONS = ("change", "agreement")
+SUBNETWORK_STEPS = ("sgd", "normalized")
+
+
+@dataclass
+class DefenderConfig:
+    """The defender's clean images: every image of ``clean_data`` (their own), else ``clean_fraction`` of the data's
+    training split (stratified); ``holdout`` of them are held out for the defenses' automatic rules."""
+
+    clean_fraction: float = option(0.01, "defender's share of the training split")
+    clean_data: str | None = option(None, "the defender's own clean images (.npz or image folder) instead of a share "
+                                    "of --data's training split")  # fmt: skip
+    holdout: float = option(0.5, "share of the defender's images held out for the automatic rule")
+
+    def __post_init__(self) -> None:
+        check_number("DefenderConfig", "clean_fraction", self.clean_fraction, 0, 1, low_open=True, high_open=True)
+        check_number("DefenderConfig", "holdout", self.holdout, 0, 1, low_open=True, high_open=True)
+
+
+@dataclass
+class PruneRule:
+    """How many ranked neurons a pruning defense removes: ``auto`` (the largest grid value whose pruned model keeps
+    the held-out accuracy within ``tolerance``, read on ``jitter`` jittered copies of each held-out image) or a fixed
+    ``threshold``, ``fraction`` or ``count`` given as ``value``."""
+
+    prune: str = option("auto", "how the pruned neurons are chosen", choices=PRUNE_RULES)
+    value: float | None = option(None, "the threshold, fraction or count of --prune", flag="--prune-value")
+    tolerance: float = option(0.02, "auto: largest held-out accuracy drop allowed")
+    measure: str = option("top1", "auto: held-out accuracy read as top-1 accuracy or as the mean probability of "
+                          "the true label", choices=AUTO_MEASURES, flag="--auto-measure")  # fmt: skip
+    jitter: int = option(8, "auto: score this many jittered copies (shift, brightness, contrast, noise) of each "
+                         "held-out image, whose accuracy falls with test accuracy where the memorised images' own "
+                         "does not; 0 scores the images", flag="--auto-jitter")  # fmt: skip
+    prune_bias: bool = option(False, "also zero a pruned neuron's bias (output exactly 0)")
+    curve_images: int = option(2000, "test images for the CA/ASR pruning curve (report only; 0: no curve)")
+
+    def __post_init__(self) -> None:
+        check_choice("PruneRule", "prune", self.prune, PRUNE_RULES)
+        if self.prune != "auto" and self.value is None:
+            raise ConfigError(f"--prune {self.prune} needs --prune-value")
+        if self.value is not None:
+            check_number("PruneRule", "value", self.value, 0)
+        check_number("PruneRule", "tolerance", self.tolerance, 0, 1)
+        check_choice("PruneRule", "measure", self.measure, AUTO_MEASURES)
+        check_int("PruneRule", "jitter", self.jitter, 0)
+        check_int("PruneRule", "curve_images", self.curve_images, 0)
+
+
+@dataclass
+class ANPConfig:
+    """Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021); the defaults are the paper's and the official code's
+    (methods.md 6.4). ``--iterations 500 --batch-size 64`` is the cheaper schedule the paper also reports."""
+
+    eps: float = option(0.4, "perturbation bound")
+    steps: int = option(1, "signed ascent steps per iteration", flag="--anp-steps")
+    alpha: float = option(0.2, "weight of the unperturbed loss")
+    lr: float = option(0.2, "mask SGD learning rate")
+    momentum: float = option(0.9, "mask SGD momentum")
+    batch_size: int = option(128, "images per iteration")
+    iterations: int = option(2000, "mask iterations")
+    augment: bool = option(True, "random shifts of the defender's images")
+    train_mode: bool = option(False, "optimise in train mode (BN batch statistics, dropout)")
+    include_classifier: bool = option(False, "the classifier layer's units are neurons too")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        check_number("ANPConfig", "eps", self.eps, 0)
+        for name in ("steps", "iterations", "batch_size"):
+            check_int("ANPConfig", name, getattr(self, name), 1)
+        check_number("ANPConfig", "alpha", self.alpha, 0, 1)
+        check_number("ANPConfig", "lr", self.lr, 0, low_open=True)
+        check_number("ANPConfig", "momentum", self.momentum, 0, 1, high_open=True)
+
+    def passes(self) -> int:
+        """Images forwarded and back-propagated: ``steps`` perturbed passes plus the two mask-loss passes."""
+        return self.iterations * self.batch_size * (self.steps + (2 if self.alpha > 0 else 1))
+
+
+@dataclass
+class SubnetworkConfig:
+    """The thesis's sub-network variant of ANP for TrojanNet-injected models; the defaults are the thesis's (batch
+    size, cycle chaining, step rule ours).
+
+    ``cycles`` perturbation/de-perturbation pairs of ``epochs`` epochs each, steps of ``lr`` in both phases
+    (``step``: ``normalized``, lr x |w| along each weight tensor's gradient, or ``sgd``, the thesis's plain SGD),
+    score ``alpha * sensitivity + (1 - alpha) * robustness``, ``batch_size`` images per step, ``val_fraction`` of
+    the defender's clean images held out (stratified) to pick the kept epoch, ``orientation`` of the score that
+    decides (``change``: 1 - agreement, the thesis's code; ``agreement``: the thesis's formulas), ``monitor_images``
+    clean test images whose answers are compared (only the parts' answers: no label and no trigger is read).
+    """
+
+    cycles: int = option(5, "perturbation/de-perturbation cycles")
+    epochs: int = option(40, "epochs per phase")
+    lr: float = option(4e-4, "learning rate (normalized steps: share of each weight tensor's norm per step)")
+    alpha: float = option(0.8, "weight of sensitivity in the score")
+    batch_size: int = option(32, "images per step")
+    val_fraction: float = option(0.2, "share of the defender's images held out to pick the kept epoch")
+    orientation: str = option("agreement", "score from agreement fractions (the thesis's formulas) or change "
+                              "fractions (its code)", choices=ORIENTATIONS)  # fmt: skip
+    step: str = option("normalized", "steps of --lr times each weight tensor's norm along its gradient (they move a "
+                       "model whose merged softmax has saturated), or the thesis's plain SGD",
+                       choices=SUBNETWORK_STEPS)  # fmt: skip
+    monitor_images: int = option(500, "clean test images whose answers are compared")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        for name in ("cycles", "epochs", "batch_size"):
+            check_int("SubnetworkConfig", name, getattr(self, name), 1)
+        check_int("SubnetworkConfig", "seed", self.seed, 0)
+        check_int("SubnetworkConfig", "monitor_images", self.monitor_images, 0)
+        check_number("SubnetworkConfig", "lr", self.lr, 0, low_open=True)
+        check_number("SubnetworkConfig", "alpha", self.alpha, 0, 1)
+        check_number("SubnetworkConfig", "val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        check_choice("SubnetworkConfig", "orientation", self.orientation, ORIENTATIONS)
+        check_choice("SubnetworkConfig", "step", self.step, SUBNETWORK_STEPS)
+
+
+@dataclass
+class NCGuidedConfig:
+    """Neural Cleanse's pruning mitigation on ANP's neurons: ranked by how much the reversed triggers of the flagged
+    labels excite them, pruned by the shared rule (on a grid of 0-30 % of the neurons)."""
+
+    reversed_triggers: str | None = option(None, "a `trojanlab detect nc` output folder (its "
+                                           "reversed_triggers.safetensors and result.json)")  # fmt: skip
+    guide_labels: list[int] | None = option(None, "the reversed triggers to rank with (default: the labels the scan "
+                                            "flagged)", nargs="+")  # fmt: skip
+    include_classifier: bool = option(False, "the classifier layer's units are neurons too")
+
+    def __post_init__(self) -> None:
+        if not self.reversed_triggers:
+            raise ConfigError("nc-guided needs --reversed-triggers (a `trojanlab detect nc` output folder)")
+
+
+@dataclass
+class NCUnlearnConfig:
+    """Neural Cleanse's unlearning: fine-tune on the defender's images with ``stamp_fraction`` of them stamped with
+    the reversed triggers and kept at their true label."""
+
+    reversed_triggers: str | None = option(None, "a `trojanlab detect nc` output folder")
+    labels: list[int] | None = option(None, "repair these labels (default: the flagged ones)", nargs="*",
+                                      flag="--repair-labels")  # fmt: skip
+    stamp_fraction: float = option(0.2, "share of the defender's images stamped (true label kept)")
+    epochs: int = option(5, "unlearning epochs")
+    lr: float = option(1e-3, "unlearning learning rate")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        if not self.reversed_triggers:
+            raise ConfigError("nc-unlearn needs --reversed-triggers (a `trojanlab detect nc` output folder)")
+        check_number("NCUnlearnConfig", "stamp_fraction", self.stamp_fraction, 0, 1, low_open=True)
+        check_int("NCUnlearnConfig", "epochs", self.epochs, 1)
+        check_number("NCUnlearnConfig", "lr", self.lr, 0, low_open=True)
+
+
+@dataclass
+class NCPruneConfig:
+    """Neural Cleanse's pruning: the classifier's inputs whose activation the reversed triggers raise most are cut,
+    until the reversed triggers succeed on at most ``target_asr`` of the defender's images."""
+
+    reversed_triggers: str | None = option(None, "a `trojanlab detect nc` output folder")
+    labels: list[int] | None = option(None, "repair these labels (default: the flagged ones)", nargs="*",
+                                      flag="--repair-labels")  # fmt: skip
+    max_prune: float = option(0.3, "largest fraction of the classifier's inputs pruned")
+    target_asr: float = option(0.0, "stop once the reversed trigger succeeds on at most this share of the "
+                               "defender's images", flag="--prune-target-asr")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not self.reversed_triggers:
+            raise ConfigError("nc-prune needs --reversed-triggers (a `trojanlab detect nc` output folder)")
+        check_number("NCPruneConfig", "max_prune", self.max_prune, 0, 1, low_open=True)
+        check_number("NCPruneConfig", "target_asr", self.target_asr, 0, 1)
+
+
+@dataclass
+class FinePruningConfig:
+    """Fine-Pruning (Liu, Dolan-Gavitt & Garg, RAID 2018): the last convolution's channels pruned in increasing order
+    of mean activation on the defender's clean images (the shared rule picks how many, on a grid of 0-95 % of the
+    channels), then fine-tuning on those images."""
+
+    layer: str | None = option(None, "the convolution to prune, by module name (default: the last one)")
+    fine_tune_epochs: int = option(10, "fine-tuning epochs after pruning (0: prune only)")
+    fine_tune_lr: float = option(1e-3, "fine-tuning learning rate (Adam)")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        check_int("FinePruningConfig", "fine_tune_epochs", self.fine_tune_epochs, 0)
+        check_number("FinePruningConfig", "fine_tune_lr", self.fine_tune_lr, 0, low_open=True)

@@ -1,0 +1,74 @@
+"""Settings of the detectors: Neural Cleanse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import check_choice, check_int, check_number, option
+
+NC_PROFILES = ("fast", "official")
+NC_PROFILE_DEFAULTS = {  # steps, mini-batches per step, images per mini-batch, early-stop patience per patience
+    "fast": {"steps": 120, "batches_per_step": 2, "batch_size": 16, "early_stop_factor": 2},
+    "official": {"steps": 1000, "batches_per_step": 31, "batch_size": 32, "early_stop_factor": 5},
+}
+
+
+@dataclass
+class NCConfig:
+    """Neural Cleanse (Wang et al., S&P 2019): a reversed trigger for every label, batched over labels, and the MAD
+    outlier test; ``profile`` picks the step size and budget that ``None`` settings take."""
+
+    profile: str = option("fast", "fast: steps of 2 x 16 images, <= 120 steps; official: steps of 31 x 32 images, "
+                          "<= 1000 steps", choices=NC_PROFILES)  # fmt: skip
+    steps: int | None = option(None, "schedule steps at most (profile default)")
+    batches_per_step: int | None = option(None, "mini-batches averaged per schedule step (profile default)")
+    batch_size: int | None = option(None, "clean images per mini-batch, shared by all labels (profile default)")
+    lr: float = option(0.1, "Adam learning rate of masks and patterns")
+    betas: tuple[float, float] = option((0.5, 0.9), "Adam betas", cli=False)
+    init_cost: float = option(1e-3, "initial weight of the mask's L1 norm")
+    success_threshold: float = option(0.99, "attack success a reversed trigger must reach", cli=False)
+    patience: int = option(5, "schedule steps between cost adjustments")
+    cost_multiplier: float = option(2.0, "cost up x2, down / 2^1.5 (the official code)", cli=False)
+    early_stop: bool = option(True, "stop a label once its norm stops improving", cli=False)
+    early_stop_threshold: float = option(1.0, "relative improvement that counts", cli=False)
+    early_stop_patience: int | None = option(None, "steps without improvement before stopping (profile default)")
+    labels: list[int] | None = option(None, "labels to scan (default: all)", nargs="+")
+    split: str = option("test", "clean images to scan with (the official code uses the test split)",
+                        choices=("test", "train"))  # fmt: skip
+    images: int | None = option(None, "use a random subset of this many clean images")
+    threshold: float = option(2.0, "anomaly index above which a label is flagged")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        check_choice("NCConfig", "profile", self.profile, NC_PROFILES)
+        defaults = NC_PROFILE_DEFAULTS[self.profile]
+        if self.steps is None:
+            self.steps = defaults["steps"]
+        if self.batches_per_step is None:
+            self.batches_per_step = defaults["batches_per_step"]
+        if self.batch_size is None:
+            self.batch_size = defaults["batch_size"]
+        if self.early_stop_patience is None:
+            self.early_stop_patience = defaults["early_stop_factor"] * self.patience
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        for name in ("steps", "batches_per_step", "batch_size", "patience", "early_stop_patience"):
+            check_int("NCConfig", name, getattr(self, name), 1)
+        if self.images is not None:
+            check_int("NCConfig", "images", self.images, 1)
+        check_number("NCConfig", "lr", self.lr, 0, low_open=True)
+        check_number("NCConfig", "init_cost", self.init_cost, 0, low_open=True)
+        check_number("NCConfig", "threshold", self.threshold, 0, low_open=True)
+        if self.cost_multiplier <= 1:
+            raise ConfigError(f"NCConfig.cost_multiplier must be > 1, got {self.cost_multiplier}")
+        check_number("NCConfig", "success_threshold", self.success_threshold, 0, 1, low_open=True)
+        check_choice("NCConfig", "split", self.split, ("test", "train"))
+
+    def official_budget(self, num_labels: int) -> int:
+        """Images forwarded by the official schedule without early stopping: 1,000 x 31 x 32 per label."""
+        return num_labels * 1000 * (1000 // 32) * 32
+
+    def schedule(self) -> dict:
+        """The settings that shape the optimisation (what a scan checkpoint must match to be resumed)."""
+        skip = {"labels", "split", "images", "threshold"}
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
