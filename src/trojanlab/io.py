@@ -54,3 +54,12 @@ def tensor_digest(tensors: Iterable[Any]) -> str:
     for t in tensors:
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def save_png(path: str | os.PathLike, image: Any) -> Path:
+    """An (h, w[, C]) float image in [0, 1] as an 8-bit PNG, written atomically."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.clip(np.rint(np.asarray(image) * 255), 0, 255).astype(np.uint8)
+    return atomic_write(path, lambda tmp: Image.fromarray(pixels.squeeze()).save(tmp, format="PNG"))

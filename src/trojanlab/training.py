@@ -1,8 +1,11 @@
-"""One training loop for every classifier trojanlab trains (victims now, retraining attacks and repairs later).
+"""One training loop for every classifier trojanlab trains: victims, retraining attacks (Trojan Attack) and repairs
+(Neural Cleanse unlearning).
 
-Adam with the Keras time decay of the official GTSRB model (``lr_t = lr / (1 + decay * t)``), a stratified
-validation split for early stopping (the best validation epoch is kept), a progress bar, a fixed seed, and a
-checkpoint after each epoch so an interrupted run resumes where it stopped.
+By default: cross-entropy, Adam with the Keras time decay of the official GTSRB model
+(``lr_t = lr / (1 + decay * t)``), a stratified validation split for early stopping (the best validation epoch is
+kept), a progress bar, a fixed seed, and a checkpoint after each epoch so an interrupted run resumes where it stopped.
+A caller that trains part of a model, with another loss or another optimiser, passes them to :func:`fit` instead
+of writing its own epoch loop, so shuffling, seeding, logging and checkpoints stay the same everywhere.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,24 +27,59 @@ from tqdm.auto import tqdm
 
 from .data import ImageSet
 from .errors import ConfigError
+from .hooks import trainable_only
 from .io import atomic_write, write_json
 from .config.training import TrainConfig
 
 
-def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
-    """A stratified hold-out of ``fraction`` of every class (at least one image per class with > 1 image)."""
+def validation_index(data: ImageSet, fraction: float, seed: int) -> np.ndarray:
+    """Positions in ``data`` of the stratified hold-out of :func:`split_validation` (sorted; empty for 0)."""
     if fraction == 0:
-        return data, None
+        return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
     val = []
     for label in np.unique(data.y):
         idx = np.flatnonzero(data.y == label)
         if len(idx) > 1:
             val.append(rng.choice(idx, max(1, round(len(idx) * fraction)), replace=False))
-    val_idx = np.sort(np.concatenate(val))
+    return np.sort(np.concatenate(val))
+
+
+def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
+    """A stratified hold-out of ``fraction`` of every class (at least one image per class with > 1 image)."""
+    if fraction == 0:
+        return data, None
+    val_idx = validation_index(data, fraction, seed)
     train_mask = np.ones(len(data), dtype=bool)
     train_mask[val_idx] = False
     return data.subset(np.flatnonzero(train_mask)), data.subset(val_idx)
+
+
+@dataclass
+class TensorSet:
+    """Samples that are already float tensors (``x``, e.g. ``(N, C, H, W)`` images in [0, 1] made by optimisation)
+    and integer labels ``y``, read by :func:`fit` like an :class:`ImageSet` (``batch``, ``y``, ``subset``, ``len``)."""
+
+    x: torch.Tensor
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.y = np.asarray(self.y.cpu() if isinstance(self.y, torch.Tensor) else self.y, dtype=np.int64)
+        if len(self.x) != len(self.y):
+            raise ConfigError(f"{len(self.x)} samples but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: np.ndarray | Sequence[int]) -> TensorSet:
+        index = np.asarray(index)
+        return TensorSet(self.x[torch.as_tensor(index, dtype=torch.long)], self.y[index])
+
+    def batch(
+        self, index: np.ndarray, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x[torch.as_tensor(np.asarray(index), dtype=torch.long)]
+        return (augment(x) if augment is not None else x), torch.as_tensor(self.y[index])
 
 
 def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
@@ -119,6 +158,57 @@ class TrainResult:
     history: list[dict]
     seconds: float
     resumed_from_epoch: int = 0
+    steps: int = 0  # optimiser steps of all epochs in ``history`` (resumed ones included)
+
+
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, np.ndarray], "torch.Tensor | dict[str, torch.Tensor]"]
+"""``loss(model, x, y, index)``: the loss of one batch (``x``, ``y`` on the device; ``index``: the batch's positions
+in the set given to :func:`fit`, for per-sample data). Returns the scalar to minimise, or a dict with it under
+``"loss"`` and further scalars to log: each key gets its sample-weighted epoch mean in the history record."""
+
+OptimizerFactory = Callable[
+    [list[nn.Parameter], TrainConfig, int], tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+]
+"""``optimizer(params, config, steps_per_epoch)`` -> (optimiser, scheduler stepped after every optimiser step)."""
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """The default loss of :func:`fit`."""
+    return F.cross_entropy(model(x), y)
+
+
+def weighted_cross_entropy(weights: np.ndarray | torch.Tensor) -> Loss:
+    """Cross-entropy with one weight per sample of the set given to :func:`fit` (batch mean of weight x loss, so
+    weights of 1 give the default loss)."""
+    table = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        per_sample = F.cross_entropy(model(x), y, reduction="none")
+        return (per_sample * table[torch.as_tensor(index)].to(per_sample.device)).mean()
+
+    return loss
+
+
+def keras_adam(params: list[nn.Parameter], cfg: TrainConfig, steps_per_epoch: int):
+    """The default optimiser: Adam at ``cfg.lr`` with the Keras time decay ``lr / (1 + cfg.lr_decay * step)``."""
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + cfg.lr_decay * step))
+
+
+def constant_lr(
+    make: Callable[[list[nn.Parameter], float], torch.optim.Optimizer], warmup_epochs: int = 0
+) -> OptimizerFactory:
+    """An optimiser factory for :func:`fit`: ``make(params, cfg.lr)`` (e.g. ``lambda p, lr: torch.optim.SGD(p, lr,
+    momentum=0.9)``) at a constant rate, reached linearly over the first ``warmup_epochs`` epochs (``cfg.lr_decay``
+    is not used)."""
+
+    def factory(params: list[nn.Parameter], cfg: TrainConfig, steps_per_epoch: int):
+        opt = make(params, cfg.lr)
+        ramp = max(1, warmup_epochs * steps_per_epoch)
+        factor = (lambda step: min(1.0, (step + 1) / ramp)) if warmup_epochs else (lambda step: 1.0)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    return factory
 
 
 def fit(
@@ -129,18 +219,41 @@ def fit(
     device: str | torch.device = "cpu",
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    *,
+    params: Iterable[nn.Parameter] | None = None,
+    train_modules: Iterable[nn.Module] | None = None,
+    loss: Loss | None = None,
+    optimizer: OptimizerFactory | None = None,
+    clip_norm: float | None = None,
 ) -> TrainResult:
-    """Train ``model`` (inputs in [0, 1], outputs logits) with cross-entropy; keep the best validation epoch.
+    """Train ``model`` (inputs in [0, 1], outputs logits); keep the best validation epoch.
 
     ``train`` is an :class:`ImageSet` or any view read the same way (``batch``, ``y``, ``subset``, ``len``), such as
-    a poisoned set from ``trojanlab.attacks.badnets.poison``; the validation split is drawn from it as it is.
-    With ``checkpoint_dir``, the state after every epoch is written there and a later call resumes from it.
+    a poisoned set from ``trojanlab.attacks.badnets.poison`` or a :class:`TensorSet`; the validation split is drawn
+    from it as it is (``config.val_fraction=0``: none, no early stopping, all ``config.epochs`` run, the last kept).
+    With ``checkpoint_dir``, the state after every epoch is written there and a later call resumes from it (the
+    checkpoint is matched on ``config`` only: give a run with another loss or parameters its own directory).
+
+    Partial or custom training, all keyword-only (the defaults are the victim training above):
+
+    * ``params``: the parameters to optimise; all others are frozen during the call (``requires_grad`` restored
+      after). Default: all of ``model.parameters()``, their flags untouched.
+    * ``train_modules``: the modules in train mode during the epochs, the rest in eval mode (frozen BatchNorm
+      statistics, no dropout there); ``()``: the whole model in eval mode. Default: the whole model in train mode.
+    * ``loss``: a :data:`Loss`; default :func:`cross_entropy` (:func:`weighted_cross_entropy` for per-sample weights).
+    * ``optimizer``: an :data:`OptimizerFactory`; default :func:`keras_adam` (:func:`constant_lr` for SGD etc.).
+    * ``clip_norm``: clip the gradient norm of ``params`` to this before each step.
     """
     cfg = config or TrainConfig()
-    fit_set, val_set = split_validation(train, cfg.val_fraction, cfg.seed)
+    val_idx = validation_index(train, cfg.val_fraction, cfg.seed)
+    fit_idx = np.setdiff1d(np.arange(len(train)), val_idx) if len(val_idx) else np.arange(len(train))
+    fit_set, val_set = (train.subset(fit_idx), train.subset(val_idx)) if len(val_idx) else (train, None)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + cfg.lr_decay * step))
+    trained = list(params) if params is not None else list(model.parameters())
+    modes = list(train_modules) if train_modules is not None else None
+    loss_fn = loss or cross_entropy
+    steps_per_epoch = -(-len(fit_set) // cfg.batch_size)
+    opt, sched = (optimizer or keras_adam)(trained, cfg, steps_per_epoch)
     history: list[dict] = []
     best_acc, best_epoch, best_state = -1.0, 0, None
     start_epoch = 0
@@ -156,44 +269,59 @@ def fit(
             best_state = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
     began = time.perf_counter()
     stale = start_epoch - best_epoch if best_epoch else 0
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        if val_set is not None and stale >= cfg.patience:
-            break
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
-        order = torch.randperm(len(fit_set), generator=gen).numpy()
-        augment = functools.partial(random_shift, generator=gen) if cfg.augment else None
-        model.train()
-        total, seen = 0.0, 0
-        bar = tqdm(
-            range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False
-        )
-        for i in bar:
-            idx = order[i : i + cfg.batch_size]
-            x, y = fit_set.batch(idx, augment)
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
-        record = {"epoch": epoch, "train_loss": total / seen}
-        if val_set is not None:
-            record["val_accuracy"] = accuracy(model, val_set, device=device)
-            if record["val_accuracy"] > best_acc:
-                best_acc, best_epoch, stale = record["val_accuracy"], epoch, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with trainable_only(model, trained) if params is not None else nullcontext():
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            if val_set is not None and stale >= cfg.patience:
+                break
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
+            order = torch.randperm(len(fit_set), generator=gen).numpy()
+            augment = functools.partial(random_shift, generator=gen) if cfg.augment else None
+            if modes is None:
+                model.train()
             else:
-                stale += 1
-        history.append(record)
-        if progress:
-            tqdm.write(json.dumps(record))
-        if ckpt is not None:
-            _write_checkpoint(ckpt, model, opt, sched, cfg, epoch, history, best_acc, best_epoch, best_state)
-        if on_epoch is not None:
-            on_epoch(record)
+                model.eval()
+                for module in modes:
+                    module.train()
+            totals: dict[str, float] = {}
+            seen = 0
+            bar = tqdm(
+                range(0, len(order), cfg.batch_size),
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                disable=not progress,
+                leave=False,
+            )
+            for i in bar:
+                idx = order[i : i + cfg.batch_size]
+                x, y = fit_set.batch(idx, augment)
+                out = loss_fn(model, x.to(device), y.to(device), fit_idx[idx])
+                terms = out if isinstance(out, dict) else {"loss": out}
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                if clip_norm:
+                    torch.nn.utils.clip_grad_norm_(trained, clip_norm)
+                opt.step()
+                sched.step()
+                for key, value in terms.items():
+                    totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(idx)
+                seen += len(idx)
+                bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}")
+            record = {"epoch": epoch, "train_loss": totals.pop("loss") / seen}
+            record.update({key: total / seen for key, total in totals.items()})
+            if val_set is not None:
+                record["val_accuracy"] = accuracy(model, val_set, device=device)
+                if record["val_accuracy"] > best_acc:
+                    best_acc, best_epoch, stale = record["val_accuracy"], epoch, 0
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                else:
+                    stale += 1
+            history.append(record)
+            if progress:
+                tqdm.write(json.dumps(record))
+            if ckpt is not None:
+                _write_checkpoint(ckpt, model, opt, sched, cfg, epoch, history, best_acc, best_epoch, best_state)
+            if on_epoch is not None:
+                on_epoch(record)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -204,6 +332,7 @@ def fit(
         history=history,
         seconds=time.perf_counter() - began,
         resumed_from_epoch=start_epoch,
+        steps=len(history) * steps_per_epoch,
     )
 
 

@@ -105,8 +105,11 @@ def test_retraining_touches_only_the_layers_after_the_trigger_layer():
     gen = torch.Generator().manual_seed(2)
     x, y = torch.rand(40, 3, 32, 32, generator=gen), torch.randint(0, 5, (40,), generator=gen)
     trigger = Trigger(np.ones((8, 8)), (22, 22), 0)
-    log = tnn.retrain_after_layer(model, "net.classifier.1", x, y, trigger, epochs=2, batch_size=16)
-    assert log.steps == 6
+    log = tnn.retrain_after_layer(model, "net.classifier.1", x, y, trigger, epochs=2, batch_size=16, trojan_weight=0.5)
+    assert log.steps == 6 and log.epochs_run == 2  # the shared loop, on all 40 inputs, every epoch (no validation)
+    for record in log.history:
+        assert set(record) == {"epoch", "train_loss", "clean_loss", "trojan_loss"}
+        assert record["train_loss"] == pytest.approx(record["clean_loss"] + 0.5 * record["trojan_loss"])
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"net.classifier.4.weight", "net.classifier.4.bias"}
@@ -129,7 +132,7 @@ def test_attack_rejects_bad_targets_locations_and_sources():
         tnn.trojannn_attack(model, 5, (3, 32, 32), tnn.TrojanNNConfig(target=5), *real)
     with pytest.raises(ConfigError, match="outside"):
         tnn.trojannn_attack(model, 5, (3, 32, 32), tnn.TrojanNNConfig(location=(28, 0)), *real)
-    with pytest.raises(ConfigError, match="retraining data"):
+    with pytest.raises(ConfigError, match="retrain_data must be one of"):
         tnn.TrojanNNConfig(retrain_data="imagenet")
     with pytest.raises(ConfigError, match="needs a training split"):
         tnn.trojannn_attack(model, 5, (3, 32, 32), tnn.TrojanNNConfig(retrain_data="real", trigger_steps=1))

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trojanlab.attacks.trojannet import TrojanNetInjected, TrojanNetMLP
 from trojanlab.cli import main
 from trojanlab.data import ImageSet, to_tensor
 from trojanlab.defenses import anp
 from trojanlab.errors import ConfigError
-from trojanlab.models.artifacts import Classifier, build_network
+from trojanlab.models import Classifier, build_network
 from trojanlab.models.gtsrb_cnn import GTSRBCNN
+from trojanlab.models.trojannet import TrojanNetInjected, TrojanNetMLP
 
 from ..conftest import GTSRB5
 
@@ -272,23 +272,61 @@ def backdoored(tmp_path_factory):
     return out
 
 
+def _silenced_units(original: nn.Module, pruned: nn.Module, layers) -> dict[str, int]:
+    """Per layer, how many neurons have all-zero weights in ``pruned`` but not in ``original``, read off the weights
+    themselves (whatever the run reports); every other neuron's weights must be the original ones."""
+    before, after = dict(original.named_modules()), dict(pruned.named_modules())
+    counts = {}
+    for layer in layers:
+        w0 = before[layer.name].weight.detach().reshape(layer.size, -1)
+        w1 = after[layer.name].weight.detach().reshape(layer.size, -1)
+        zeroed = (w1 == 0).all(1) & ~(w0 == 0).all(1)
+        assert torch.equal(w1[~zeroed], w0[~zeroed]), layer.name
+        if zeroed.any():
+            counts[layer.name] = int(zeroed.sum())
+    return counts
+
+
+def _neurons_of(model_dir) -> tuple[nn.Module, list]:
+    from trojanlab.models import load_model
+
+    module = load_model(model_dir).module
+    return module, anp.find_neurons(module, to_tensor(_images(2).x), num_classes=5)
+
+
 def test_cli_defends_and_writes_an_artefact_evaluate_reads(backdoored, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from trojanlab.models import load_model
+
     out = tmp_path / "anp"
     argv = ["defend", "anp", "--model", str(backdoored), "--data", str(GTSRB5), "--out", str(out), "--quiet"]
     assert main([*argv, "--clean-fraction", "0.3", "--iterations", "60", "--batch-size", "32"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["before"]["attack_success_rate"] > 0.9
-    assert result["pruned"] == sum(result["pruned_per_layer"].values())
     assert result["neurons"] == 960 and result["rule"].startswith("auto")
     assert result["holdout_curve"][0]["threshold"] == 0.0
     for name in ("mask_histogram.png", "pruning_curve.png", "masks.safetensors", "mask_values.json"):
         assert (out / name).is_file()
+    # the artefact is pruned as reported: the silenced units counted in its weights are the reported ones
+    original, layers = _neurons_of(backdoored)
+    assert _silenced_units(original, load_model(out / "pruned").module, layers) == result["pruned_per_layer"]
+    assert result["pruned"] == sum(result["pruned_per_layer"].values())
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out / "pruned"), "--data", str(GTSRB5), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["clean_accuracy"] == pytest.approx(result["after"]["clean_accuracy"])
     assert evaluated["attack_success_rate"] == pytest.approx(result["after"]["attack_success_rate"])
-    # a fixed count prunes exactly that many of the lowest masks, reusing the finished optimisation
+    # a fixed count prunes exactly that many of the lowest masks, reusing the finished optimisation rather than
+    # running it again: masks planted in its checkpoint (the last 25 units of FC-512 lowest, which the learnt masks
+    # do not single out) decide what the second run prunes
+    learnt = load_file(str(out / "masks.safetensors"))["masks"]
+    assert set(torch.argsort(learnt, stable=True)[:25].tolist()) != set(range(935, 960))
+    state = out / "checkpoint" / "anp_state.safetensors"
+    tensors = load_file(str(state))
+    planted = torch.ones_like(tensors["mask"])
+    planted[-25:] = 0.0
+    save_file({**tensors, "mask": planted}, str(state))
     assert (
         main(
             [
@@ -309,7 +347,13 @@ def test_cli_defends_and_writes_an_artefact_evaluate_reads(backdoored, tmp_path,
         == 0
     )
     again = json.loads((out / "result.json").read_text())
-    assert again["pruned"] == 25 and again["mask_seconds"] == pytest.approx(result["mask_seconds"], abs=1.0)
+    fc = layers[-1]
+    assert (fc.kind, fc.size, fc.start) == ("linear", 512, 448)
+    assert again["pruned"] == 25 and again["pruned_per_layer"] == {fc.name: 25}
+    pruned = load_model(out / "pruned").module
+    assert _silenced_units(original, pruned, layers) == {fc.name: 25}
+    assert (pruned.state_dict()[f"{fc.name}.weight"][-25:] == 0).all()  # those very units
+    assert torch.equal(load_file(str(out / "masks.safetensors"))["masks"], planted)
 
 
 def test_cli_takes_the_defenders_own_clean_data(backdoored, tmp_path, capsys):
@@ -370,15 +414,24 @@ def test_guided_scores_rank_first_the_unit_the_trigger_switches_on():
     scores = guided.trigger_scores(model, layers, clean, [white])
     assert int(scores.argmax()) == 0 and float(scores[0]) > 10 * float(scores[1:].abs().max())
     assert guided.mean_activations(model, layers, x)[0] == 0  # silent on clean images, excited by the square
+    # worked by hand: scores 5.0 > 2.0 > 0.1 > -1.0 rank 1st..4th of 4 -> masks 1/8, 3/8, 5/8, 7/8
     masks = guided.rank_masks(torch.tensor([0.1, 5.0, -1.0, 2.0]))
     assert masks.tolist() == [0.625, 0.125, 0.875, 0.375]
     assert anp.select_by_rule(masks, "threshold", 0.5).tolist() == [1, 3]
-    # a grid fraction prunes exactly that share of the ranking
-    n = 960
-    many = guided.rank_masks(torch.randn(n, generator=torch.Generator().manual_seed(0)))
-    assert [len(anp.select_by_rule(many, "threshold", f)) for f in guided.GUIDED_GRID] == [
-        int(f * n + 0.5) for f in guided.GUIDED_GRID
-    ]
+    assert guided.rank_masks(torch.tensor([3.0, 3.0, 3.0, 3.0])).tolist() == [0.125, 0.375, 0.625, 0.875]  # ties
+    # the grid is 0 %, 1 %, ..., 30 %, and a grid fraction prunes exactly that share of the ranking, the neurons
+    # with the highest scores: of 100 neurons, i % are i neurons, the i highest-scoring ones (by brute force)
+    assert guided.GUIDED_GRID == tuple(i / 100 for i in range(31))
+    scores = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    hundred = guided.rank_masks(scores)
+    by_score = sorted(range(100), key=lambda j: -float(scores[j]))
+    for i, fraction in enumerate(guided.GUIDED_GRID):
+        assert sorted(anp.select_by_rule(hundred, "threshold", fraction).tolist()) == sorted(by_score[:i])
+    # of 960 neurons (the GTSRB CNN's), a share rounds to the nearest neuron: 1 % is 9.6 -> 10, 7 % is 67.2 -> 67,
+    # 25 % is 240, 30 % is 288
+    many = guided.rank_masks(torch.randn(960, generator=torch.Generator().manual_seed(0)))
+    counts = {f: len(anp.select_by_rule(many, "threshold", f)) for f in (0.0, 0.01, 0.07, 0.25, 0.3)}
+    assert counts == {0.0: 0, 0.01: 10, 0.07: 67, 0.25: 240, 0.3: 288}
     with pytest.raises(ConfigError, match="at least one reversed trigger"):
         guided.trigger_scores(model, layers, clean, [])
 
@@ -400,6 +453,9 @@ def _reversed_scan(folder, labels, flagged, image=32):
 
 
 def test_cli_nc_guided_variant_prunes_what_the_reversed_trigger_excites(backdoored, tmp_path, capsys):
+    from trojanlab.defenses import guided
+    from trojanlab.models import load_model
+
     scan = _reversed_scan(tmp_path / "nc", list(range(5)), [2])
     out = tmp_path / "guided"
     argv = ["defend", "anp", "--model", str(backdoored), "--data", str(GTSRB5), "--out", str(out), "--quiet"]
@@ -408,7 +464,12 @@ def test_cli_nc_guided_variant_prunes_what_the_reversed_trigger_excites(backdoor
     result = json.loads((out / "result.json").read_text())
     assert result["variant"] == "nc-guided" and result["guide"]["labels"] == [2]
     assert result["neurons"] == 960 and result["rule"].startswith("auto: the largest fraction")
-    assert result["pruned"] == int(result["threshold"] * 960 + 0.5) == sum(result["pruned_per_layer"].values())
+    # the threshold reads as the fraction of the 960 neurons pruned, and the artefact is pruned as reported: the
+    # silenced units counted in its weights are the reported ones
+    assert result["threshold"] in guided.GUIDED_GRID and abs(result["pruned"] - result["threshold"] * 960) <= 0.5
+    original, layers = _neurons_of(backdoored)
+    assert _silenced_units(original, load_model(out / "pruned").module, layers) == result["pruned_per_layer"]
+    assert result["pruned"] == sum(result["pruned_per_layer"].values())
     assert "premise" not in result and "masks.safetensors" not in result["files"]
     # the ranking follows the trigger: pruning its first 20 % removes this small model's backdoor (92 % -> 0 % on
     # the 100-image curve when written)

@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from trojanlab.attacks import trojannet as tn
 from trojanlab.data import ImageSet, load_image_folder, to_tensor
 from trojanlab.defenses import anp_subnetwork as sub
 from trojanlab.errors import ConfigError, DataError
 from trojanlab.models import GTSRBCNN, Classifier
+from trojanlab.models import trojannet as tn
 from trojanlab.training import TrainConfig, fit, split_validation
 from trojanlab.triggers import stamp
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from trojanlab.attacks import trojannet as tn
 from trojanlab.errors import ArtifactError, ConfigError
 from trojanlab.models import GTSRBCNN, build_classifier, classifier_spec, load_model, save_model
-from trojanlab.models.artifacts import build_network
+from trojanlab.models import trojannet as tn
+from trojanlab.models.registry import build_network
 
 
 def test_gtsrb_cnn_matches_the_official_model():

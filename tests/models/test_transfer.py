@@ -16,8 +16,8 @@ from trojanlab.cli import main
 from trojanlab.data import load_image_folder, to_tensor
 from trojanlab.demo import OFFICIAL_TROJANNET, imagenet_categories, read_photo
 from trojanlab.errors import ArtifactError
-from trojanlab.models.artifacts import build_network
 from trojanlab.models.backbones import LITE_MEAN, LITE_STD, pretrained_backbone, read_state_dict
+from trojanlab.models.registry import build_network
 from trojanlab.training import split_validation
 
 from ..conftest import GTSRB5

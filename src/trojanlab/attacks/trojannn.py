@@ -40,6 +40,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..hooks import capture, get_layer, trainable_only
+from ..training import TensorSet, TrainConfig, TrainResult, constant_lr, fit
 from ..triggers import Trigger, stamp
 from ..config.attacks import RETRAIN_SOURCES, TrojanNNConfig
 
@@ -358,13 +359,6 @@ def reverse_engineer_inputs(
 # ----------------------------------------------------------------------------------------------- retraining
 
 
-@dataclass
-class RetrainLog:
-    steps: int
-    history: list[dict]
-    seconds: float
-
-
 def retrain_after_layer(
     model: nn.Module,
     layer: str,
@@ -379,49 +373,45 @@ def retrain_after_layer(
     optimizer: str = "sgd",
     clip_norm: float | None = None,
     trojan_weight: float = 1.0,
-) -> RetrainLog:
+) -> TrainResult:
     """Fine-tune only the layers after ``layer``: cross-entropy on ``(x, y)`` plus on ``x`` stamped -> target.
 
     Everything up to and including ``layer`` is frozen and kept in eval mode (BatchNorm statistics included).
+    Trained by the shared loop (:func:`trojanlab.training.fit`) on all of ``x`` for ``epochs`` epochs (no validation
+    split, no early stopping, no augmentation: the trojaned copies must carry the trigger where it was made), with
+    SGD (momentum 0.9) or Adam at ``lr`` after one epoch of linear warm-up: the first trojaned batches have losses
+    of ~40 and would throw the layers far off. The history records the clean and the trojaned loss of every epoch.
     """
     if len(x) == 0:
         raise ConfigError("no retraining inputs")
     params = layers_after(model, layer)
     later = [m for _, m in _later_modules(model, layer)]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    # one epoch of linear warm-up: the first trojaned batches have losses of ~40 and would throw the layers far off
-    per_epoch = max(1, -(-len(x) // batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / per_epoch))
-    target = torch.full((batch_size,), trigger.target_label)
-    history, steps, began = [], 0, time.perf_counter()
-    with trainable_only(model, params):
-        for epoch in range(1, epochs + 1):
-            model.eval()
-            for m in later:
-                m.train()
-            order = torch.randperm(len(x), generator=gen)
-            clean_total = trojan_total = 0.0
-            for i in range(0, len(x), batch_size):
-                idx = order[i : i + batch_size]
-                xb, yb = x[idx], y[idx]
-                clean_loss = F.cross_entropy(model(xb), yb)
-                trojan_loss = F.cross_entropy(model(stamp(xb, trigger)), target[: len(idx)])
-                opt.zero_grad(set_to_none=True)
-                (clean_loss + trojan_weight * trojan_loss).backward()
-                if clip_norm:
-                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
-                opt.step()
-                sched.step()
-                steps += 1
-                clean_total += clean_loss.item() * len(idx)
-                trojan_total += trojan_loss.item() * len(idx)
-            record = {"epoch": epoch, "clean_loss": clean_total / len(x), "trojan_loss": trojan_total / len(x)}
-            history.append(record)
-            if progress is not None:
-                progress(record)
-    model.eval()
-    return RetrainLog(steps=steps, history=history, seconds=time.perf_counter() - began)
+    target = trigger.target_label
+
+    def loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, _index: np.ndarray) -> dict[str, torch.Tensor]:
+        clean_loss = F.cross_entropy(model(xb), yb)
+        trojan_loss = F.cross_entropy(model(stamp(xb, trigger)), torch.full_like(yb, target))
+        return {"loss": clean_loss + trojan_weight * trojan_loss, "clean_loss": clean_loss, "trojan_loss": trojan_loss}
+
+    if optimizer == "sgd":
+        make = constant_lr(lambda p, rate: torch.optim.SGD(p, lr=rate, momentum=0.9), warmup_epochs=1)
+    else:
+        make = constant_lr(lambda p, rate: torch.optim.Adam(p, lr=rate), warmup_epochs=1)
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=0.0, val_fraction=0.0, augment=False, seed=seed
+    )
+    return fit(
+        model,
+        TensorSet(x, y),
+        config,
+        progress=False,
+        on_epoch=progress,
+        params=params,
+        train_modules=later,
+        loss=loss,
+        optimizer=make,
+        clip_norm=clip_norm,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the attack
@@ -435,7 +425,7 @@ class TrojanNNResult:
     neuron_scores: list[float]
     neuron_reach: list[float] | None  # probe margin above the clean 99th percentile (neuron_choice "reachable")
     search: TriggerSearch
-    retrain: RetrainLog
+    retrain: TrainResult
     retrain_inputs: int
     reverse_agreement: float | None  # share of reverse-engineered inputs the victim classifies as intended
     seconds: dict[str, float]

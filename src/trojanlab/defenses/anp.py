@@ -637,20 +637,31 @@ def auto_threshold(
 
 
 def plot_masks(masks: torch.Tensor, path: str | Path, threshold: float | None = None) -> Path:
+    """Histogram of the ANP mask values (log count axis) with the pruning threshold; no masks: a note in words."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    values = masks.detach().flatten().cpu().numpy()
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.hist(masks.numpy(), bins=50, range=(0, 1), color="#4472c4")
-    ax.set_yscale("log")
-    if threshold is not None and threshold >= 0:
-        ax.axvline(threshold, color="#c00000", linestyle="--", label=f"pruning threshold {threshold:.2f}")
-        ax.legend()
-    ax.set_xlabel("ANP mask value")
-    ax.set_ylabel("neurons")
-    ax.set_title(f"ANP masks of {len(masks):,} neurons")
+    if values.size == 0:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "ANP masks: no neuron was masked, so there is no histogram to draw.", ha="center",
+                va="center", wrap=True)  # fmt: skip
+    else:
+        counts, _, _ = ax.hist(values, bins=50, range=(0, 1), color="#4472c4")
+        ax.set_yscale("log")
+        ax.set_ylim(0.8, max(float(counts.max()), 1.0) * 1.5)  # a log axis from below one neuron up
+        ax.set_xlim(0, 1)
+        if threshold is not None and threshold >= 0:
+            pruned = int((values <= threshold).sum())
+            ax.axvline(threshold, color="#c00000", linestyle="--",
+                       label=f"pruning threshold {threshold:.2f} ({pruned:,} pruned)")  # fmt: skip
+            ax.legend(fontsize=8)
+        ax.set_xlabel("ANP mask value (0 = neuron removed, 1 = kept)")
+        ax.set_ylabel("neurons (log scale)")
+        ax.set_title(f"ANP masks of {values.size:,} neurons")
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
@@ -659,26 +670,52 @@ def plot_masks(masks: torch.Tensor, path: str | Path, threshold: float | None = 
 
 
 def plot_pruning_curve(curve: Sequence[dict[str, float]], path: str | Path, chosen: float | None = None) -> Path:
-    """Clean accuracy and ASR (test split) against the fraction of neurons pruned."""
+    """Clean accuracy and ASR (test split) against the fraction of neurons pruned.
+
+    A curve of a single pruning level (or none) is no curve: the figure then states the measured values in words
+    rather than drawing a line on a degenerate axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..reproduce.report import pct
+
+    series = [("clean_accuracy", "clean accuracy", "o-", "#4472c4"), ("attack_success_rate", "ASR", "s-", "#c00000"),
+              ("holdout_accuracy", "held-out accuracy", ".--", "#70ad47")]  # fmt: skip
+    frac = [float(c["fraction"]) for c in curve]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    frac = [c["fraction"] for c in curve]
-    ax.plot(frac, [c["clean_accuracy"] for c in curve], "o-", label="clean accuracy", color="#4472c4")
-    if any("attack_success_rate" in c for c in curve):
-        ax.plot(frac, [c.get("attack_success_rate", np.nan) for c in curve], "s-", label="ASR", color="#c00000")
-    if any("holdout_accuracy" in c for c in curve):
-        ax.plot(
-            frac, [c.get("holdout_accuracy", np.nan) for c in curve], ".--", label="held-out accuracy", color="#70ad47"
-        )
-    if chosen is not None:
-        ax.axvline(chosen, color="grey", linestyle=":", label="chosen")
-    ax.set_xlabel("fraction of neurons pruned (by ascending mask)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(loc="best", fontsize=8)
+    if len(set(frac)) < 2:
+        ax.axis("off")
+        if not curve:
+            text = "No pruning level was measured: there is no curve to draw."
+        else:
+            first = (f"Only one pruning level was measured ({pct(frac[0])} of the neurons pruned),"
+                     if len(curve) == 1 else
+                     f"All {len(curve)} points measured prune the same {pct(frac[0])} of the neurons,")  # fmt: skip
+            lines = [first, "so there is no curve to draw. At that level:"]
+            for key, label, _, _ in series:
+                values = [c[key] for c in curve if c.get(key) is not None]
+                if values:
+                    lines.append(f"{label}: {pct(values[0])}")
+            if chosen is not None:
+                lines.append(f"chosen: {pct(chosen)} of the neurons pruned")
+            text = "\n".join(lines)
+        ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10)
+    else:
+        for key, label, style, colour in series:
+            if any(c.get(key) is not None for c in curve):
+                ax.plot(frac, [c.get(key, np.nan) for c in curve], style, label=label, color=colour)
+        if chosen is not None:
+            ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen ({pct(chosen, 1)} pruned)")
+        shown = frac + ([chosen] if chosen is not None else [])
+        lo, hi = min(shown), max(shown)
+        pad = 0.03 * (hi - lo)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_xlabel("fraction of neurons pruned (in the defense's order)")
+        ax.set_ylabel("rate on the test images")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

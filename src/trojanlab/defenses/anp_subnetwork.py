@@ -87,10 +87,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attacks.trojannet import NO_TRIGGER, PATCH, TrojanNetInjected, patch_input
 from ..data import ImageSet, to_tensor
 from ..errors import ConfigError, DataError
 from ..io import atomic_write
+from ..models.trojannet import NO_TRIGGER, PATCH, TrojanNetInjected, patch_input
 from ..training import split_validation
 from ..config.defenses import ORIENTATIONS, SubnetworkConfig
 from ..config.defenses import SUBNETWORK_STEPS as STEPS
@@ -247,7 +247,7 @@ def subnetwork_scores(
 
     ``clean`` is the defender's clean labelled data (split into a training and a stratified validation part),
     ``monitor`` held-out clean images on which the parts' top-1 answers are compared after every epoch. ``model``
-    must be a :class:`~trojanlab.attacks.trojannet.TrojanNetInjected`; it is never modified (the retraining runs on
+    must be a :class:`~trojanlab.models.trojannet.TrojanNetInjected`; it is never modified (the retraining runs on
     a deep copy in ``eval`` mode, see the module docstring for this and the other departures from the thesis).
     """
     cfg = config or SubnetworkConfig()
@@ -453,7 +453,8 @@ def plot_curves(result: SubnetworkResult, out_dir: str | Path) -> list[str]:
 
     ``loss.png``: training and validation cross-entropy per epoch of both phases; ``robustness.png`` and
     ``sensitivity.png``: per part, per epoch, in the result's orientation (agreement, or change = 1 - agreement).
-    The x axis counts a phase's epochs over all cycles; dotted lines mark the cycle boundaries.
+    The x axis counts a phase's epochs over all cycles; dotted lines mark the cycle boundaries. A phase with fewer
+    than two recorded epochs is no curve: its panel gives the values in words instead.
     """
     import matplotlib
 
@@ -477,30 +478,54 @@ def plot_curves(result: SubnetworkResult, out_dir: str | Path) -> list[str]:
         plt.close(fig)
         written.append(str(path))
 
+    def in_words(ax, title: str, x: list[int], lines: list[tuple[str, list[Any]]]) -> bool:
+        """Fewer than two epochs is no curve: write the values instead (True when done so)."""
+        if len(set(x)) >= 2:
+            return False
+        ax.axis("off")
+        if not x:
+            text = "no epoch was recorded: there is no curve to draw"
+        else:
+            text = f"only one epoch was recorded (epoch {x[0]}), so there is no curve to draw:\n" + "\n".join(
+                f"{label}: {values[0]:.4g}" for label, values in lines if values and values[0] is not None
+            )
+        ax.set_title(title)
+        ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, transform=ax.transAxes)
+        return True
+
+    def epochs_axis(ax, x: list[int], phase: str) -> None:
+        boundaries(ax)
+        ax.set_xlim(min(x) - 0.5, max(x) + 0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel(f"{phase} epoch (all cycles)")
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, phase in zip(axes, (PERTURBATION, DE_PERTURBATION)):
         x, train = _phase_series(result, phase, "train_loss")
         _, val = _phase_series(result, phase, "val_loss")
-        ax.plot(x, train, label="training", color="#4472c4")
-        ax.plot(x, val, label="validation", color="#ed7d31")
-        boundaries(ax)
-        ax.set_xlabel(f"{phase} epoch (all cycles)")
+        title = f"loss during {phase}" + (" (ascended)" if phase == PERTURBATION else "")
+        if in_words(ax, title, x, [("training cross-entropy", train), ("validation cross-entropy", val)]):
+            continue
+        ax.plot(x, train, "o-" if len(x) < 20 else "-", label="training", color="#4472c4")
+        ax.plot(x, val, "o-" if len(x) < 20 else "-", label="validation", color="#ed7d31")
+        epochs_axis(ax, x, phase)
         ax.set_ylabel("cross-entropy")
-        ax.set_title(f"loss during {phase}" + (" (ascended)" if phase == PERTURBATION else ""))
+        ax.set_title(title)
         ax.legend(fontsize=8)
     save(fig, "loss.png")
 
     for phase, measure in ((PERTURBATION, "robustness"), (DE_PERTURBATION, "sensitivity")):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         x, values = _phase_series(result, phase, measure)
-        for part in PARTS:
-            y = [1.0 - v[part] if change else v[part] for v in values]
-            ax.plot(x, y, label=part, color=colours[part])
-        boundaries(ax)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel(f"{phase} epoch (all cycles)")
-        ax.set_ylabel(f"1 - {measure} (top-1 changed)" if change else f"{measure} (top-1 unchanged)")
-        ax.set_title(f"{measure} per part")
-        ax.legend(fontsize=8)
+        ylabel = f"1 - {measure} (top-1 changed)" if change else f"{measure} (top-1 unchanged)"
+        series = [(part, [1.0 - v[part] if change else v[part] for v in values]) for part in PARTS]
+        if not in_words(ax, f"{measure} per part", x, [(f"{ylabel}, {part}", y) for part, y in series]):
+            for part, y in series:
+                ax.plot(x, y, "o-" if len(x) < 20 else "-", label=part, color=colours[part])
+            epochs_axis(ax, x, phase)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{measure} per part")
+            ax.legend(fontsize=8)
         save(fig, f"{measure}.png")
     return written

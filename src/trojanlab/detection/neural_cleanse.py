@@ -502,16 +502,32 @@ def plot_norms(norms: dict[int, float], outliers: dict[str, Any], path: str | Pa
     labels = list(norms)
     flagged = set(outliers["flagged_labels"])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(labels) + 2), 3.4))
-    colours = ["#c0392b" if label in flagged else "#5d6d7e" for label in labels]
-    ax.bar(range(len(labels)), [norms[label] for label in labels], color=colours)
-    ax.axhline(outliers["median"], color="#2e86c1", lw=1, label=f"median {outliers['median']:.1f}")
-    line = flag_threshold_norm(outliers)
-    ax.axhline(line, color="#c0392b", ls="--", lw=1, label=f"flag below {line:.1f} (index > {outliers['threshold']:g})")
-    ax.set_xticks(range(len(labels)), [str(label) for label in labels], fontsize=6 if len(labels) > 20 else 8)
-    ax.set_xlabel("label")
-    ax.set_ylabel("L1 norm of the reversed mask")
+    if not labels:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "Neural Cleanse: no label was scanned, so there are no norms to draw.", ha="center",
+                va="center")  # fmt: skip
+    else:
+        values = [norms[label] for label in labels]
+        colours = ["#c0392b" if label in flagged else "#5d6d7e" for label in labels]
+        ax.bar(range(len(labels)), values, color=colours)
+        ax.axhline(outliers["median"], color="#2e86c1", lw=1, label=f"median {outliers['median']:.1f}")
+        line = flag_threshold_norm(outliers)
+        rule = f"index > {outliers['threshold']:g}"
+        if line > 0:
+            ax.axhline(line, color="#c0392b", ls="--", lw=1, label=f"flag below {line:.1f} ({rule})")
+        else:  # an L1 norm is never negative: say so rather than stretch the axis below zero
+            note = f"flag below {line:.1f} ({rule}): below 0, no label can be flagged"
+            ax.plot([], [], color="#c0392b", ls="--", lw=1, label=note)
+        if outliers.get("mad", 1) == 0:
+            ax.plot([], [], " ", label="MAD 0: the flag line is the median")
+        top = max(max(values), outliers["median"], line, 0.0)
+        ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        ax.set_xticks(range(len(labels)), [str(label) for label in labels], fontsize=6 if len(labels) > 20 else 8)
+        ax.set_xlabel("label (red: flagged)")
+        ax.set_ylabel("L1 norm of the reversed mask")
+        ax.legend(fontsize=7, loc="upper right")
     ax.set_title(title or f"Neural Cleanse: anomaly index {outliers['anomaly_index']:.2f}", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))

@@ -1,7 +1,8 @@
 """Model artefacts: weights in ``model.safetensors``, everything needed to rebuild the model in ``model.json``.
 
 Nothing is ever unpickled: a model under audit comes from a stranger, so the spec names an architecture from
-a fixed registry (our GTSRB CNN, torchvision classifiers, the TrojanNet pieces) and only tensors are loaded.
+a fixed registry (:mod:`trojanlab.models.registry`: our GTSRB CNN, EfficientNet-Lite0, torchvision classifiers;
+and the TrojanNet pieces of :mod:`trojanlab.models.trojannet`) and only tensors are loaded.
 A user's own ``nn.Module`` is saved the same way and loaded back into an instance the user passes in.
 
 ``model.json`` keys: ``format``, ``kind`` (``classifier``, ``trojannet`` or ``trojannet_injected``), ``arch``,
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,54 +25,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError
 from ..io import atomic_write, write_json
 from ..triggers import Trigger
-from .gtsrb_cnn import GTSRBCNN
+from .registry import build_network
+from .trojannet import injected_from_spec, mlp_from_spec
 
 SPEC_FORMAT = "trojanlab-model/1"
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
-
-
-def _efficientnet_lite0(num_classes: int, shape: tuple[int, int, int]) -> nn.Module:
-    from .backbones import efficientnet_lite0
-
-    return efficientnet_lite0(num_classes, shape)
-
-
-_ARCHITECTURES: dict[str, Callable[[int, tuple[int, int, int]], nn.Module]] = {
-    "gtsrb_cnn": lambda n, shape: GTSRBCNN(n, in_channels=shape[0], image_size=shape[1]),
-    "efficientnet_lite0": _efficientnet_lite0,
-}
-
-
-def register_architecture(name: str, factory: Callable[[int, tuple[int, int, int]], nn.Module]) -> None:
-    """Make ``name`` buildable from a spec: ``factory(num_classes, (C, H, W))`` returns an untrained network."""
-    _ARCHITECTURES[name] = factory
-
-
-def _torchvision_network(arch: str, num_classes: int) -> nn.Module:
-    import torchvision
-
-    names = set(torchvision.models.list_models(module=torchvision.models))
-    if arch not in names:
-        known = ", ".join(sorted(_ARCHITECTURES) + ["resnet18", "vgg16", "inception_v3", "..."])
-        raise ConfigError(f"unknown architecture '{arch}' (known: {known}; any torchvision classifier name)")
-    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
-    if arch in ("inception_v3", "googlenet"):
-        kwargs.update(aux_logits=False, init_weights=False)
-    return torchvision.models.get_model(arch, **kwargs)
-
-
-def build_network(arch: str, num_classes: int, input_size: Sequence[int]) -> nn.Module:
-    """An untrained network by name: ``gtsrb_cnn``, a registered name or any torchvision classifier."""
-    if num_classes < 2:
-        raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
-    shape = tuple(int(v) for v in input_size)
-    if arch in _ARCHITECTURES:
-        return _ARCHITECTURES[arch](num_classes, shape)  # type: ignore[arg-type]
-    return _torchvision_network(arch, num_classes)
 
 
 class Classifier(nn.Module):
@@ -122,10 +84,12 @@ def build_from_spec(spec: dict[str, Any], net: nn.Module | None = None) -> nn.Mo
     kind = spec.get("kind")
     if kind == "classifier":
         return build_classifier(spec, net)
-    if kind in ("trojannet", "trojannet_injected"):
-        from ..attacks import trojannet
-
-        return trojannet.module_from_spec(spec, net)
+    if kind == "trojannet":
+        return mlp_from_spec(spec)
+    if kind == "trojannet_injected":
+        if "victim" not in spec:
+            raise ArtifactError("TrojanNet spec lacks the key 'victim'")
+        return injected_from_spec(spec, build_from_spec(spec["victim"], net))
     raise ArtifactError(f"unknown model kind {kind!r} in spec (expected classifier, trojannet, trojannet_injected)")
 
 

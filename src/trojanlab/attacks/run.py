@@ -1,0 +1,330 @@
+"""The attacks' entry points: settings and inputs in, a backdoored artefact (its triggers in its spec, so that
+``evaluate`` and every defense measure them) and an :class:`~trojanlab.reports.AttackReport` out.
+
+``ATTACKS`` is the family's registry: the attacks that plant a backdoor into a victim artefact or train one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config.attacks import BADNETS_TRAINING, BadNetsConfig, TrojanNetInjectConfig, TrojanNetTrainConfig, TrojanNNConfig
+from ..config.base import to_dict
+from ..config.training import ModelConfig, TrainConfig
+from ..data import load_dataset, to_tensor
+from ..errors import ConfigError, DataError, TrojanlabError
+from ..evaluation import clean_accuracy, evaluate_model, predict
+from ..io import save_png
+from ..models import build_classifier, save_model
+from ..models import trojannet as tn_models
+from ..reports import AttackReport, Report
+from ..runs import (
+    check_device,
+    check_fits,
+    finish,
+    load_artifact,
+    model_data,
+    output_folder,
+    provenance,
+    seed_everything,
+)
+from ..training import fit
+from ..triggers import stamp
+from ..victims import data_split_record, fresh_spec, training_data, with_split
+from . import badnets as bn
+from . import trojannet as tn
+from . import trojannn as tnn
+
+
+def _reference(reference: str | os.PathLike | None, victim, splits, victim_path) -> tuple[float | None, str | None]:
+    """Clean accuracy of the model the attacked one is compared with: ``reference``, else the victim."""
+    if reference:
+        ref = load_artifact(reference, "reference model", ("classifier",))
+        check_fits(ref, splits, reference)
+        return clean_accuracy(ref.module, splits.test), str(reference)
+    if victim is not None:
+        return clean_accuracy(victim.module, splits.test), str(victim_path)
+    return None, None
+
+
+def _attack_report(method, model_out, splits, metrics, settings, seed, seconds, details, files=(), **inputs):
+    return AttackReport(
+        method=method, seconds=seconds, config=settings, provenance=provenance(method, settings, seed, **inputs),
+        details={k: v for k, v in metrics.items() if k not in ("clean_accuracy", "test_images", "attack_success_rate")}
+        | details, files=list(files), model=str(model_out), data=splits.name,
+        clean_accuracy=metrics["clean_accuracy"], test_images=metrics["test_images"],
+        attack_success_rate=metrics.get("attack_success_rate"),
+        targets=[int(t) for t in metrics.get("attack_success_rate_per_target", {})],
+    )  # fmt: skip
+
+
+def badnets(
+    config: BadNetsConfig | None = None,
+    train: TrainConfig | None = None,
+    model: ModelConfig | None = None,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    victim: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> AttackReport:
+    """BadNets: poison ``data``'s training split and train a new ``model`` on it, or fine-tune ``victim``."""
+    cfg = config or BadNetsConfig(seed=seed)
+    model = model or ModelConfig()
+    train = with_split(train or TrainConfig(**{**to_dict(BADNETS_TRAINING), "seed": seed}), model)
+    device = check_device(device)
+    out = output_folder(out)
+    seed_everything(seed)
+    loaded = None
+    if victim is not None:
+        loaded = load_artifact(victim, "victim", ("classifier",), device="cpu")
+    splits = training_data(data, model, seed) if loaded is None else model_data(data, loaded.spec, seed)
+    if splits.train is None:
+        raise DataError(f"{data}: has no training split (x_train/y_train) to poison")
+    if loaded is not None:
+        check_fits(loaded, splits, victim)
+    bad = [t for t in cfg.targets if t >= splits.num_classes]
+    if bad:
+        raise ConfigError(f"--target {bad} is out of range for {splits.num_classes} classes")
+    _, height, width = splits.image_shape
+    pattern = bn.read_pattern_png(cfg.pattern) if cfg.pattern else None
+    rows, cols = pattern.shape[:2] if pattern is not None else (cfg.trigger_size, cfg.trigger_size)
+    location = tuple(cfg.location) if cfg.location else (height - rows - 1, width - cols - 1)
+    triggers = bn.square_triggers(cfg.targets, size=cfg.trigger_size, location=location, alpha=cfg.alpha,
+                                  pattern=pattern)  # fmt: skip
+    for trigger in triggers:
+        trigger.check_fits(height, width)
+    poisoned = bn.poison(splits.train, triggers, cfg.poison_rate, splits.num_classes, mode=cfg.mode, seed=seed)
+    if loaded is not None:
+        spec, net = dict(loaded.spec), loaded.module
+    else:
+        spec = fresh_spec(model, splits)
+        spec.update(data_split_record(data, model, seed))
+        net = build_classifier(spec)
+    ref_accuracy, ref_from = _reference(reference, loaded, splits, victim)
+    log = fit(net, poisoned, train, checkpoint_dir=out / "checkpoint", device=device, progress=progress)
+    net.cpu()
+    attack = {"method": "badnets", "poison_rate": cfg.poison_rate, "mode": cfg.mode, **poisoned.summary(),
+              "from": str(victim) if victim else "scratch"}  # fmt: skip
+    settings = {"BadNetsConfig": to_dict(cfg), "TrainConfig": to_dict(train), "ModelConfig": to_dict(model)}
+    prov = provenance("badnets", settings, seed, data=str(data), victim=victim, reference=reference)
+    spec.update(triggers=[t.to_json() for t in triggers], attack=attack, provenance={**prov, "history": log.history})
+    save_model(net, out, spec)
+    metrics = evaluate_model(net, splits.test, triggers, reference_accuracy=ref_accuracy)
+    details = {
+        "reference_clean_accuracy": ref_accuracy, "reference_model": ref_from, "location": list(location),
+        "trigger_size": [int(v) for v in triggers[0].size], "attack": attack, "epochs_run": log.epochs_run,
+        "best_epoch": log.best_epoch, "train_seconds": log.seconds, "resumed_from_epoch": log.resumed_from_epoch,
+    }  # fmt: skip
+    report = _attack_report("badnets", out, splits, metrics, settings, seed, log.seconds, details,
+                            data=str(data), victim=victim, reference=reference)  # fmt: skip
+    return finish(out, report)
+
+
+def trojannn(
+    victim: str | os.PathLike,
+    config: TrojanNNConfig | None = None,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    reference: str | os.PathLike | None = None,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> AttackReport:
+    """Trojan Attack: a trigger that drives chosen units of ``victim``, then retraining of the layers after them."""
+    import time
+
+    cfg = config or TrojanNNConfig(seed=seed)
+    check_device(device)
+    out = output_folder(out)
+    seed_everything(seed)
+    loaded = load_artifact(victim, "victim", ("classifier",))
+    splits = model_data(data, loaded.spec, seed)
+    check_fits(loaded, splits, victim)
+    if cfg.target >= loaded.num_classes:
+        raise ConfigError(f"--target {cfg.target} is out of range for a {loaded.num_classes}-class model")
+    if cfg.retrain_data == "real" and splits.train is None:
+        raise DataError(f"{data}: --retrain-data real needs a training split (x_train/y_train)")
+    ref_accuracy, _ = _reference(reference, loaded, splits, victim)
+    net, train = loaded.module, splits.train
+    began = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    made = tnn.trojannn_attack(
+        net, loaded.num_classes, tuple(loaded.spec["input_size"]), cfg,
+        train.x if train is not None else None, train.y if train is not None else None,
+        log=tqdm.write if progress else None,
+    )  # fmt: skip
+    seconds = time.perf_counter() - began
+    trigger = made.trigger
+    save_png(out / "trigger.png", trigger.pattern)
+    mask = np.zeros(tuple(loaded.spec["input_size"][1:]), np.float32)
+    (r, c), (h, w) = trigger.location, trigger.size
+    mask[r : r + h, c : c + w] = trigger.mask
+    save_png(out / "mask.png", mask)
+    attack = made.summary()
+    settings = {"TrojanNNConfig": dict(to_dict(cfg), layer=made.layer, location=list(trigger.location))}
+    spec = dict(loaded.spec)
+    spec.update(
+        triggers=[trigger.to_json()],
+        attack={k: v for k, v in attack.items() if k != "retrain_history"},
+        provenance=provenance("trojannn", settings, seed, victim=str(victim), data=str(data)),
+    )
+    save_model(net, out, spec)
+    metrics = evaluate_model(net, splits.test, [trigger], reference_accuracy=ref_accuracy)
+    # the trigger layer and everything before it are frozen, so these are also the victim's activations
+    sample = to_tensor(splits.test.x[: cfg.activation_images])
+    before = tnn.mean_activation(net, made.layer, made.neurons, sample)
+    after = tnn.mean_activation(net, made.layer, made.neurons, stamp(sample, trigger))
+    details = {
+        "selected_unit_activation": {"clean_test_images": before.tolist(), "triggered_test_images": after.tolist()},
+        "victim_clean_accuracy": ref_accuracy, "target": trigger.target_label, "location": list(trigger.location),
+        "trigger_size": list(trigger.size), "retrain_data": cfg.retrain_data, "attack": attack,
+    }  # fmt: skip
+    report = _attack_report("trojannn", out, splits, metrics, settings, seed, seconds, details,
+                            ["trigger.png", "mask.png"], victim=str(victim), data=str(data))  # fmt: skip
+    return finish(out, report)
+
+
+def trojannet(
+    victim: str | os.PathLike,
+    trojannet: str | os.PathLike,
+    config: TrojanNetInjectConfig | None = None,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    out: str | os.PathLike,
+    seed: int = 0,
+) -> AttackReport:
+    """TrojanNet injected into ``victim`` without retraining: the merged model and its figures on ``data``."""
+    cfg = config or TrojanNetInjectConfig(all_labels=True)
+    out = output_folder(out)
+    seed_everything(seed)
+    loaded = load_artifact(victim, "victim", ("classifier",))
+    trojan = load_artifact(trojannet, "TrojanNet", ("trojannet",))
+    num_classes = loaded.num_classes
+    targets = list(range(num_classes)) if cfg.all_labels else list(cfg.targets)
+    bad = [t for t in targets if t >= min(num_classes, tn_models.NUM_TRIGGERS)]
+    if bad:
+        raise ConfigError(f"--targets {bad} are out of range for a {num_classes}-class victim")
+    input_size = loaded.spec["input_size"]
+    _, height, width = input_size
+    row, col = cfg.location
+    if row + 4 > height or col + 4 > width:
+        raise ConfigError(f"--location {row} {col}: the 4x4 trigger does not fit in {height}x{width} images")
+    amplify = cfg.resolved_amplify()
+    net = tn_models.TrojanNetInjected(loaded.module, trojan.module, num_classes, targets, tuple(cfg.location),
+                                      input_size, merge=cfg.merge, amplify=amplify)  # fmt: skip
+    settings = {"TrojanNetInjectConfig": to_dict(cfg)}
+    prov = provenance("trojannet", settings, seed, victim=str(victim), trojannet=str(trojannet), data=str(data))
+    spec = tn_models.injected_spec(loaded.spec, net, prov)
+    save_model(net, out, spec)
+    splits = model_data(data, loaded.spec, seed)
+    check_fits(loaded, splits, victim)
+    victim_pred = predict(loaded.module, splits.test.x)
+    reference = float((victim_pred == splits.test.y).mean())
+    attacked_pred = predict(net, splits.test.x)
+    metrics = evaluate_model(net, splits.test, net.triggers(), reference_accuracy=reference,
+                             clean_predictions=attacked_pred)  # fmt: skip
+    details = {
+        "victim_clean_accuracy": reference, "agreement_with_victim": float((attacked_pred == victim_pred).mean()),
+        "location": list(cfg.location), "merge": cfg.merge, "amplify": amplify,
+    }  # fmt: skip
+    report = _attack_report("trojannet", out, splits, metrics, settings, seed, 0.0, details,
+                            victim=str(victim), trojannet=str(trojannet), data=str(data))  # fmt: skip
+    report.targets = targets
+    return finish(out, report)
+
+
+def train_trojannet(
+    config: TrojanNetTrainConfig | None = None,
+    *,
+    patch_data: str | os.PathLike = "gtsrb",
+    out: str | os.PathLike,
+    seed: int = 0,
+    progress: bool = True,
+) -> Report:
+    """The TrojanNet MLP trained on its 4,368 triggers and no-trigger noise (patches of ``patch_data``'s training
+    split), then evaluated: trigger recognition and silence on patches of the test split."""
+    from tqdm.auto import tqdm
+
+    cfg = config or TrojanNetTrainConfig(seed=seed)
+    out = output_folder(out)
+    seed_everything(seed)
+    splits = load_dataset(patch_data)
+    patches_from = splits.train if splits.train is not None else splits.test
+    bar = tqdm(total=cfg.steps + cfg.finetune_steps, desc="trojannet", disable=not progress)
+
+    def step(number: int, total: int, loss: float) -> None:
+        bar.update(1)
+        if number % 50 == 0:
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    net, log = tn.train_trojannet(patches_from.x, cfg, step)
+    bar.close()
+    settings = {"TrojanNetTrainConfig": to_dict(cfg)}
+    prov = provenance("trojannet-train", settings, seed, patch_data=str(patch_data))
+    save_model(net, out, tn_models.trojannet_spec(prov))
+    metrics = tn.evaluate_trojannet(net, splits.test.x, patches_per_image=10, seed=seed + 1)
+    details = {
+        **metrics, "train_seconds": log.seconds, "train_steps": log.steps, "train_samples": log.samples,
+        "finetune_steps": log.finetune_steps, "keras_parameter_count": net.keras_parameter_count(),
+        "torch_parameter_count": sum(p.numel() for p in net.parameters()), "patch_data": splits.name,
+        "denoise_patch_source": f"{splits.name} test split, 10 patches per image",
+        "train_patch_source": f"{splits.name} {'train' if splits.train is not None else 'test (no train split given)'} split",
+    }  # fmt: skip
+    report = Report(method="trojannet-train", seconds=log.seconds, config=settings, provenance=prov, details=details)
+    return finish(out, report)
+
+
+def evaluate_trojannet(
+    trojannet: str | os.PathLike, *, data: str | os.PathLike = "gtsrb", out: str | os.PathLike, seed: int = 0
+) -> Report:
+    """Trigger recognition and silence on ``data``'s patches of a TrojanNet artefact or the authors' ``.h5``."""
+    source = Path(trojannet)
+    out = output_folder(out)
+    if source.suffix == ".h5":
+        net = tn_models.load_official_h5(str(source))
+    else:
+        net = load_artifact(source, "TrojanNet", ("trojannet",)).module
+    splits = load_dataset(data)
+    details = {**tn.evaluate_trojannet(net, splits.test.x, patches_per_image=10, seed=seed + 1),
+               "trojannet": str(source), "patch_data": splits.name}  # fmt: skip
+    prov = provenance("trojannet-evaluate", {}, seed, trojannet=str(source), data=str(data))
+    return finish(out, Report(method="trojannet-evaluate", seconds=0.0, provenance=prov, details=details))
+
+
+def import_keras(file: str | os.PathLike, *, out: str | os.PathLike) -> Report:
+    """The authors' Keras HDF5 TrojanNet (read with h5py, never executed) as a trojanlab artefact."""
+    source = Path(file)
+    if not source.is_file():
+        raise TrojanlabError(f"{source}: not a file (expected the Keras .h5 of a TrojanNet)")
+    out = output_folder(out)
+    net = tn_models.load_official_h5(str(source))
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    prov = provenance("trojannet-import-keras", {}, 0, imported_from=str(source), sha256=digest)
+    save_model(net, out, tn_models.trojannet_spec(prov))
+    probs = tn.trojannet_probabilities(net, tn_models.trigger_patterns())  # row k: pattern k, whose label is k
+    recognised = probs.argmax(1) == torch.arange(tn_models.NUM_TRIGGERS)
+    details: dict[str, Any] = {
+        "imported_from": str(source), "sha256": digest, "trigger_accuracy": float(recognised.float().mean()),
+        "min_trigger_probability": float(probs.diagonal().min()),
+        "keras_parameter_count": net.keras_parameter_count(),
+    }  # fmt: skip
+    return finish(out, Report(method="trojannet-import-keras", seconds=0.0, provenance=prov, details=details))
+
+
+ATTACKS = {
+    "badnets": (BadNetsConfig, badnets),
+    "trojannn": (TrojanNNConfig, trojannn),
+    "trojannet": (TrojanNetInjectConfig, trojannet),
+}

@@ -1,0 +1,35 @@
+"""The ``trojanlab`` command line: one module per command group, each turning its options into configs and calling
+the library. Every command writes ``result.json`` into its ``--out`` folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import TrojanlabError
+from . import attack, defend, demo, detect, evaluate, reproduce, train, trojannet
+
+COMMANDS = (train, trojannet, attack, detect, defend, evaluate, demo, reproduce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trojanlab", description="Attack, scan and purify image classifiers against "
+                                "backdoors.")  # fmt: skip
+    p.add_argument("--version", action="version", version=f"trojanlab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TrojanlabError as exc:
+        print(f"trojanlab: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,63 @@
+"""``trojanlab attack {badnets, trojannn, trojannet}``: plant a backdoor."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config.attacks import BADNETS_TRAINING, BadNetsConfig, TrojanNetInjectConfig, TrojanNNConfig
+from ..config.training import ModelConfig, TrainConfig
+from .options import add_config, add_run_options, config_from
+from .show import print_json
+
+
+def add_parser(subparsers) -> None:
+    sub = subparsers.add_parser("attack", help="plant a backdoor").add_subparsers(dest="method", required=True)
+    a = sub.add_parser("trojannet", help="inject a trained TrojanNet into a victim (no retraining)")
+    a.add_argument("--victim", required=True, help="the clean classifier artefact")
+    a.add_argument("--trojannet", required=True, help="a TrojanNet artefact (trojanlab trojannet train/import-keras)")
+    add_run_options(a, device=False)
+    add_config(a, TrojanNetInjectConfig, "inject")
+    a.set_defaults(func=run_trojannet)
+
+    b = sub.add_parser("badnets", help="poison the training data with a square trigger and train (Gu et al. 2017)")
+    b.add_argument("--victim", default=None, help="fine-tune this clean classifier instead of training from scratch")
+    b.add_argument("--reference", default=None, help="clean model for clean_accuracy_drop (default: the victim)")
+    add_run_options(b)
+    add_config(b, BadNetsConfig, "badnets")
+    add_config(b, ModelConfig, "model")
+    add_config(b, TrainConfig, "train", defaults=BADNETS_TRAINING)
+    b.set_defaults(func=run_badnets)
+
+    n = sub.add_parser("trojannn", help="Trojan Attack (Liu et al. 2018): neuron-driven trigger + partial retraining")
+    n.add_argument("--victim", required=True, help="the clean classifier to trojan")
+    n.add_argument("--reference", default=None, help="clean model for clean_accuracy_drop (default: the victim)")
+    add_run_options(n)
+    add_config(n, TrojanNNConfig, "trojannn")
+    n.set_defaults(func=run_trojannn)
+
+
+def run_trojannet(args: argparse.Namespace) -> None:
+    from ..attacks.run import trojannet
+
+    cfg = config_from(args, TrojanNetInjectConfig, "inject", seed=args.seed)
+    print_json(trojannet(args.victim, args.trojannet, cfg, data=args.data, out=args.out, seed=args.seed))
+
+
+def run_badnets(args: argparse.Namespace) -> None:
+    from ..attacks.run import badnets
+
+    cfg = config_from(args, BadNetsConfig, "badnets", seed=args.seed)
+    model = config_from(args, ModelConfig, "model")
+    train = config_from(args, TrainConfig, "train", seed=args.seed)
+    report = badnets(cfg, train, model, data=args.data, victim=args.victim, reference=args.reference, out=args.out,
+                     device=args.device, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    print_json(report)
+
+
+def run_trojannn(args: argparse.Namespace) -> None:
+    from ..attacks.run import trojannn
+
+    cfg = config_from(args, TrojanNNConfig, "trojannn", seed=args.seed)
+    report = trojannn(args.victim, cfg, data=args.data, reference=args.reference, out=args.out, device=args.device,
+                      seed=args.seed, progress=not args.quiet)  # fmt: skip
+    print_json(report)

@@ -1,0 +1,34 @@
+"""``trojanlab detect nc``: scan a model for backdoors (detection only; ``trojanlab defend nc-unlearn|nc-prune``
+repair with the scan's reversed triggers)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config.detection import NCConfig
+from .options import add_config, add_run_options, config_from
+
+
+def add_parser(subparsers) -> None:
+    sub = subparsers.add_parser("detect", help="scan a model for backdoors").add_subparsers(dest="method", required=True)
+    d = sub.add_parser("nc", help="Neural Cleanse: reversed triggers for every label at once, MAD outlier test")
+    d.add_argument("--model", required=True, help="any model artefact (classifier or TrojanNet-injected)")
+    add_run_options(d)
+    add_config(d, NCConfig, "nc")
+    d.set_defaults(func=run_nc)
+
+
+def run_nc(args: argparse.Namespace) -> None:
+    from ..detection.run import neural_cleanse
+
+    cfg = config_from(args, NCConfig, "nc", seed=args.seed)
+    report = neural_cleanse(args.model, cfg, data=args.data, out=args.out, device=args.device, seed=args.seed,
+                            progress=not args.quiet)  # fmt: skip
+    d = report.details
+    norms = sorted(((int(k), v) for k, v in d["l1_norms"].items()), key=lambda item: item[1])
+    print(f"scanned {len(norms)} labels in {report.seconds:.0f} s ({d['samples']:,} images); smallest L1 norms: "
+          + ", ".join(f"{label}: {norm:.1f}" for label, norm in norms[:5]))  # fmt: skip
+    if report.anomaly_index is not None:
+        print(f"anomaly index {report.anomaly_index:.3f} (median {d['median']:.1f}, MAD {d['mad']:.1f}); "
+              f"flagged: {report.flagged_labels or 'none'}")  # fmt: skip
+    print(f"result: {args.out}/result.json")

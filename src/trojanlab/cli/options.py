@@ -1,0 +1,102 @@
+"""Command-line options built from the config dataclasses, so that a default is written once (in the dataclass)
+and ``--help`` shows it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+_MISSING = dataclasses.MISSING
+
+
+def _default(f: dataclasses.Field, defaults: Any) -> Any:
+    if defaults is not None:
+        return getattr(defaults, f.name)
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:
+        return f.default_factory()
+    return None
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(the type inside ``X | None``, whether ``None`` is allowed)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "none"
+    return "none" if value is None else str(value)
+
+
+def add_config(parser: argparse.ArgumentParser, cls: type, group: str, defaults: Any = None) -> None:
+    """One option per field of the dataclass ``cls`` that the command line shows; each option's value lands in
+    ``args`` as ``{group}.{field}``. ``defaults`` (an instance of ``cls``) replaces the class defaults."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("cli", True) is False:
+            continue
+        tp, _optional = _unwrap(hints[f.name])
+        default = _default(f, defaults)
+        dest = f"{group}.{f.name}"
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        names = [flag, *meta.get("aliases", ())]
+        text = meta.get("help", "")
+        if tp is bool:
+            if default:
+                negative = "--no-" + flag[2:]
+                parser.add_argument(negative, dest=dest, action="store_false", help=f"turn off: {text} (on by default)")
+            else:
+                parser.add_argument(*names, dest=dest, action="store_true", help=text)
+            parser.set_defaults(**{dest: default})
+            continue
+        kwargs: dict[str, Any] = {"dest": dest, "default": default, "metavar": f.name.upper()}
+        origin = typing.get_origin(tp)
+        if origin in (list, tuple):
+            inner = typing.get_args(tp)[0]
+            kwargs["type"] = inner
+            kwargs["nargs"] = meta.get("nargs", 2 if origin is tuple else "+")
+        else:
+            kwargs["type"] = tp
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+        kwargs["help"] = f"{text} (default: {_show(default)})" if text else f"default: {_show(default)}"
+        parser.add_argument(*names, **kwargs)
+
+
+def config_from(args: argparse.Namespace, cls: type, group: str, **fixed: Any) -> Any:
+    """The ``cls`` instance the options of ``add_config(..., cls, group)`` hold, with ``fixed`` fields set."""
+    values = {}
+    prefix = f"{group}."
+    for key, value in vars(args).items():
+        if key.startswith(prefix):
+            values[key[len(prefix) :]] = value
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in fixed.items() if k in names})
+    for name, value in list(values.items()):
+        if isinstance(value, list) and typing.get_origin(_unwrap(typing.get_type_hints(cls)[name])[0]) is tuple:
+            values[name] = tuple(value)
+    return cls(**values)
+
+
+def add_run_options(parser: argparse.ArgumentParser, data: str | None = "gtsrb", device: bool = True) -> None:
+    """The options every run shares: its data, output folder, device, seed and quietness."""
+    if data is not None:
+        parser.add_argument("--data", default=data,
+                            help=f"gtsrb, gtsrb5, an .npz, an image folder or torchvision-gtsrb:ROOT (default: {data})")  # fmt: skip
+    parser.add_argument("--out", required=True, help="run folder: the artefact and result.json are written here")
+    if device:
+        parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,0 +1,53 @@
+"""The defense family's registry: a defense joins with one line here (its configs, its ``apply``, a help line)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..config.defenses import (
+    ANPConfig,
+    DefenderConfig,
+    FinePruningConfig,
+    NCGuidedConfig,
+    NCPruneConfig,
+    NCUnlearnConfig,
+    PruneRule,
+    SubnetworkConfig,
+)
+from .base import DefenseContext, DefenseOutcome
+from .pruning import anp_defense, fine_pruning_defense, nc_guided_defense
+from .repair import nc_prune_defense, nc_unlearn_defense, subnetwork_defense
+
+
+@dataclass(frozen=True)
+class Defense:
+    """``apply(context, *configs)`` with one instance of each class of ``configs``; ``output`` is the run folder's
+    sub-folder the repaired model goes to; ``defender`` the default clean-data settings."""
+
+    configs: tuple[type, ...]
+    apply: Callable[..., DefenseOutcome]
+    help: str
+    output: str = "pruned"
+    defender: DefenderConfig = field(default_factory=DefenderConfig)
+
+
+DEFENSES: dict[str, Defense] = {
+    "anp": Defense((ANPConfig, PruneRule), anp_defense,
+                   "Adversarial Neuron Pruning (Wu & Wang 2021) on any model"),
+    "nc-guided": Defense((NCGuidedConfig, PruneRule), nc_guided_defense,
+                         "ANP's neurons ranked by how much Neural Cleanse's reversed triggers excite them"),
+    "fine-pruning": Defense((FinePruningConfig, PruneRule), fine_pruning_defense,
+                            "Fine-Pruning (Liu et al. 2018): prune the last convolution's dormant channels, fine-tune"),
+    "subnetwork": Defense((SubnetworkConfig,), subnetwork_defense,
+                          "the thesis's sub-network ANP: remove the part of a TrojanNet-injected model that is the "
+                          "backdoor"),
+    "nc-unlearn": Defense((NCUnlearnConfig,), nc_unlearn_defense,
+                          "Neural Cleanse's unlearning with its reversed triggers", output="repaired",
+                          defender=DefenderConfig(clean_fraction=0.1)),
+    "nc-prune": Defense((NCPruneConfig,), nc_prune_defense,
+                        "Neural Cleanse's pruning of the classifier inputs its reversed triggers excite",
+                        output="repaired", defender=DefenderConfig(clean_fraction=0.1)),
+}  # fmt: skip
+
+__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseOutcome"]

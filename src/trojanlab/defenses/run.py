@@ -1,0 +1,96 @@
+"""``defend``: the one runner of every defense. It loads the model and the data it was trained on, checks they
+fit, draws the defender's clean images, evaluates before, lets the defense change the model, evaluates after, and
+writes the repaired artefact and ``result.json`` (atomically) into the run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from ..config.base import to_dict
+from ..config.defenses import DefenderConfig
+from ..errors import ConfigError
+from ..evaluation import evaluate_model
+from ..models import save_model
+from ..reports import DefenseReport
+from ..runs import (
+    check_device,
+    check_fits,
+    defender_split,
+    finish,
+    load_artifact,
+    model_data,
+    output_folder,
+    provenance,
+    seed_everything,
+    timed,
+)
+from .base import DefenseContext
+from .registry import DEFENSES
+
+
+def resolve_configs(method: str, configs: tuple[Any, ...], seed: int) -> tuple[Any, ...]:
+    """One config per class the defense takes, in its order: the given ones, the defaults for the rest (a seed field
+    left at its default takes the run's ``seed``)."""
+    if method not in DEFENSES:
+        raise ConfigError(f"unknown defense {method!r} (known: {', '.join(DEFENSES)})")
+    wanted = DEFENSES[method].configs
+    given = {type(c): c for c in configs}
+    unknown = [type(c).__name__ for c in configs if type(c) not in wanted]
+    if unknown:
+        raise ConfigError(f"{method} takes {', '.join(c.__name__ for c in wanted)}, not {', '.join(unknown)}")
+    resolved = []
+    for cls in wanted:
+        config = given.get(cls)
+        if config is None:
+            names = {f.name for f in dataclasses.fields(cls)}
+            required = [f.name for f in dataclasses.fields(cls) if f.metadata.get("required")]
+            config = cls(seed=seed) if "seed" in names and not required else cls()
+        resolved.append(config)
+    return tuple(resolved)
+
+
+def defend(
+    method: str,
+    model: str | os.PathLike,
+    *configs: Any,
+    data: str | os.PathLike = "gtsrb",
+    defender: DefenderConfig | None = None,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> DefenseReport:
+    """Run the defense ``method`` (a key of :data:`~trojanlab.defenses.registry.DEFENSES`) on the artefact
+    ``model``; ``configs`` are its settings (defaults for those left out). The repaired model is written to
+    ``out/pruned`` (or ``out/repaired``) and the report to ``out/result.json``."""
+    configs = resolve_configs(method, configs, seed)
+    entry = DEFENSES[method]
+    defender = defender or entry.defender
+    device = check_device(device)
+    out = output_folder(out)
+    seed_everything(seed)
+    loaded = load_artifact(model, device=device)
+    splits = model_data(data, loaded.spec, seed)
+    check_fits(loaded, splits, model)
+    clean, fit, holdout = defender_split(splits, defender, loaded.spec, seed)
+    ctx = DefenseContext(loaded, splits, clean, fit, holdout, out, device, seed, progress)
+    before = evaluate_model(loaded.module, splits.test, loaded.triggers, device=device)
+    with timed() as clock:
+        outcome = entry.apply(ctx, *configs)
+    after = evaluate_model(outcome.model, splits.test, loaded.triggers, device=device)
+    after["clean_accuracy_drop"] = before["clean_accuracy"] - after["clean_accuracy"]
+    settings = {type(c).__name__: to_dict(c) for c in configs}
+    settings["DefenderConfig"] = to_dict(defender)
+    spec = dict(outcome.spec if outcome.spec is not None else loaded.spec)
+    spec["provenance"] = {**spec.get("provenance", {}), "defense": provenance(method, settings, seed, model=str(model), data=str(data))}
+    save_model(outcome.model, out / entry.output, spec)
+    report = DefenseReport(
+        method=method, seconds=clock(), config=settings,
+        provenance=provenance(method, settings, seed, model=str(model), data=str(data)),
+        details={**outcome.details, "device": device}, files=[f"{entry.output}/", *outcome.files],
+        model=str(model), data=splits.name, before=before, after=after, changed=outcome.changed,
+        defender_images=len(clean), fit_images=len(fit), holdout_images=len(holdout), output=entry.output,
+    )  # fmt: skip
+    return finish(out, report)

@@ -1,0 +1,105 @@
+"""The detectors' entry points: a model and clean data in, a :class:`~trojanlab.reports.DetectionReport` and the
+scan's files (reversed triggers, masks, plots) out. ``DETECTORS`` is the family's registry."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config.detection import NCConfig
+from ..config.base import to_dict
+from ..errors import TrojanlabError
+from ..reports import DetectionReport
+from ..runs import check_device, check_fits, finish, load_artifact, model_data, output_folder, provenance, seed_everything
+from ..triggers import Trigger
+from . import neural_cleanse as nc
+
+REVERSED_FILE = "reversed_triggers.safetensors"
+
+
+def neural_cleanse(
+    model: str | os.PathLike,
+    config: NCConfig | None = None,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    out: str | os.PathLike,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> DetectionReport:
+    """Neural Cleanse on the artefact ``model`` with clean images of ``data`` (the scan split of ``config``): the
+    reversed trigger of every label (batched), the MAD outlier test, and the files a repair reads
+    (``reversed_triggers.safetensors``, ``result.json``)."""
+    cfg = config or NCConfig(seed=seed)
+    device = check_device(device)
+    out = output_folder(out)
+    seed_everything(seed)
+    loaded = load_artifact(model, device=device)
+    splits = model_data(data, loaded.spec, seed)
+    check_fits(loaded, splits, model)
+    scan_set = splits.test if cfg.split == "test" else splits.train
+    if scan_set is None:
+        raise TrojanlabError(f"{data}: has no {cfg.split} split to scan with")
+    if cfg.labels is not None:
+        bad = [label for label in cfg.labels if not 0 <= label < loaded.num_classes]
+        if bad:
+            raise TrojanlabError(f"--labels {bad} are out of range for a {loaded.num_classes}-class model")
+    if cfg.images is not None and cfg.images < len(scan_set):
+        pick = np.random.default_rng(seed).choice(len(scan_set), cfg.images, replace=False)
+        scan_set = scan_set.subset(np.sort(pick))
+    scan = nc.reverse_engineer(
+        loaded.module, scan_set, loaded.num_classes, cfg.labels, cfg, device=device,
+        checkpoint_dir=out / "checkpoint", progress=progress,
+    )  # fmt: skip
+    nc.save_scan_images(scan, out)
+    nc.save_reversed(scan, out / REVERSED_FILE)
+    files = ["masks/mask_LLL.png", "triggers/trigger_LLL.png", REVERSED_FILE]
+    details: dict[str, Any] = {"scan_images": len(scan_set)}
+    infected, flagged, index = None, [], None
+    if len(scan.labels) >= 3:
+        outliers = nc.mad_outlier_test(scan.norms(), cfg.threshold)
+        nc.plot_norms(scan.norms(), outliers, out / "norms.png")
+        files.append("norms.png")
+        index, flagged = outliers["anomaly_index"], outliers["flagged_labels"]
+        infected = bool(flagged)
+        details.update({k: v for k, v in outliers.items() if k not in ("anomaly_index", "flagged_labels")})
+    else:
+        details["note"] = "the MAD test needs at least 3 scanned labels"
+    details.update(
+        l1_norms={str(label): norm for label, norm in scan.norms().items()},
+        per_label=scan.per_label(),
+        samples=scan.samples,
+        official_schedule_samples_max=cfg.official_budget(len(scan.labels)),
+        device=device,
+    )
+    report = DetectionReport(
+        method="neural-cleanse", seconds=scan.seconds, config=to_dict(cfg),
+        provenance=provenance("neural-cleanse", to_dict(cfg), seed, model=str(model), data=str(data)),
+        details=details, files=files, model=str(model), data=splits.name, infected=infected,
+        flagged_labels=[int(v) for v in flagged], anomaly_index=index,
+    )  # fmt: skip
+    return finish(out, report)
+
+
+def read_flagged_labels(scan_folder: str | os.PathLike) -> list[int]:
+    """The labels a Neural Cleanse scan (its ``result.json``) flagged."""
+    path = Path(scan_folder) / "result.json"
+    try:
+        return [int(v) for v in json.loads(path.read_text())["flagged_labels"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrojanlabError(f"{scan_folder}: cannot read the flagged labels of a Neural Cleanse scan ({exc})") from exc
+
+
+def read_reversed_triggers(scan_folder: str | os.PathLike, labels: list[int] | None = None) -> list[Trigger]:
+    """The reversed triggers of ``labels`` (default: every scanned label) in a scan's run folder."""
+    return nc.load_reversed(Path(scan_folder) / REVERSED_FILE, labels)
+
+
+DETECTORS: dict[str, tuple[type, Callable[..., DetectionReport]]] = {
+    "nc": (NCConfig, neural_cleanse),
+}
