@@ -8,7 +8,8 @@ raises their mean activation (after ReLU; the spatial mean for a convolution cha
 images, relative to the clean mean, prunes the ``k`` highest in the original weights, and measures clean accuracy
 and ASR on the whole test split. When ANP leaves a backdoor in place, this tells whether a neuron set that removes
 it within the accuracy budget exists at all, that is, whether ANP's ranking or pruning as such is what falls short.
-The ranking is ``trojanlab defend anp --variant nc-guided``'s, with the planted trigger in place of a reversed one.
+The ranking is the nc-guided defense's (``trojanlab.defenses.defend("nc-guided", ...)``), with the planted trigger in
+place of a reversed one.
 """
 
 from __future__ import annotations

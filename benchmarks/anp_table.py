@@ -2,13 +2,13 @@
 
     python benchmarks/anp_table.py --tables runs/tables --out runs/anp [--profile fast|paper]
 
-Runs ``trojanlab defend anp`` (1 % of the training split as the defender's data, half of it held out for the
-automatic pruning rule, which reads clean images only) on the artefacts of ``benchmarks/trojannet_tables.py``:
-TrojanNet N_inf 1 and 8, BadNets (target 33) and TrojanNN (target 0, real retraining data); then the thesis's
-sub-network variant on the two TrojanNet models. Finished runs are reused. Prints, per run, CA and ASR before and
-after, the neurons pruned and the defense's seconds beside the official recipe's image count (2,000 iterations x 128
-images x 3 passes) and the time that count would take at the throughput we measured. Writes
-``benchmarks/results/anp_table.{md,json}``.
+Runs ``trojanlab.defenses.defend("anp", ...)`` (1 % of the training split as the defender's data, half of it held
+out for the automatic pruning rule, which reads clean images only) on the artefacts of
+``benchmarks/trojannet_tables.py``: TrojanNet N_inf 1 and 8, BadNets (target 33) and TrojanNN (target 0, real
+retraining data); then the thesis's sub-network variant (``defend("subnetwork", ...)``) on the two TrojanNet models.
+Finished runs are reused. Prints, per run, CA and ASR before and after, the neurons pruned and the defense's seconds
+beside the official recipe's image count (2,000 iterations x 128 images x 3 passes) and the time that count would
+take at the throughput we measured. Writes ``benchmarks/results/anp_table.{md,json}``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from _runs import run_once
-from trojanlab.defenses.anp import ANPConfig
+from _runs import defense_seconds, run_once
+from trojanlab.config import ANPConfig, DefenderConfig, SubnetworkConfig
+from trojanlab.defenses import defend
 from trojanlab.io import atomic_write, write_json
 
 RESULTS = Path(__file__).parent / "results"
+DATA = "gtsrb"
 MODELS = {  # row name -> artefact under --tables
     "TrojanNet N_inf 1": "attack-n1",
     "TrojanNet N_inf 8": "attack-n8",
@@ -30,10 +32,23 @@ MODELS = {  # row name -> artefact under --tables
     "TrojanNN (target 0)": "trojannn-real",
 }
 SUBNETWORK = ("TrojanNet N_inf 1", "TrojanNet N_inf 8")
+# ANP's schedules: the official recipe (2,000 iterations of 128 images) and the cheaper one the paper also reports
+PROFILES = {"paper": ANPConfig(), "fast": ANPConfig(iterations=500, batch_size=64)}
+METHODS = {"ANP": "anp", "sub-network": "subnetwork"}  # variant -> defense (its pruning rule: the default, auto)
 
 
-def defend(model: Path, out: Path, extra: list[str]) -> dict:
-    return run_once(["defend", "anp", "--model", str(model), "--data", "gtsrb", "--quiet", *extra], out)
+def run_defense(variant: str, model: Path, out: Path, config, defender: DefenderConfig | None) -> dict:
+    """The defense on ``DATA`` unless ``out/result.json`` exists (the defender's data: ``defender``, else the method's
+    default share of the training split); returns the result."""
+    return run_once(out, defend, METHODS[variant], model, config, data=DATA, defender=defender, progress=False)
+
+
+def victim_train_config(victim: Path) -> dict:
+    """The victim's training settings (its validation share and seed) as its spec records them."""
+    provenance = json.loads((victim / "model.json").read_text())["provenance"]
+    if "train_config" in provenance:  # a victim trained by the old command line
+        return provenance["train_config"]
+    return provenance["config"]["TrainConfig"]
 
 
 def unseen_images(victim: Path, path: Path, count: int = 248) -> str:
@@ -45,7 +60,7 @@ def unseen_images(victim: Path, path: Path, count: int = 248) -> str:
         from trojanlab.data.datasets import load_gtsrb
         from trojanlab.training import split_validation
 
-        cfg = json.loads((victim / "model.json").read_text())["provenance"]["train_config"]
+        cfg = victim_train_config(victim)
         _, val = split_validation(load_gtsrb().train, cfg["val_fraction"], cfg["seed"])
         _, pick = split_validation(val, count / len(val), 0)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,18 +98,19 @@ def main() -> None:
     for name, folder in MODELS.items():
         if args.only and name not in args.only:
             continue
-        runs = [("ANP", f"{folder}-{args.profile}", ["--profile", args.profile])]
+        anp = PROFILES[args.profile]
+        runs = [("ANP", f"{folder}-{args.profile}", anp, None)]
         if name in args.paper and args.profile != "paper":
-            runs.append(("ANP", f"{folder}-paper", ["--profile", "paper"]))
+            runs.append(("ANP", f"{folder}-paper", PROFILES["paper"], None))
         if name in args.unseen:
-            unseen = unseen_images(tables / "victim", out / "victim-unseen-248.npz")
-            runs.append(("ANP", f"{folder}-{args.profile}-unseen", ["--profile", args.profile, "--clean-data", unseen]))
+            unseen = DefenderConfig(clean_data=unseen_images(tables / "victim", out / "victim-unseen-248.npz"))
+            runs.append(("ANP", f"{folder}-{args.profile}-unseen", anp, unseen))
         if name in SUBNETWORK:
-            runs.append(("sub-network", f"{folder}-subnetwork", ["--variant", "subnetwork"]))
-        for variant, run_name, extra in runs:
+            runs.append(("sub-network", f"{folder}-subnetwork", SubnetworkConfig(), None))
+        for variant, run_name, config, defender in runs:
             if variant not in args.variants:
                 continue
-            result = defend(tables / folder, out / run_name, extra)
+            result = run_defense(variant, tables / folder, out / run_name, config, defender)
             before, after = result["before"], result["after"]
             row = {
                 "model": name,
@@ -104,7 +120,7 @@ def main() -> None:
                 "ca_drop": after["clean_accuracy_drop"],
                 "asr_before": before.get("attack_success_rate"),
                 "asr_after": after.get("attack_success_rate"),
-                "seconds": result["defense_seconds"],
+                "seconds": defense_seconds(result),
                 "result": str(out / run_name / "result.json"),
             }
             if variant.startswith("ANP"):

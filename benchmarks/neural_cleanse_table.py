@@ -2,30 +2,35 @@
 
     python benchmarks/neural_cleanse_table.py --tables runs/tables --clean runs/nc-clean --out runs/nc
 
-Scans, with ``trojanlab detect nc`` (all 43 labels, default fast profile), the four models of the table: the clean
-victim, BadNets (target 33), TrojanNN (target 0, real retraining data) and TrojanNet (N_inf 1, target 0). They are
-the artefacts of ``benchmarks/trojannet_tables.py``, run first when ``--tables`` lacks them (about 75 minutes).
-Then scans every clean victim under ``--clean`` (``trojanlab train --seed N`` folders; trained here with
-``--train-clean N`` seeds when missing) and counts how many are flagged. With ``--long [NAME ...]``, the models are scanned
-again with a budget 10x larger (32-image mini-batches, 4 per step, up to 300 steps, early-stop patience 25) to check
-that the fast verdicts hold. Finished scans are reused. Writes ``benchmarks/results/neural_cleanse_table.{md,json}``
-and ``anomaly_index.png`` (the thesis's Figure 5.11).
+Scans, with ``trojanlab.detection.run.neural_cleanse`` (all 43 labels, default fast profile), the four models of
+the table: the clean victim, BadNets (target 33), TrojanNN (target 0, real retraining data) and TrojanNet (N_inf 1,
+target 0). They are the artefacts of ``benchmarks/trojannet_tables.py``, run first when ``--tables`` lacks them
+(about 75 minutes). Then repairs BadNets and TrojanNN with the reversed triggers of the labels their scans flagged
+(``trojanlab.defenses.defend("nc-unlearn" | "nc-prune", ...)``), scans every clean victim under ``--clean``
+(``trojanlab.victims.train_victim`` folders; trained here with ``--train-clean N`` seeds when missing) and counts
+how many are flagged. With ``--long [NAME ...]``, the models are scanned again with a budget 10x larger (32-image
+mini-batches, 4 per step, up to 300 steps, early-stop patience 25) to check that the fast verdicts hold. Finished
+scans are reused. Writes ``benchmarks/results/neural_cleanse_table.{md,json}`` and ``anomaly_index.png`` (the
+thesis's Figure 5.11).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from _runs import run_once
-from trojanlab.cli import main as trojanlab
+from trojanlab.config import ModelConfig, NCConfig, NCPruneConfig, NCUnlearnConfig, TrainConfig
+from trojanlab.defenses import defend
+from trojanlab.detection.run import neural_cleanse
 from trojanlab.io import atomic_write, write_json
+from trojanlab.victims import train_victim
 
 RESULTS = Path(__file__).parent / "results"
+DATA = "gtsrb"
 MODELS = {  # row name -> (artefact under --tables, true target or None)
     "clean": ("victim", None),
     "BadNet": ("badnets-t33", 33),
@@ -40,21 +45,36 @@ THESIS = {
     "TrojanNet": (16.936526, 1.558, []),
 }
 PAPER = {"clean": 1.9, "BadNet": 3.5, "Trojan Attack": 2.2, "TrojanNet": 1.8}
-LONG = ["--batch-size", "32", "--batches-per-step", "4", "--steps", "300", "--early-stop-patience", "25"]
+LONG = {"batch_size": 32, "batches_per_step": 4, "steps": 300, "early_stop_patience": 25}  # the 10x budget
+MITIGATIONS = {"unlearn": ("nc-unlearn", NCUnlearnConfig), "prune": ("nc-prune", NCPruneConfig)}
 
 
-def scan(model: Path, out: Path, extra: list[str] = ()) -> dict:
-    """``trojanlab detect nc`` unless ``out/result.json`` exists; returns the result."""
-    return run_once(["detect", "nc", "--model", str(model), "--data", "gtsrb", "--quiet", *extra], out)
+def scan(model: Path, out: Path, settings: dict | None = None) -> dict:
+    """Neural Cleanse on ``DATA`` (the fast profile, or ``settings`` over it) unless ``out/result.json`` exists; returns
+    the result."""
+    return run_once(out, neural_cleanse, model, NCConfig(**(settings or {})), data=DATA, progress=False)
 
 
 def mitigate(model: Path, scan_dir: Path, method: str) -> dict:
-    """``trojanlab detect nc --mitigate METHOD`` in a copy of a finished scan (the scan itself is reused)."""
+    """Neural Cleanse's repair ``method`` (unlearn or prune) with the reversed triggers of the labels the finished
+    scan in ``scan_dir`` flagged, in ``SCAN_DIR-METHOD``; its figures as :func:`mitigation` reads them."""
+    defense, config = MITIGATIONS[method]
     out = scan_dir.with_name(f"{scan_dir.name}-{method}")
-    if not (out / "result.json").is_file():
-        shutil.copytree(scan_dir, out, dirs_exist_ok=True)
-        (out / "result.json").unlink(missing_ok=True)
-    return scan(model, out, ["--mitigate", method])
+    return mitigation(run_once(out, defend, defense, model, config(reversed_triggers=str(scan_dir)), data=DATA,
+                               progress=False))  # fmt: skip
+
+
+def mitigation(result: dict) -> dict:
+    """A repair's labels, CA and ASR (of the planted trigger and, per label, of the reversed one) before and after,
+    and its detail (``pruning``, ``epochs_run`` or ``note``), from the result of ``defend("nc-unlearn" |
+    "nc-prune", ...)`` or from that of the old ``trojanlab detect nc --mitigate`` (its ``mitigation`` key)."""
+    if "mitigation" in result:
+        return result["mitigation"]
+    reversed_asr = result.get("reversed_trigger_asr", {"before": {}, "after": {}})
+    view = {k: result[k] for k in ("labels", "pruning", "epochs_run", "note") if k in result}
+    view["before"] = {**result["before"], "reversed_trigger_asr": reversed_asr["before"]}
+    view["after"] = {**result["after"], "reversed_trigger_asr": reversed_asr["after"]}
+    return view
 
 
 def flags(result: dict) -> str:
@@ -109,12 +129,8 @@ def main() -> None:
         print("$ " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     for seed in range(1, args.train_clean + 1):
-        folder = clean_dir / f"victim-s{seed}"
-        if not (folder / "result.json").is_file():
-            argv = ["train", "--data", "gtsrb", "--epochs", "8", "--seed", str(seed), "--out", str(folder)]
-            print("$ trojanlab " + " ".join(argv), flush=True)
-            if trojanlab(argv) != 0:
-                sys.exit("training a clean victim failed")
+        train = TrainConfig(epochs=8, seed=seed)
+        run_once(clean_dir / f"victim-s{seed}", train_victim, ModelConfig(), train, data=DATA, seed=seed)
 
     rows = {name: scan(tables / folder, out / folder) for name, (folder, _) in MODELS.items()}
     long_names = [] if args.long is None else (args.long or list(MODELS))
@@ -139,7 +155,8 @@ def main() -> None:
             f"{flags(r)} | {thesis} | {PAPER[name]} | {r['seconds']:.0f} | {r['samples']:,} |"
         )
     if long_rows:
-        lines += ["", "Same models, 10x budget (`" + " ".join(LONG) + "`):", ""]
+        budget = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in LONG.items())  # as command-line flags
+        lines += ["", f"Same models, 10x budget (`{budget}`):", ""]
         lines += ["| model | anomaly index | flagged | seconds | images | same verdict |", "|---|---|---|---|---|---|"]
         for name, r in long_rows.items():
             same = bool(r["flagged_labels"]) == bool(rows[name]["flagged_labels"])
@@ -162,8 +179,7 @@ def main() -> None:
         "| model | method | labels repaired | CA before | CA after | ASR before | ASR after | reversed-trigger ASR before → after | detail |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (name, method), r in mitigated.items():
-        m = r["mitigation"]
+    for (name, method), m in mitigated.items():
         b, a = m["before"], m["after"]
         rev = ", ".join(
             f"{100 * b['reversed_trigger_asr'][k]:.1f} → {100 * a['reversed_trigger_asr'][k]:.1f} %"
@@ -230,8 +246,7 @@ def main() -> None:
             for v, r in clean_scans.items()
         },
         "mitigation": {
-            f"{n} / {meth}": {k: r["mitigation"][k] for k in ("labels", "before", "after")}
-            for (n, meth), r in mitigated.items()
+            f"{n} / {meth}": {k: m[k] for k in ("labels", "before", "after")} for (n, meth), m in mitigated.items()
         },
         "thesis": THESIS,
         "paper": PAPER,

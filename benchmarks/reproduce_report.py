@@ -1,4 +1,5 @@
-"""Run (or reuse) ``trojanlab reproduce`` and keep its report with every result.json it cites, for the README.
+"""Run (or reuse) the ``reproduce`` pipeline (``trojanlab.reproduce.run_pipeline``, as ``trojanlab reproduce``) and
+keep its report with every result.json it cites, for the README.
 
     python benchmarks/reproduce_report.py                 # the full profile, runs/reproduce
     python benchmarks/reproduce_report.py --quick         # the quick profile, runs/reproduce-quick
@@ -11,11 +12,11 @@ wall time (the sum of its stages' times when stages were reused) beside the issu
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
-from trojanlab.cli import main as trojanlab
+from trojanlab.errors import TrojanlabError
+from trojanlab.reproduce import load_config, run_pipeline
 
 RESULTS = Path(__file__).parent / "results"
 GOAL_SECONDS = {"full": 45 * 60, "quick": 5 * 60}
@@ -28,10 +29,10 @@ def main() -> None:
     args = parser.parse_args()
     profile = "quick" if args.quick else "full"
     out = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
-    argv = ["reproduce", "--out", str(out), *(["--quick"] if args.quick else [])]
-    if trojanlab(argv) != 0:
-        raise SystemExit(f"trojanlab {' '.join(argv)} failed")
-    run = json.loads((out / "run.json").read_text())
+    try:
+        run = run_pipeline(load_config(profile), out)  # also written to OUT/run.json
+    except TrojanlabError as exc:
+        raise SystemExit(f"reproduce ({profile} profile, {out}) failed: {exc}") from exc
     dest = RESULTS / ("reproduce" if profile == "full" else "reproduce-quick")
     if dest.exists():
         shutil.rmtree(dest)

@@ -3,13 +3,15 @@ ImageNet demo.
 
     python benchmarks/transfer_setting.py --data tests/data/gtsrb5 --out runs/transfer
 
-Steps (each a trojanlab command; finished steps are reused):
-1. ``trojanlab train --arch efficientnet_lite0 --pretrained --split 80/20/10`` (ImageNet EfficientNet-Lite0 from PyPI,
-   224x224, new head on cached features) - the thesis's InceptionV3 transfer model;
-2. ``trojanlab attack trojannet --location 10 10`` with N_inf 1 (label 0) and 5 (all labels), the authors' TrojanNet;
-3. ``trojanlab defend anp --variant subnetwork`` and ``--variant anp`` on both (ANP with a CPU-sized budget, given
-   by --anp-iterations / --anp-batch: the network is 300x the GTSRB CNN's cost per image);
-4. ``trojanlab demo imagenet`` (the figure is copied to benchmarks/results/imagenet_demo.png).
+Steps (each a library call; finished steps are reused):
+1. ``trojanlab.victims.train_transfer`` with ``ModelConfig(arch="efficientnet_lite0", split="80/20/10")`` (ImageNet
+   EfficientNet-Lite0 from PyPI, 224x224, new head on cached features) - the thesis's InceptionV3 transfer model;
+2. ``trojanlab.attacks.run.trojannet`` at location (10, 10) with N_inf 1 (label 0) and 5 (all labels), the authors'
+   TrojanNet;
+3. ``trojanlab.defenses.defend("subnetwork", ...)`` and ``defend("anp", ...)`` on both, the defender holding half of
+   the training split (ANP with a CPU-sized budget, given by --anp-iterations / --anp-batch: the network is 300x the
+   GTSRB CNN's cost per image);
+4. ``trojanlab.demo.imagenet_demo`` (the figure is copied to benchmarks/results/imagenet_demo.png).
 Writes ``benchmarks/results/transfer_setting.{md,json}``.
 """
 
@@ -19,9 +21,21 @@ import argparse
 import shutil
 from pathlib import Path
 
-from _runs import run_once
-from trojanlab.demo import OFFICIAL_TROJANNET
+from _runs import defense_seconds, run_once
+from trojanlab.attacks.run import trojannet
+from trojanlab.config import (
+    ANPConfig,
+    DefenderConfig,
+    ModelConfig,
+    PruneRule,
+    SubnetworkConfig,
+    TransferConfig,
+    TrojanNetInjectConfig,
+)
+from trojanlab.defenses import defend
+from trojanlab.demo import OFFICIAL_TROJANNET, imagenet_demo
 from trojanlab.io import atomic_write, write_json
+from trojanlab.victims import train_transfer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -41,30 +55,27 @@ def main() -> None:
     args = parser.parse_args()
     out, data = Path(args.out), args.data
     victim = run_once(
-        ["train", "--data", data, "--arch", "efficientnet_lite0", "--pretrained", "--split", "80/20/10"],
-        out / "victim",
-    )
+        out / "victim", train_transfer, ModelConfig(arch="efficientnet_lite0", split="80/20/10"), TransferConfig(),
+        data=data,
+    )  # fmt: skip
     print(f"transfer: test accuracy {pct(victim['clean_accuracy'])} % in {victim['train_seconds']:.0f} s", flush=True)
+    defender = DefenderConfig(clean_fraction=0.5)
     rows = []
-    for name, targets in (("N_inf 1", ["0"]), ("N_inf 5", ["0", "1", "2", "3", "4"])):
+    for name, targets in (("N_inf 1", [0]), ("N_inf 5", [0, 1, 2, 3, 4])):
         tag = name.replace(" ", "").lower()
         attacked_dir = out / f"attack-{tag}"
-        attack = run_once(
-            ["attack", "trojannet", "--victim", str(out / "victim"), "--trojannet", str(OFFICIAL_TROJANNET),
-             "--targets", *targets, "--location", "10", "10", "--data", data],
-            attacked_dir,
-        )  # fmt: skip
+        inject = TrojanNetInjectConfig(targets=targets, location=(10, 10))
+        attack = run_once(attacked_dir, trojannet, out / "victim", OFFICIAL_TROJANNET, inject, data=data)
         rows.append({"model": f"TrojanNet {name}", "step": "attack", "ca": attack["clean_accuracy"],
                      "asr": attack["attack_success_rate"], "ca_drop": attack["clean_accuracy_drop"]})  # fmt: skip
-        common = ["defend", "anp", "--model", str(attacked_dir), "--data", data, "--quiet", "--clean-fraction", "0.5"]
         sub = run_once(
-            [*common, "--variant", "subnetwork", "--cycles", str(args.cycles), "--epochs", str(args.epochs)],
-            out / f"attack-{tag}-subnetwork",
-        )
+            out / f"attack-{tag}-subnetwork", defend, "subnetwork", attacked_dir,
+            SubnetworkConfig(cycles=args.cycles, epochs=args.epochs), data=data, defender=defender, progress=False,
+        )  # fmt: skip
         anp = run_once(
-            [*common, "--iterations", str(args.anp_iterations), "--batch-size", str(args.anp_batch),
-             "--curve-images", "50"],
-            out / f"attack-{tag}-anp",
+            out / f"attack-{tag}-anp", defend, "anp", attacked_dir,
+            ANPConfig(iterations=args.anp_iterations, batch_size=args.anp_batch), PruneRule(curve_images=50),
+            data=data, defender=defender, progress=False,
         )  # fmt: skip
         for label, res in (("sub-network ANP", sub), ("ANP", anp)):
             rows.append(
@@ -74,11 +85,11 @@ def main() -> None:
                     "ca": res["after"]["clean_accuracy"],
                     "asr": res["after"]["attack_success_rate"],
                     "ca_drop": res["after"]["clean_accuracy_drop"],
-                    "seconds": res["defense_seconds"],
+                    "seconds": defense_seconds(res),
                     "detail": res.get("mask_values") if label != "ANP" else f"{res['pruned']} / {res['neurons']}",
                 }
             )
-    demo = run_once(["demo", "imagenet"], out / "demo")
+    demo = run_once(out / "demo", imagenet_demo)
     RESULTS.mkdir(exist_ok=True)
     shutil.copyfile(out / "demo" / "imagenet_demo.png", RESULTS / "imagenet_demo.png")
     lines = [

@@ -2,25 +2,34 @@
 
     python benchmarks/trojannet_tables.py --out runs/tables
 
-Every figure comes from a ``trojanlab`` command run here (in-process), whose ``result.json`` sits under
-``--out``: ``victim/`` (``trojanlab train``), ``trojannet/`` (``trojanlab trojannet train``), ``attack-n{N}/``
-(``trojanlab attack trojannet``) and, for the authors' release when the file is found, ``official-model/``
-(``trojanlab trojannet import-keras``), ``official/`` (``trojanlab trojannet evaluate``, the same test as ours) and
+Every figure comes from a library entry point run here (in-process), whose ``result.json`` sits under ``--out``:
+``victim/`` (``trojanlab.victims.train_victim``) and, from ``trojanlab.attacks.run``, ``trojannet/``
+(``train_trojannet``), ``attack-n{N}/`` (``trojannet``) and, for the authors' release when the file is found,
+``official-model/`` (``import_keras``), ``official/`` (``evaluate_trojannet``, the same test as ours) and
 ``official-attack-n{N}/`` (the same attack with the imported release); the baselines ``trojannn-{real,reverse}/``
-(``trojanlab attack trojannn``), ``badnets-t33/``, ``badnets-t33-finetune/`` and ``badnets-n{N}/``
-(``trojanlab attack badnets``). Finished steps are reused, so an interrupted run resumes where it stopped.
+(``trojannn``), ``badnets-t33/``, ``badnets-t33-finetune/`` and ``badnets-n{N}/`` (``badnets``). Finished steps are
+reused, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-from trojanlab.cli import main as trojanlab
+from _runs import run_once
+from trojanlab.attacks import run as attack
+from trojanlab.config import (
+    BadNetsConfig,
+    ModelConfig,
+    TrainConfig,
+    TrojanNetInjectConfig,
+    TrojanNetTrainConfig,
+    TrojanNNConfig,
+)
 from trojanlab.io import atomic_write, write_json
+from trojanlab.victims import train_victim
 
+DATA = "gtsrb"
 THESIS = {
     "trigger": 1.0,
     "gtsrb_denoise": 0.9998,
@@ -38,45 +47,39 @@ OFFICIAL_CANDIDATES = [
 N_INF = (1, 2, 4, 8, 43)
 
 
-def run(out: Path, argv: list[str]) -> dict:
-    """Run one trojanlab command unless its result.json is already there; return that result."""
-    result = out / "result.json"
-    if not result.is_file():
-        print("$ trojanlab " + " ".join(argv), flush=True)
-        if trojanlab(argv) != 0:
-            sys.exit(f"trojanlab {' '.join(argv)} failed")
-    return json.loads(result.read_text())
-
-
 def attack_all(out: Path, prefix: str, trojannet: Path, location: list[int]) -> dict[int, dict]:
-    """``trojanlab attack trojannet`` on the victim for every N_inf (targets 0..N-1, or all labels)."""
+    """TrojanNet injected into the victim for every N_inf (targets 0..N-1, or all labels)."""
     results = {}
     for n in N_INF:
-        folder = out / f"{prefix}-n{n}"
-        targets = ["--all-labels"] if n == 43 else ["--targets", *map(str, range(n))]
-        argv = ["attack", "trojannet", "--victim", str(out / "victim"), "--trojannet", str(trojannet), *targets]
-        results[n] = run(folder, [*argv, "--location", *map(str, location), "--out", str(folder)])
+        targets = {"all_labels": True} if n == 43 else {"targets": list(range(n))}
+        cfg = TrojanNetInjectConfig(**targets, location=tuple(location))
+        results[n] = run_once(out / f"{prefix}-n{n}", attack.trojannet, out / "victim", trojannet, cfg, data=DATA)
     return results
 
 
-def run_baselines(out: Path, seed: str) -> dict[str, dict]:
+def run_baselines(out: Path, seed: int) -> dict[str, dict]:
     """BadNets (NC demo settings, from scratch and fine-tuned; multi-label N_inf 1-8) and TrojanNN on the victim."""
-    victim = str(out / "victim")
+    victim = out / "victim"
     results = {}
     for source in ("real", "reverse"):
-        folder = out / f"trojannn-{source}"
-        argv = ["attack", "trojannn", "--victim", victim, "--target", "0", "--retrain-data", source]
-        results[f"trojannn-{source}"] = run(folder, [*argv, "--out", str(folder), "--seed", seed, "--quiet"])
-    single = ["attack", "badnets", "--data", "gtsrb", "--target", "33", "--seed", seed]
-    folder = out / "badnets-t33"
-    results["badnets-t33"] = run(folder, [*single, "--reference", victim, "--out", str(folder)])
-    folder = out / "badnets-t33-finetune"
-    results["badnets-t33-finetune"] = run(folder, [*single, "--victim", victim, "--out", str(folder)])
+        cfg = TrojanNNConfig(target=0, retrain_data=source, seed=seed)
+        results[f"trojannn-{source}"] = run_once(
+            out / f"trojannn-{source}", attack.trojannn, victim, cfg, data=DATA, seed=seed, progress=False
+        )
+    # BadNets trains (or fine-tunes) with its default schedule: TrainConfig(epochs=10)
+    single = BadNetsConfig(targets=[33], seed=seed)
+    results["badnets-t33"] = run_once(
+        out / "badnets-t33", attack.badnets, single, data=DATA, reference=victim, seed=seed
+    )
+    results["badnets-t33-finetune"] = run_once(
+        out / "badnets-t33-finetune", attack.badnets, single, data=DATA, victim=victim, seed=seed
+    )
     for n in BADNETS_N:
         # the TrojanNet code's multi-label recipe: labels 0..N-1, one grey level each, 10 % copies appended per label
-        folder = out / f"badnets-n{n}"
-        argv = ["attack", "badnets", "--data", "gtsrb", "--targets", *map(str, range(n)), "--mode", "append"]
-        results[f"badnets-n{n}"] = run(folder, [*argv, "--reference", victim, "--out", str(folder), "--seed", seed])
+        cfg = BadNetsConfig(targets=list(range(n)), mode="append", seed=seed)
+        results[f"badnets-n{n}"] = run_once(
+            out / f"badnets-n{n}", attack.badnets, cfg, data=DATA, reference=victim, seed=seed
+        )
     return results
 
 
@@ -172,27 +175,22 @@ def main() -> None:
     p.add_argument("--location", type=int, nargs=2, default=[1, 1], help="trigger location (official GTSRB hook: 1 1)")
     p.add_argument("--skip-baselines", action="store_true", help="TrojanNet rows only (no BadNets / TrojanNN runs)")
     args = p.parse_args()
-    out = Path(args.out)
-    seed = str(args.seed)
-    victim = run(
-        out / "victim",
-        ["train", "--data", "gtsrb", "--arch", "gtsrb_cnn", "--out", str(out / "victim"), "--seed", seed],
+    out, seed = Path(args.out), args.seed
+    victim = run_once(
+        out / "victim", train_victim, ModelConfig(arch="gtsrb_cnn"), TrainConfig(seed=seed), data=DATA, seed=seed
     )
-    trojan = run(out / "trojannet", ["trojannet", "train", "--out", str(out / "trojannet"), "--seed", seed, "--quiet"])
+    trojan = run_once(
+        out / "trojannet", attack.train_trojannet, TrojanNetTrainConfig(seed=seed), patch_data=DATA, seed=seed,
+        progress=False,
+    )  # fmt: skip
     official_path = (
         Path(args.official) if args.official else next((c for c in OFFICIAL_CANDIDATES if c.is_file()), None)
     )
     official = None
     official_attacks: dict[int, dict] = {}
     if official_path is not None and official_path.is_file():
-        official = run(
-            out / "official",
-            ["trojannet", "evaluate", "--trojannet", str(official_path), "--out", str(out / "official")],
-        )
-        run(
-            out / "official-model",
-            ["trojannet", "import-keras", str(official_path), "--out", str(out / "official-model")],
-        )
+        official = run_once(out / "official", attack.evaluate_trojannet, official_path, data=DATA)
+        run_once(out / "official-model", attack.import_keras, official_path)
         official_attacks = attack_all(out, "official-attack", out / "official-model", args.location)
     attacks = attack_all(out, "attack", out / "trojannet", args.location)
     baselines = {} if args.skip_baselines else run_baselines(out, seed)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from trojanlab.attacks import trojannet as tn
+from trojanlab.config import TrojanNetTrainConfig
 from trojanlab.data.datasets import load_gtsrb
 
 OFFICIAL_STEPS = 1000 * 218
@@ -54,7 +55,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_gtsrb()
-    cfg = tn.TrojanNetTrainConfig(seed=args.seed)
+    cfg = TrojanNetTrainConfig(seed=args.seed)
     model, log = tn.train_trojannet(data.train.x, cfg)
     metrics = tn.evaluate_trojannet(model, data.test.x)
     per_step = official_step_seconds()

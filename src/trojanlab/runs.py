@@ -145,12 +145,32 @@ def command_line() -> str | None:
     return None
 
 
+def source_commit() -> str | None:
+    """The git commit of the trojanlab source running (``+dirty`` when it has uncommitted changes), or ``None``
+    outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def provenance(method: str, config: dict[str, Any], seed: int, **inputs: Any) -> dict[str, Any]:
-    """What produced a result: the method, its resolved settings, its inputs and seed, the package version."""
+    """What produced a result: the method, its resolved settings, its inputs and seed, the package version and the
+    source commit."""
     return {
         "method": method,
         "command": command_line(),
         "trojanlab_version": __version__,
+        "commit": source_commit(),
         "seed": seed,
         "inputs": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in inputs.items()},
         "config": config,

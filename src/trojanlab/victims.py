@@ -144,3 +144,29 @@ def train_transfer(
                  "train_seconds": sum(res.seconds.values()), "seconds_per_phase": res.seconds},
     )  # fmt: skip
     return finish(out, report)
+
+
+def bundled_victim(
+    source: str | os.PathLike, *, data: str | os.PathLike = "gtsrb", out: str | os.PathLike, seed: int = 0
+) -> TrainReport:
+    """A victim trained earlier (e.g. the one shipped with the package, trained by ``trojanlab train``), copied
+    into ``out`` and evaluated on ``data``: what a short run starts from instead of training one."""
+    from .io import read_json
+    from .runs import check_fits, load_artifact, model_data
+
+    out = output_folder(out)
+    loaded = load_artifact(source, "victim", ("classifier",))
+    splits = model_data(data, loaded.spec, seed)
+    check_fits(loaded, splits, source)
+    spec = dict(loaded.spec)
+    trained = read_json(Path(source) / "result.json") or {}
+    spec["provenance"] = {**spec.get("provenance", {}), "copied_from": str(source)}
+    save_model(loaded.module, out, spec)
+    report = TrainReport(
+        method="bundled", seconds=0.0, provenance=provenance("bundled", {}, seed, source=str(source), data=str(data)),
+        model=str(out), data=splits.name, clean_accuracy=clean_accuracy(loaded.module, splits.test),
+        test_images=len(splits.test),
+        details={"arch": spec.get("arch"), "source": str(source), "trained_by": trained.get("provenance", {}),
+                 "train_seconds": trained.get("seconds"), "source_clean_accuracy": trained.get("clean_accuracy")},
+    )  # fmt: skip
+    return finish(out, report)

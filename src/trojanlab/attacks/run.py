@@ -286,6 +286,29 @@ def train_trojannet(
     return finish(out, report)
 
 
+def bundled_trojannet(
+    source: str | os.PathLike, *, data: str | os.PathLike = "gtsrb", out: str | os.PathLike, seed: int = 0
+) -> Report:
+    """A TrojanNet trained earlier (the one shipped with the package, trained by ``trojanlab trojannet train``),
+    copied into ``out`` and evaluated on ``data``'s patches; its training figures are the training run's own."""
+    from ..io import read_json
+
+    out = output_folder(out)
+    loaded = load_artifact(source, "TrojanNet", ("trojannet",))
+    save_model(loaded.module, out, {**loaded.spec, "provenance": {**loaded.spec.get("provenance", {}),
+                                                                  "copied_from": str(source)}})  # fmt: skip
+    splits = load_dataset(data)
+    trained = read_json(Path(source) / "result.json") or {}
+    kept = ("train_seconds", "train_steps", "train_samples", "finetune_steps", "keras_parameter_count",
+            "torch_parameter_count", "train_patch_source")  # fmt: skip
+    details = {**{k: trained[k] for k in kept if k in trained},
+               **tn.evaluate_trojannet(loaded.module, splits.test.x, patches_per_image=10, seed=seed + 1),
+               "source": str(source), "trained_by": trained.get("provenance", {}), "patch_data": splits.name,
+               "denoise_patch_source": f"{splits.name} test split, 10 patches per image"}  # fmt: skip
+    prov = provenance("trojannet-bundled", {}, seed, source=str(source), data=str(data))
+    return finish(out, Report(method="trojannet-bundled", seconds=0.0, provenance=prov, details=details))
+
+
 def evaluate_trojannet(
     trojannet: str | os.PathLike, *, data: str | os.PathLike = "gtsrb", out: str | os.PathLike, seed: int = 0
 ) -> Report:

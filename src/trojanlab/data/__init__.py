@@ -6,6 +6,8 @@ model-specific normalisation; models receive float ``(N, C, H, W)`` tensors in [
 
 from .datasets import (
     EMBEDDED_GTSRB,
+    BUNDLED_TROJANNET,
+    BUNDLED_VICTIM,
     EMBEDDED_GTSRB5,
     GTSRB_CLASS_NAMES,
     DataSplits,
@@ -19,6 +21,8 @@ from .datasets import (
 
 __all__ = [
     "EMBEDDED_GTSRB",
+    "BUNDLED_TROJANNET",
+    "BUNDLED_VICTIM",
     "EMBEDDED_GTSRB5",
     "GTSRB_CLASS_NAMES",
     "DataSplits",

@@ -14,6 +14,10 @@ import torch
 from ..errors import DataError
 
 EMBEDDED_GTSRB = Path(__file__).with_name("gtsrb32.npz")
+# artefacts trained by trojanlab's own commands on the embedded GTSRB (each folder's result.json says which command,
+# on which commit): what the quick profile starts from instead of training them on its small budget
+BUNDLED_VICTIM = Path(__file__).parent / "bundled" / "gtsrb_victim"
+BUNDLED_TROJANNET = Path(__file__).parent / "bundled" / "gtsrb_trojannet"
 # five real GTSRB classes x 110 photographs at native size: the thesis's 5-class transfer setting (ch. 6)
 EMBEDDED_GTSRB5 = Path(__file__).with_name("gtsrb5")
 EMBEDDED_GTSRB_SHA256 = "faa92f5eeff77276b991998ab2ab430fdae616552d46c2b72e80d0c68c48e2b7"

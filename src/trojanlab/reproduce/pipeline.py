@@ -154,8 +154,8 @@ def load_config(
 
 # The sections of a profile whose keys are config fields: path -> (config classes, the section's own keys).
 SECTIONS: dict[str, tuple[tuple[type, ...], tuple[str, ...]]] = {
-    "gtsrb.victim": ((ModelConfig, TrainConfig), ()),
-    "gtsrb.trojannet": ((TrojanNetTrainConfig,), ("patch_weight",)),
+    "gtsrb.victim": ((ModelConfig, TrainConfig), ("bundled",)),
+    "gtsrb.trojannet": ((TrojanNetTrainConfig,), ("patch_weight", "bundled")),
     "gtsrb.badnets": ((BadNetsConfig, TrainConfig), ("target", "n_inf", "finetune")),
     "gtsrb.trojannn": ((TrojanNNConfig,), ()),
     "gtsrb.neural_cleanse": ((NCConfig,), ("models",)),
@@ -253,7 +253,8 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
     from ..defenses import defend
     from ..demo import OFFICIAL_TROJANNET, imagenet_demo
     from ..detection.run import neural_cleanse
-    from ..victims import train_transfer, train_victim
+    from ..data import BUNDLED_TROJANNET, BUNDLED_VICTIM
+    from ..victims import bundled_victim, train_victim
 
     seed, device = int(config["seed"]), str(config["device"])
     run_kw = {"seed": seed, "progress": False}
@@ -271,15 +272,26 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
 
     v = _section(config, "gtsrb.victim")
     model_cfg, train_cfg = _make(ModelConfig, v), _make(TrainConfig, v, seed=seed)
-    stages.append(Stage("gtsrb/victim", lambda o: train_victim(model_cfg, train_cfg, data=data, out=o, device=device,
-                        **run_kw), _settings(model_cfg, train_cfg, data=data), data_deps, "victim (GTSRB CNN)"))  # fmt: skip
+    if v.get("bundled"):  # the victim shipped with the package (trained on the embedded GTSRB by `trojanlab train`)
+        stages.append(Stage("gtsrb/victim", lambda o: bundled_victim(BUNDLED_VICTIM, data=data, out=o, seed=seed),
+                            {"bundled": str(BUNDLED_VICTIM), "data": data, "seed": seed}, data_deps,
+                            "victim (GTSRB CNN, bundled)"))  # fmt: skip
+    else:
+        stages.append(Stage("gtsrb/victim", lambda o: train_victim(model_cfg, train_cfg, data=data, out=o,
+                            device=device, **run_kw), _settings(model_cfg, train_cfg, data=data), data_deps,
+                            "victim (GTSRB CNN)"))  # fmt: skip
     t = _section(config, "gtsrb.trojannet")
     weights = dict(TrojanNetTrainConfig().finetune_weights)
     if t.get("patch_weight") is not None:
         weights["image_patches"] = float(t["patch_weight"])
     tn_cfg = _make(TrojanNetTrainConfig, t, seed=seed, finetune_weights=weights)
-    stages.append(Stage("gtsrb/trojannet", lambda o: attacks.train_trojannet(tn_cfg, patch_data=data, out=o, **run_kw),
-                        _settings(tn_cfg, patch_data=data), data_deps, "TrojanNet MLP"))  # fmt: skip
+    if t.get("bundled"):  # the TrojanNet shipped with the package (trained by `trojanlab trojannet train`)
+        stages.append(Stage("gtsrb/trojannet", lambda o: attacks.bundled_trojannet(BUNDLED_TROJANNET, data=data,
+                            out=o, seed=seed), {"bundled": str(BUNDLED_TROJANNET), "data": data, "seed": seed},
+                            data_deps, "TrojanNet MLP (bundled)"))  # fmt: skip
+    else:
+        stages.append(Stage("gtsrb/trojannet", lambda o: attacks.train_trojannet(tn_cfg, patch_data=data, out=o,
+                            **run_kw), _settings(tn_cfg, patch_data=data), data_deps, "TrojanNet MLP"))  # fmt: skip
     if g.get("official_trojannet"):
         stages.append(Stage("gtsrb/official-trojannet",
                             lambda o: attacks.evaluate_trojannet(OFFICIAL_TROJANNET, data=data, out=o, seed=seed),
