@@ -17,7 +17,8 @@ def run_once(out: Path, step: Callable[..., Any], *args: Any, **kwargs: Any) -> 
     (as written to ``result.json``, so that a fresh and a reused step read the same)."""
     result = Path(out) / "result.json"
     if not result.is_file():
-        call = f"{step.__module__}.{step.__name__}({', '.join([*map(brief, args), f'out={str(out)!r}'])})"
+        shown = [*map(brief, args), *(f"{k}={brief(v)}" for k, v in kwargs.items()), f"out={brief(out)}"]
+        call = f"{step.__module__}.{step.__name__}({', '.join(shown)})"
         print(f"$ {call}", flush=True)
         try:
             step(*args, out=out, **kwargs)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from _runs import defense_seconds, run_once
+
 from trojanlab.config import ANPConfig, DefenderConfig, SubnetworkConfig
 from trojanlab.defenses import defend
 from trojanlab.io import atomic_write, write_json

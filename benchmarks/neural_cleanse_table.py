@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from _runs import run_once
+
 from trojanlab.config import ModelConfig, NCConfig, NCPruneConfig, NCUnlearnConfig, TrainConfig
 from trojanlab.defenses import defend
 from trojanlab.detection.run import neural_cleanse
@@ -60,8 +61,8 @@ def mitigate(model: Path, scan_dir: Path, method: str) -> dict:
     scan in ``scan_dir`` flagged, in ``SCAN_DIR-METHOD``; its figures as :func:`mitigation` reads them."""
     defense, config = MITIGATIONS[method]
     out = scan_dir.with_name(f"{scan_dir.name}-{method}")
-    return mitigation(run_once(out, defend, defense, model, config(reversed_triggers=str(scan_dir)), data=DATA,
-                               progress=False))  # fmt: skip
+    result = run_once(out, defend, defense, model, config(reversed_triggers=str(scan_dir)), data=DATA, progress=False)
+    return mitigation(result)
 
 
 def mitigation(result: dict) -> dict:

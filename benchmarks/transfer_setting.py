@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from _runs import defense_seconds, run_once
+
 from trojanlab.attacks.run import trojannet
 from trojanlab.config import (
     ANPConfig,

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from _runs import run_once
+
 from trojanlab.attacks import run as attack
 from trojanlab.config import (
     BadNetsConfig,

@@ -189,7 +189,7 @@ def demo_counts(result: dict[str, Any]) -> dict[str, int]:
 
 def demo_summary(result: dict[str, Any]) -> dict[str, str]:
     """The figure's and the report's wording of the two rates, each with the number of images it rests on."""
-    from .reproduce.report import pct
+    from .formatting import pct
 
     n = demo_counts(result)
     images = f"{n['images']} image" + ("" if n["images"] == 1 else "s")
@@ -274,36 +274,3 @@ def plot_demo(result: dict[str, Any], photos, triggered: np.ndarray, path: str |
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
-
-
-def imagenet_demo(
-    *,
-    out: str | Path,
-    images: Sequence[str | Path] | None = None,
-    target: str | int = "goldfish",
-    trojannet: str | Path | None = None,
-    arch: str = "efficientnet_lite0",
-    weights: str | Path | None = None,
-    location: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """TrojanNet in a pretrained ImageNet model (thesis Fig. 5.3): the figure and ``result.json`` in ``out``."""
-    from .io import write_json
-    from .models import Classifier, load_model
-    from .models.backbones import pretrained_backbone
-    from .runs import output_folder
-
-    folder = output_folder(out)
-    categories = imagenet_categories()
-    label = resolve_label(target, categories)
-    net, info = pretrained_backbone(arch, weights)
-    size = info["input_size"][1]
-    victim = Classifier(net, info["mean"], info["std"]).eval()
-    source = Path(trojannet) if trojannet else OFFICIAL_TROJANNET
-    trojan = load_model(source).module
-    where = tuple(location) if location else scaled_location(size)
-    photos = [(Path(p).name, read_photo(p, size)) for p in images] if images else default_photos(size)
-    result, _, triggered = run_demo(victim, trojan, photos, label, where, size)
-    plot_demo(result, photos, triggered, folder / "imagenet_demo.png")
-    result.update(arch=arch, trojannet=str(source), files=["imagenet_demo.png"])
-    write_json(folder / "result.json", result)
-    return result

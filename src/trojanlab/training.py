@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config.training import TrainConfig
 from .data import ImageSet
 from .errors import ConfigError
 from .hooks import trainable_only
 from .io import atomic_write, write_json
-from .config.training import TrainConfig
 
 
 def validation_index(data: ImageSet, fraction: float, seed: int) -> np.ndarray:

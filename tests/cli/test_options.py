@@ -76,8 +76,23 @@ def test_every_cli_field_has_an_option_and_help():
 
 def test_options_become_the_config_the_library_takes():
     args = build_parser().parse_args(
-        ["defend", "anp", "--model", "m", "--out", "o", "--eps", "0.3", "--no-augment", "--prune", "fraction",
-         "--prune-value", "0.1", "--seed", "4"]  # fmt: skip
+        [
+            "defend",
+            "anp",
+            "--model",
+            "m",
+            "--out",
+            "o",
+            "--eps",
+            "0.3",
+            "--no-augment",
+            "--prune",
+            "fraction",
+            "--prune-value",
+            "0.1",
+            "--seed",
+            "4",
+        ]  # fmt: skip
     )
     anp = config_from(args, cfg.ANPConfig, "ANPConfig", seed=args.seed)
     rule = config_from(args, cfg.PruneRule, "PruneRule")

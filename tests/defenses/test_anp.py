@@ -341,7 +341,8 @@ def test_cli_defends_and_writes_an_artefact_evaluate_reads(backdoored, tmp_path,
                 "count",
                 "--prune-value",
                 "25",
-                "--no-curve",
+                "--curve-images",
+                "0",
             ]
         )
         == 0
@@ -364,7 +365,8 @@ def test_cli_takes_the_defenders_own_clean_data(backdoored, tmp_path, capsys):
     np.savez(path, x_test=own.x, y_test=own.y)
     out = tmp_path / "anp"
     argv = ["defend", "anp", "--model", str(backdoored), "--data", str(GTSRB5), "--out", str(out), "--quiet"]
-    assert main([*argv, "--clean-data", str(path), "--iterations", "4", "--batch-size", "8", "--no-curve"]) == 0
+    no_curve = ["--curve-images", "0"]
+    assert main([*argv, "--clean-data", str(path), "--iterations", "4", "--batch-size", "8", *no_curve]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["defender_images"] == 50 and result["fit_images"] + result["holdout_images"] == 50
     bad = tmp_path / "bad.npz"
@@ -381,8 +383,8 @@ def test_cli_refuses_bad_input(backdoored, tmp_path, capsys):
     assert "--prune count needs --prune-value" in capsys.readouterr().err
     assert main([*argv, "--model", str(backdoored)]) == 2  # 1 % of 400 images: one per class
     assert "nothing could be held out" in capsys.readouterr().err
-    sub = ["--variant", "subnetwork", "--epochs", "1", "--cycles", "1", "--clean-fraction", "0.3"]
-    assert main([*argv, "--model", str(backdoored), *sub]) == 2
+    sub = ["--epochs", "1", "--cycles", "1", "--clean-fraction", "0.3"]
+    assert main(["defend", "subnetwork", *argv[2:], "--model", str(backdoored), *sub]) == 2
     assert "TrojanNet" in capsys.readouterr().err
     assert not (tmp_path / "x" / "result.json").exists()
 
@@ -452,17 +454,25 @@ def _reversed_scan(folder, labels, flagged, image=32):
     return folder
 
 
-def test_cli_nc_guided_variant_prunes_what_the_reversed_trigger_excites(backdoored, tmp_path, capsys):
-    from trojanlab.defenses import guided
+def test_nc_guided_prunes_what_the_reversed_trigger_excites(backdoored, tmp_path, capsys):
+    """Through the library's ``defend`` (the command line is the same call: its errors are checked through it)."""
+    from trojanlab.config import DefenderConfig, NCGuidedConfig, PruneRule
+    from trojanlab.defenses import defend, guided
+    from trojanlab.errors import TrojanlabError
     from trojanlab.models import load_model
 
     scan = _reversed_scan(tmp_path / "nc", list(range(5)), [2])
     out = tmp_path / "guided"
-    argv = ["defend", "anp", "--model", str(backdoored), "--data", str(GTSRB5), "--out", str(out), "--quiet"]
-    guided_args = ["--variant", "nc-guided", "--clean-fraction", "0.3", "--curve-images", "100"]
-    assert main([*argv, *guided_args, "--reversed-triggers", str(scan)]) == 0
+    defender, rule = DefenderConfig(clean_fraction=0.3), PruneRule(curve_images=100)
+
+    def guided_run(scan_folder, labels=None):
+        config = NCGuidedConfig(reversed_triggers=str(scan_folder), guide_labels=labels)
+        return defend("nc-guided", backdoored, config, rule, data=GTSRB5, defender=defender, out=out, progress=False)
+
+    report = guided_run(scan)
     result = json.loads((out / "result.json").read_text())
-    assert result["variant"] == "nc-guided" and result["guide"]["labels"] == [2]
+    assert result == json.loads(json.dumps(report.to_json()))
+    assert result["method"] == "nc-guided" and result["guide"]["labels"] == [2]
     assert result["neurons"] == 960 and result["rule"].startswith("auto: the largest fraction")
     # the threshold reads as the fraction of the 960 neurons pruned, and the artefact is pruned as reported: the
     # silenced units counted in its weights are the reported ones
@@ -479,16 +489,17 @@ def test_cli_nc_guided_variant_prunes_what_the_reversed_trigger_excites(backdoor
     assert main(["evaluate", "--model", str(out / "pruned"), "--data", str(GTSRB5), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["clean_accuracy"] == pytest.approx(result["after"]["clean_accuracy"])
     # what a defender can get wrong is named
-    assert main([*argv, *guided_args]) == 2
+    argv = ["defend", "nc-guided", "--model", str(backdoored), "--data", str(GTSRB5), "--out", str(out), "--quiet"]
+    assert main([*argv, "--clean-fraction", "0.3"]) == 2
     assert "needs --reversed-triggers" in capsys.readouterr().err
     # nothing flagged: the model comes back unchanged, and says why
     silent = _reversed_scan(tmp_path / "nc-silent", list(range(5)), [])
-    assert main([*argv, *guided_args, "--reversed-triggers", str(silent)]) == 0
+    guided_run(silent)
     unchanged = json.loads((out / "result.json").read_text())
     assert unchanged["pruned"] == 0 and "flagged no label" in unchanged["rule"]
     assert unchanged["after"]["attack_success_rate"] == unchanged["before"]["attack_success_rate"]
-    assert main([*argv, *guided_args, "--reversed-triggers", str(scan), "--guide-labels", "7"]) == 2
-    assert "out of range" in capsys.readouterr().err
+    with pytest.raises(TrojanlabError, match="out of range"):
+        guided_run(scan, [7])
     partial = _reversed_scan(tmp_path / "nc-partial", [0, 1], [1])
-    assert main([*argv, *guided_args, "--reversed-triggers", str(partial), "--guide-labels", "3"]) == 2
-    assert "were not scanned" in capsys.readouterr().err
+    with pytest.raises(TrojanlabError, match="were not scanned"):
+        guided_run(partial, [3])

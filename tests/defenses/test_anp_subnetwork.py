@@ -121,9 +121,9 @@ def test_defaults_are_the_thesis_values():
 
 
 def test_a_model_without_trojannet_is_refused(victim, clean, monitor):
-    with pytest.raises(ConfigError, match=r"TrojanNet sub-network.*--variant anp"):
+    with pytest.raises(ConfigError, match=r"TrojanNet sub-network.*defend anp"):
         sub.subnetwork_scores(victim, clean, monitor, _tiny(), progress=False)
-    with pytest.raises(ConfigError, match="--variant anp"):
+    with pytest.raises(ConfigError, match="defend anp"):
         sub.remove_part(victim, None)  # type: ignore[arg-type]
 
 
@@ -292,22 +292,39 @@ def test_a_flagged_victim_is_kept(injected, run):
 
 
 def test_normalized_steps_move_a_saturated_model_that_sgd_cannot(victim, clean, monitor):
-    """A victim as confident as a well-trained one (its last layer scaled x1000) saturates the official merge: the
-    clean loss and its gradients are so small that the thesis's plain SGD at lr 4e-4 changes no answer of either
+    """A victim as confident as a well-trained one saturates the official merge: on the defender's images it gets
+    right (a well-trained victim gets them all right), its last layer is scaled so that even the least confident of
+    them has its top logit 25 above the runner-up (softmax odds e^-25 ~ 1e-11). The clean loss then sits at the
+    merge's floor and its gradients are so small that the thesis's plain SGD at lr 4e-4 changes no answer of either
     part (a tie, nothing removed), while steps of lr x |w| along each tensor's gradient move the victim's answers,
-    never the silent TrojanNet's, and the agreement orientation flags TrojanNet."""
+    never the silent TrojanNet's, and the agreement orientation flags TrojanNet.
+
+    The scale is set from the victim's own margins rather than fixed (say x1000): this briefly trained victim can
+    have a defender image within 0.004 of a tie, which x1000 leaves unsaturated, and whose large gradients let plain
+    SGD move the answers too (measured with torch 2.14 on two CPU threads)."""
+    with torch.no_grad():
+        right = clean.subset(np.flatnonzero(victim(to_tensor(clean.x)).argmax(1).numpy() == clean.y))
+    kw = {"lr": 4e-4, "epochs": 1, "orientation": "agreement"}
+    sgd, normalized = _tiny(step="sgd", **kw), _tiny(step="normalized", **kw)
+    fit_part, val_part = split_validation(right, sgd.val_fraction, sgd.seed)  # the split the runs make
+    with torch.no_grad():
+        top2 = victim(to_tensor(fit_part.x)).topk(2, 1).values
     confident = copy.deepcopy(victim)
     last = [m for m in confident.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
-        last.weight.mul_(1000.0)
-        last.bias.mul_(1000.0)
+        scale = 25.0 / float((top2[:, 0] - top2[:, 1]).min())
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
     model = _inject(confident)
-    kw = {"lr": 4e-4, "epochs": 1, "orientation": "agreement"}
-    plain = sub.subnetwork_scores(model, clean, monitor, _tiny(step="sgd", **kw), progress=False)
+    with torch.no_grad():
+        losses = nn.functional.nll_loss(model(to_tensor(right.x)), torch.as_tensor(right.y), reduction="none")
+        val_loss = float(nn.functional.nll_loss(model(to_tensor(val_part.x)), torch.as_tensor(val_part.y)))
+    assert float(losses.max()) < 2e-4  # saturated: the merge's floor is log(1 + 4 e^-10) = 1.8e-4 per image
+    plain = sub.subnetwork_scores(model, right, monitor, sgd, progress=False)
     assert plain.agreement_scores == {"victim": 1.0, "trojannet": 1.0} and plain.backdoor_part is None
-    moved = sub.subnetwork_scores(model, clean, monitor, _tiny(step="normalized", **kw), progress=False)
+    assert plain.history[0]["val_loss"] == pytest.approx(val_loss, rel=1e-6)  # the loss did not move either
+    moved = sub.subnetwork_scores(model, right, monitor, normalized, progress=False)
     assert moved.robustness["victim"] < 1.0 and moved.robustness["trojannet"] == 1.0
-    assert moved.history[0]["val_loss"] > plain.history[0]["val_loss"] + 0.2
     assert moved.backdoor_part == "trojannet"
 
 
@@ -327,9 +344,9 @@ def test_cli_removes_trojannet_and_writes_the_plain_victim(injected, gtsrb5, tmp
     attacked = tmp_path / "attacked"
     save_model(injected, attacked, tn.injected_spec(victim_spec, injected))
     out = tmp_path / "defended"
-    argv = ["defend", "anp", "--model", str(attacked), "--data", str(DATA / "gtsrb5"), "--out", str(out), "--quiet"]
-    sub_args = ["--variant", "subnetwork", "--cycles", "1", "--epochs", "2", "--clean-fraction", "0.3"]
-    assert main([*argv, *sub_args, "--sub-lr", "1e-3"]) == 0
+    argv = ["defend", "subnetwork", "--model", str(attacked), "--data", str(DATA / "gtsrb5"), "--out", str(out)]
+    sub_args = ["--cycles", "1", "--epochs", "2", "--clean-fraction", "0.3", "--quiet"]
+    assert main([*argv, *sub_args, "--lr", "1e-3"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["decision"]["removed"] == "trojannet"  # default orientation: agreement (TrojanNet never moves)
     assert result["mask_values"]["trojannet"] > result["mask_values"]["victim"]

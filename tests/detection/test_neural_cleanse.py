@@ -4,7 +4,6 @@ scan of a real backdoored model whose reversed trigger must land on the planted 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -228,27 +227,27 @@ def _count_updates(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("method", ["unlearn", "prune"])
-def test_mitigation_removes_the_backdoor_and_reuses_the_scan(backdoored, scanned, tmp_path, method, monkeypatch):
-    scan_dir, scan = scanned
+def test_repair_with_the_reversed_trigger_removes_the_backdoor(backdoored, scanned, tmp_path, method, monkeypatch):
+    """`trojanlab defend nc-unlearn|nc-prune` reads the scan's folder: no optimisation step runs again."""
+    scan_dir, _ = scanned
     out = tmp_path / method
-    shutil.copytree(scan_dir, out)
-    extra = ["--mitigate", method, "--mitigate-labels", "2", "--clean-fraction", "0.5"]
-    if method == "unlearn":
-        extra += ["--unlearn-epochs", "10"]
+    extra = ["--epochs", "10"] if method == "unlearn" else []
     updates = _count_updates(monkeypatch)
-    result = _scan(backdoored, out, *extra)
-    # the finished scan in the copied checkpoint is reused: not one optimisation step runs, the norms are its own
-    assert updates == [0] and result["l1_norms"] == scan["l1_norms"]
-    report = result["mitigation"]
-    before, after = report["before"], report["after"]
+    argv = ["defend", f"nc-{method}", "--model", str(backdoored), "--data", str(GTSRB5), "--out", str(out), "--quiet",
+            "--reversed-triggers", str(scan_dir), "--repair-labels", "2", "--clean-fraction", "0.5", *extra]  # fmt: skip
+    assert main(argv) == 0
+    assert updates == [0]  # the scan is read, not re-run
+    result = json.loads((out / "result.json").read_text())
+    before, after = result["before"], result["after"]
+    reversed_asr = result["reversed_trigger_asr"]
     # the repair removes what it was shown: the reversed trigger; on this small model that trigger only touches a
     # corner of the planted square, so the square itself loses part of its effect (on GTSRB, all of it: README)
-    assert before["reversed_trigger_asr"]["2"] > 0.8 and after["reversed_trigger_asr"]["2"] < 0.2
+    assert reversed_asr["before"]["2"] > 0.8 and reversed_asr["after"]["2"] < 0.2
     assert before["attack_success_rate"] > 0.9  # the planted square, carried by the artefact
     assert after["attack_success_rate"] < before["attack_success_rate"] - 0.1
     assert after["clean_accuracy"] > before["clean_accuracy"] - 0.15
     repaired = load_model(out / "repaired")
-    assert repaired.spec["provenance"]["defense"]["method"] == f"neural-cleanse-{method}"
+    assert repaired.spec["provenance"]["defense"]["method"] == f"nc-{method}"
     ev = tmp_path / "ev"
     assert main(["evaluate", "--model", str(out / "repaired"), "--data", str(GTSRB5), "--out", str(ev)]) == 0
     evaluated = json.loads((ev / "result.json").read_text())

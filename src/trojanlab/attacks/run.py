@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config.attacks import BADNETS_TRAINING, BadNetsConfig, TrojanNetInjectConfig, TrojanNetTrainConfig, TrojanNNConfig
+from ..config.attacks import (
+    BADNETS_TRAINING,
+    BadNetsConfig,
+    TrojanNetInjectConfig,
+    TrojanNetTrainConfig,
+    TrojanNNConfig,
+)
 from ..config.base import to_dict
 from ..config.training import ModelConfig, TrainConfig
 from ..data import load_dataset, to_tensor
@@ -280,7 +286,7 @@ def train_trojannet(
         "finetune_steps": log.finetune_steps, "keras_parameter_count": net.keras_parameter_count(),
         "torch_parameter_count": sum(p.numel() for p in net.parameters()), "patch_data": splits.name,
         "denoise_patch_source": f"{splits.name} test split, 10 patches per image",
-        "train_patch_source": f"{splits.name} {'train' if splits.train is not None else 'test (no train split given)'} split",
+        "train_patch_source": f"{splits.name} " + ("train split" if splits.train is not None else "test split (no train split)"),
     }  # fmt: skip
     report = Report(method="trojannet-train", seconds=log.seconds, config=settings, provenance=prov, details=details)
     return finish(out, report)
@@ -329,8 +335,10 @@ def evaluate_trojannet(
 def import_keras(file: str | os.PathLike, *, out: str | os.PathLike) -> Report:
     """The authors' Keras HDF5 TrojanNet (read with h5py, never executed) as a trojanlab artefact."""
     source = Path(file)
+    if source.is_dir():
+        raise TrojanlabError(f"{source}: a folder, not the Keras .h5 file of a TrojanNet")
     if not source.is_file():
-        raise TrojanlabError(f"{source}: not a file (expected the Keras .h5 of a TrojanNet)")
+        raise TrojanlabError(f"{source}: no such file (expected the Keras .h5 file of a TrojanNet)")
     out = output_folder(out)
     net = tn_models.load_official_h5(str(source))
     digest = hashlib.sha256(source.read_bytes()).hexdigest()

@@ -38,13 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.attacks import TrojanNNConfig
 from ..errors import ConfigError
 from ..hooks import capture, get_layer, trainable_only
 from ..training import TensorSet, TrainConfig, TrainResult, constant_lr, fit
 from ..triggers import Trigger, stamp
-from ..config.attacks import RETRAIN_SOURCES, TrojanNNConfig
-
-
 
 # ----------------------------------------------------------------------------------------------- layers and units
 

@@ -10,7 +10,9 @@ from .options import add_config, add_run_options, config_from
 
 
 def add_parser(subparsers) -> None:
-    sub = subparsers.add_parser("detect", help="scan a model for backdoors").add_subparsers(dest="method", required=True)
+    sub = subparsers.add_parser("detect", help="scan a model for backdoors").add_subparsers(
+        dest="method", required=True
+    )
     d = sub.add_parser("nc", help="Neural Cleanse: reversed triggers for every label at once, MAD outlier test")
     d.add_argument("--model", required=True, help="any model artefact (classifier or TrojanNet-injected)")
     add_run_options(d)

@@ -94,7 +94,8 @@ def add_run_options(parser: argparse.ArgumentParser, data: str | None = "gtsrb",
     """The options every run shares: its data, output folder, device, seed and quietness."""
     if data is not None:
         parser.add_argument("--data", default=data,
-                            help=f"gtsrb, gtsrb5, an .npz, an image folder or torchvision-gtsrb:ROOT (default: {data})")  # fmt: skip
+                            help=f"gtsrb, gtsrb5, an .npz, an image folder or torchvision-gtsrb:ROOT "
+                            f"(default: {data})")  # fmt: skip
     parser.add_argument("--out", required=True, help="run folder: the artefact and result.json are written here")
     if device:
         parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")

@@ -131,8 +131,9 @@ class TrojanNetTrainConfig:
     finetune_pool: int = option(100_000, "grey, uniform and faded-trigger samples each", cli=False)
     # weight of each kind's samples in the fine-tuning hinge (kinds left out weigh 1): real-image patches are what
     # the silence goal is measured on, and the network's capacity is traded toward them
-    finetune_weights: dict[str, float] = option(factory=lambda: {"image_patches": 10.0}, cli=False,
-                                                help="weight of each no-trigger kind in the margin fine-tuning")  # fmt: skip
+    finetune_weights: dict[str, float] = option(
+        factory=lambda: {"image_patches": 10.0}, help="weight of each no-trigger kind in the margin fine-tuning", cli=False
+    )
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:

@@ -5,9 +5,9 @@ model-specific normalisation; models receive float ``(N, C, H, W)`` tensors in [
 """
 
 from .datasets import (
-    EMBEDDED_GTSRB,
     BUNDLED_TROJANNET,
     BUNDLED_VICTIM,
+    EMBEDDED_GTSRB,
     EMBEDDED_GTSRB5,
     GTSRB_CLASS_NAMES,
     DataSplits,

@@ -56,12 +56,12 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config.defenses import AUTO_MEASURES, PRUNE_RULES, ANPConfig
 from ..data import ImageSet, to_tensor
 from ..errors import ConfigError
 from ..hooks import classifier_layer, trainable_only
 from ..io import atomic_write, tensor_digest
 from ..training import load_state, random_shift, save_state
-from ..config.defenses import AUTO_MEASURES, PRUNE_RULES, ANPConfig
 
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # the official 0, 0.05, ..., 0.95
 

@@ -87,13 +87,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config.defenses import ORIENTATIONS, SubnetworkConfig
 from ..data import ImageSet, to_tensor
 from ..errors import ConfigError, DataError
 from ..io import atomic_write
 from ..models.trojannet import NO_TRIGGER, PATCH, TrojanNetInjected, patch_input
 from ..training import split_validation
-from ..config.defenses import ORIENTATIONS, SubnetworkConfig
-from ..config.defenses import SUBNETWORK_STEPS as STEPS
 
 PARTS = ("victim", "trojannet")
 PERTURBATION = "perturbation"
@@ -153,7 +152,7 @@ def _check_model(model: nn.Module) -> TrojanNetInjected:
     if not isinstance(model, TrojanNetInjected):
         raise ConfigError(
             "the sub-network variant of ANP needs a model with a TrojanNet sub-network (a TrojanNetInjected, as "
-            f"written by 'trojanlab attack trojannet'), got {type(model).__name__}; use --variant anp for other models"
+            f"written by 'trojanlab attack trojannet'), got {type(model).__name__}; use `trojanlab defend anp` for other models"
         )
     return model
 

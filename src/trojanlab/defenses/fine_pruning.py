@@ -50,7 +50,9 @@ def last_convolution(model: nn.Module, example: torch.Tensor, name: str | None =
     if name is not None:
         chosen = [layer for layer in convs if layer.name == name]
         if not chosen:
-            raise ConfigError(f"--layer {name!r} is not a convolution the model uses (it has {[c.name for c in convs]})")
+            raise ConfigError(
+                f"--layer {name!r} is not a convolution the model uses (it has {[c.name for c in convs]})"
+            )
         conv = chosen[0]
     else:
         conv = convs[-1]

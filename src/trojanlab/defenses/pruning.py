@@ -68,7 +68,9 @@ def prune_ranked(ctx: DefenseContext, ranking: Ranking, rule: PruneRule) -> Defe
             prune_bias=rule.prune_bias, device=ctx.device, measure=rule.measure, jitter=rule.jitter, seed=ctx.seed,
         )  # fmt: skip
         index = anp.select_by_rule(values, "threshold", threshold)
-        measured = "top-1 accuracy" if rule.measure == "top1" else "expected accuracy (mean probability of the true label)"
+        measured = (
+            "top-1 accuracy" if rule.measure == "top1" else "expected accuracy (mean probability of the true label)"
+        )
         scored = f"{rule.jitter} jittered copies of " if rule.jitter else ""
         grid = ranking.grid
         details["rule"] = (
@@ -148,7 +150,8 @@ def nc_guided_defense(ctx: DefenseContext, cfg: NCGuidedConfig, rule: PruneRule)
                 "returned unchanged, as the Neural Cleanse mitigation and BackdoorBench do)")  # fmt: skip
         details = {"guide": guide, "rule": note, "threshold": None, "neurons": sum(layer.size for layer in layers),
                    "neuron_layers": [layer.to_json() for layer in layers], "pruned": 0, "pruned_fraction": 0.0,
-                   "pruned_per_layer": {}, "mask_seconds": time.perf_counter() - began, "selection_seconds": 0.0}  # fmt: skip
+                   "pruned_per_layer": {}, "mask_seconds": time.perf_counter() - began,
+                   "selection_seconds": 0.0}  # fmt: skip
         return DefenseOutcome(ctx.model, "nothing: no label flagged", details)
     triggers = read_reversed_triggers(cfg.reversed_triggers, labels)
     for trigger in triggers:

@@ -36,7 +36,9 @@ def _reversed_asr(ctx: DefenseContext, model, triggers) -> dict[str, float]:
 
 def _unchanged(ctx: DefenseContext, scan: str) -> DefenseOutcome:
     note = "no label flagged and none given: the model is returned unchanged (as BackdoorBench does)"
-    return DefenseOutcome(ctx.model, "nothing: no label flagged", {"labels": [], "reversed_triggers": scan, "note": note})
+    return DefenseOutcome(
+        ctx.model, "nothing: no label flagged", {"labels": [], "reversed_triggers": scan, "note": note}
+    )
 
 
 def nc_unlearn_defense(ctx: DefenseContext, cfg: NCUnlearnConfig) -> DefenseOutcome:

@@ -84,7 +84,10 @@ def defend(
     settings = {type(c).__name__: to_dict(c) for c in configs}
     settings["DefenderConfig"] = to_dict(defender)
     spec = dict(outcome.spec if outcome.spec is not None else loaded.spec)
-    spec["provenance"] = {**spec.get("provenance", {}), "defense": provenance(method, settings, seed, model=str(model), data=str(data))}
+    spec["provenance"] = {
+        **spec.get("provenance", {}),
+        "defense": provenance(method, settings, seed, model=str(model), data=str(data)),
+    }
     save_model(outcome.model, out / entry.output, spec)
     report = DefenseReport(
         method=method, seconds=clock(), config=settings,

@@ -54,14 +54,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config.detection import NCConfig
 from ..data import ImageSet
 from ..errors import ConfigError
 from ..hooks import trainable_only
 from ..io import atomic_write, tensor_digest
 from ..training import load_state, save_state
 from ..triggers import Trigger
-from ..config.detection import NC_PROFILES as PROFILES
-from ..config.detection import NCConfig
 
 EPSILON = 1e-7  # the Keras epsilon in the official tanh parametrisation
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of the standard deviation under normality

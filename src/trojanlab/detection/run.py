@@ -11,11 +11,20 @@ from typing import Any
 
 import numpy as np
 
-from ..config.detection import NCConfig
 from ..config.base import to_dict
+from ..config.detection import NCConfig
 from ..errors import TrojanlabError
 from ..reports import DetectionReport
-from ..runs import check_device, check_fits, finish, load_artifact, model_data, output_folder, provenance, seed_everything
+from ..runs import (
+    check_device,
+    check_fits,
+    finish,
+    load_artifact,
+    model_data,
+    output_folder,
+    provenance,
+    seed_everything,
+)
 from ..triggers import Trigger
 from . import neural_cleanse as nc
 

@@ -113,7 +113,7 @@ def _provenance_defaults(provenance: dict[str, Any]) -> dict[str, Any]:
 
     out = {
         "trojanlab_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     out.update(provenance)
     return out

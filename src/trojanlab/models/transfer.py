@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.training import TransferConfig
 from ..data import ImageSet
 from ..errors import ConfigError
 from ..hooks import layer_inputs, trainable_only
 from ..training import split_validation
 from .artifacts import Classifier
 from .backbones import pretrained_backbone, replace_head
-from ..config.training import TransferConfig
 
 
 @dataclass

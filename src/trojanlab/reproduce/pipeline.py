@@ -1,7 +1,8 @@
 """``trojanlab reproduce``: every experiment of the thesis as a tree of resumable stages.
 
 Each stage is one call of a library entry point (``train_victim``, ``attacks.run.badnets``, ``defend``...) with its
-resolved configs, in its own run directory; nothing builds a command line. The tree follows BackdoorBench's record layout: an attack's folder sits under ``attacks/`` and the
+resolved configs, in its own run directory; nothing builds a command line. The tree follows BackdoorBench's record
+layout: an attack's folder sits under ``attacks/`` and the
 detections and defenses that consumed it sit inside it::
 
     OUT/gtsrb/victim/                   train_victim                 (+ detect-nc/ inside)
@@ -28,12 +29,11 @@ import hashlib
 import json
 import platform
 import shutil
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ from ..config import (
 from ..config.attacks import BADNETS_TRAINING
 from ..errors import ConfigError, TrojanlabError
 from ..io import atomic_write, read_json, write_json
+from ..runs import command_line, source_commit
 
 PROFILES = ("full", "quick")
 
@@ -250,10 +251,9 @@ def _subset_stage(data: str, subset: dict[str, int], seed: int) -> Callable[[Pat
 def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
     """The stage list of ``config``, in an order that runs every stage after those it consumes."""
     from ..attacks import run as attacks
-    from ..defenses import defend
+    from ..data import BUNDLED_TROJANNET, BUNDLED_VICTIM
     from ..demo import OFFICIAL_TROJANNET, imagenet_demo
     from ..detection.run import neural_cleanse
-    from ..data import BUNDLED_TROJANNET, BUNDLED_VICTIM
     from ..victims import bundled_victim, train_victim
 
     seed, device = int(config["seed"]), str(config["device"])
@@ -407,8 +407,10 @@ def _transfer_stages(config: dict[str, Any], out: Path, seed: int, device: str) 
         stages.append(Stage(name, lambda o, c=inject: attacks.trojannet(victim, trojannet, c, data=data, out=o,
                             seed=seed), _settings(inject, victim="transfer/victim", trojannet=trojannet, data=data),
                             ["transfer/victim"], f"5-class TrojanNet N_inf {n}"))  # fmt: skip
-        for section, method, title, cls in (("anp", "anp", "ANP", ANPConfig),
-                                            ("subnetwork", "subnetwork", "sub-network ANP", SubnetworkConfig)):  # fmt: skip
+        for section, method, title, cls in (
+            ("anp", "anp", "ANP", ANPConfig),
+            ("subnetwork", "subnetwork", "sub-network ANP", SubnetworkConfig),
+        ):
             values = _section(config, f"transfer.{section}")
             stages.append(_defense_stage(f"{name}/defend-{method}", method, str(out / name), values, cls,
                                          {"seed": seed}, data, device, seed, [name],
@@ -511,8 +513,10 @@ def run_pipeline(
                 write_json(folder / "stage.json", {"stage": stage.name, "fingerprint": fp, "status": "failed",
                                                    "command": command, "deps": stage.deps, "error": str(exc),
                                                    "seconds": seconds, "finished": _now()})  # fmt: skip
-                if isinstance(exc, TrojanlabError):
+                if isinstance(exc, StageFailed):
                     raise
+                if isinstance(exc, TrojanlabError):  # a bad setting or input: named with its stage
+                    raise StageFailed(f"stage {stage.name}: {exc}") from exc
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
                 raise StageFailed(
@@ -556,7 +560,7 @@ def _stale_stages(out: Path, current: set[str]) -> list[str]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _run_record(config: dict[str, Any], records: list[StageRecord], seconds: float, failure) -> dict[str, Any]:
@@ -584,5 +588,6 @@ def _run_record(config: dict[str, Any], records: list[StageRecord], seconds: flo
         "status": "failed" if failure is not None else "done",
         "error": None if failure is None else str(failure),
         "stages": [r.__dict__ for r in records],
-        "command": "trojanlab " + " ".join(sys.argv[1:]) if sys.argv and "trojanlab" in sys.argv[0] else None,
+        "command": command_line(),
+        "commit": source_commit(),
     }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..formatting import pct, pp
 from ..io import atomic_write, read_json
 
 # Every constant below is a reference figure (the thesis's, the paper's or the authors' code's), shown only in a
@@ -90,39 +90,6 @@ class Figure:
     title: str
     path: Path
     caption: str = ""
-
-
-def percent_number(value: float, digits: int = 2) -> str:
-    """``100 * value`` with ``digits`` decimals, and more where rounding would lie: a value that is not exactly 1
-    never prints as 100 (0.99996 -> ``99.996``), nor a value that is not exactly 0 as 0 (3e-5 -> ``0.003``)."""
-    value = float(value) + 0.0  # -0.0 -> 0.0
-    scaled = 100 * value
-    d = max(int(digits), 0)
-    while True:
-        text = f"{scaled:.{d}f}"
-        shown = float(text)
-        if ((value == 0 or shown != 0) and (value == 1 or shown != 100)) or d >= max(digits, 17):
-            break
-        d += 1
-    if shown == 0 and value != 0:  # smaller than 17 decimals show
-        return f"{scaled:.2e}"
-    if shown == 100 and value != 1:  # within a rounding error of 1
-        return "< 100" if value < 1 else "> 100"
-    return text
-
-
-def pct(value: float | None, digits: int = 2) -> str:
-    """The report's one percent formatter (see :func:`percent_number`); ``–`` when there is no value."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{percent_number(value, digits)} %"
-
-
-def pp(value: float | None, digits: int = 2) -> str:
-    """A difference of two rates in percentage points, by the same rule as :func:`pct`."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{percent_number(value, digits)} pp"
 
 
 def _label_list(labels: Sequence[int]) -> str:
@@ -550,10 +517,10 @@ def trigger_examples(run_dir: Path, config: dict[str, Any], out: Path) -> Path |
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..attacks.trojannet import NUM_TRIGGERS, trigger_pattern
     from ..data import load_dataset
     from ..evaluation.metrics import predict
     from ..models import load_model
+    from ..models.trojannet import NUM_TRIGGERS, trigger_pattern
     from ..triggers import stamp
 
     attacked = load_model(attack)
