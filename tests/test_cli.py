@@ -129,7 +129,7 @@ def test_evaluate_on_a_test_only_npz_and_bad_input(tmp_path, small_trojannet, ca
 
     np.savez(tmp_path / "labels.npz", x_test=data.test.x, y_test=data.test.y + 10)
     assert main(["evaluate", "--model", str(victim), "--data", str(tmp_path / "labels.npz")]) == 2
-    assert "out of range for a 5-class model" in capsys.readouterr().err
+    assert "a 5-class model, but labels has 15 classes" in capsys.readouterr().err
     assert _attack(victim, small_trojannet, tmp_path / "x", "--targets", "1", "--location", "30", "30") == 2
     assert "does not fit in 32x32" in capsys.readouterr().err
     assert not (tmp_path / "x" / "result.json").exists()

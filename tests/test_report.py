@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from trojanlab import formatting
 from trojanlab.reproduce import load_config
 from trojanlab.reproduce import report as rp
 
@@ -32,12 +33,12 @@ def test_pct_never_shows_100_or_0_for_a_value_that_is_not():
     assert rp.pp(0.0059) == "0.59 pp" and rp.pp(-1e-5) == "-0.001 pp" and rp.pp(-0.0) == "0.00 pp"
     assert rp.pp(None) == "–"
     assert not rp.pct(1 - 1e-13).startswith("100") and not rp.pct(1e-30).startswith("0.00")
-    assert rp.percent_number(0.5, 20).startswith("50.0")  # more digits than the search: plain
+    assert formatting.percent_number(0.5, 20).startswith("50.0")  # more digits than the search: plain
     rng = random.Random(0)
     values = [1 - 10 ** -rng.uniform(2, 12) for _ in range(300)] + [10 ** -rng.uniform(2, 12) for _ in range(300)]
     for value in values:
-        number = float(rp.percent_number(value))
-        assert 0 < number < 100, (value, rp.percent_number(value))
+        number = float(formatting.percent_number(value))
+        assert 0 < number < 100, (value, formatting.percent_number(value))
 
 
 def test_pct_is_the_only_percent_formatting_in_the_report_module():

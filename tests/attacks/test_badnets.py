@@ -115,7 +115,7 @@ def test_cli_refuses_bad_options(tmp_path, capsys):
     assert main([*base, "--target", "9", "--out", str(tmp_path / "a")]) == 2
     assert "out of range for 5 classes" in capsys.readouterr().err
     assert main([*base, "--poison-rate", "0", "--out", str(tmp_path / "b")]) == 2
-    assert "poison_rate must lie in (0, 1]" in capsys.readouterr().err
+    assert "--poison-rate must lie in (0, 1]" in capsys.readouterr().err
     assert main([*base, "--target", "1", "--location", "30", "2", "--out", str(tmp_path / "c")]) == 2
     assert "outside the 32x32 image" in capsys.readouterr().err
     assert not (tmp_path / "a" / "model.json").exists()

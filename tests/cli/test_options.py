@@ -114,3 +114,14 @@ def test_help_shows_the_defaults(command, capsys):
         assert "(default: 20)" in text and "(default: gtsrb_cnn)" in text
     if command == ("detect", "nc"):
         assert "(default: 2.0)" in text
+
+
+def test_a_bad_value_is_named_by_its_option(tmp_path, capsys):
+    from trojanlab.cli import main
+
+    out = tmp_path / "x"
+    assert main(["defend", "anp", "--model", str(tmp_path), "--out", str(out), "--anp-steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "trojanlab: error: --anp-steps must be at least 1, got 0"
+    assert main(["train", "--out", str(out), "--lr", "nan"]) == 2
+    assert "--lr must be a finite number" in capsys.readouterr().err
+    assert not out.exists()  # refused before any folder is made

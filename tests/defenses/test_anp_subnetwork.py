@@ -98,14 +98,14 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
         ({"epochs": 0}, "epochs must be at least 1"),
         ({"batch_size": 0}, "batch_size must be at least 1"),
         ({"epochs": 2.5}, "epochs must be an integer"),
-        ({"lr": 0.0}, "lr must be a positive"),
-        ({"lr": float("nan")}, "lr must be a positive"),
+        ({"lr": 0.0}, r"lr must lie in \(0, inf\]"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
         ({"alpha": 1.5}, r"alpha must lie in \[0, 1\]"),
         ({"val_fraction": 0.0}, r"val_fraction must lie in \(0, 1\)"),
         ({"val_fraction": 1.0}, r"val_fraction must lie in \(0, 1\)"),
         ({"orientation": "larger"}, "orientation must be one of"),
         ({"step": "adam"}, "step must be one of"),
-        ({"seed": -1}, "seed must be non-negative"),
+        ({"seed": -1}, "seed must be at least 0"),
     ],
 )
 def test_config_refuses_bad_values(kwargs, message):

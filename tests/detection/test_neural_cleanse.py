@@ -18,6 +18,7 @@ from trojanlab.errors import ConfigError
 from trojanlab.models import Classifier, load_model
 
 GTSRB5 = Path(__file__).parents[1] / "data" / "gtsrb5"
+CHECKERBOARD = np.indices((4, 4)).sum(0) % 2  # the planted trigger: black (0) and white (1) pixels in turn
 
 
 # ----------------------------------------------------------------------------------------------- MAD rule
@@ -166,11 +167,22 @@ def test_bad_options_are_refused():
 
 @pytest.fixture(scope="module")
 def backdoored(tmp_path_factory):
-    """A GTSRB CNN trained on the 5-class real photographs with a white 4x4 square (rows/cols 27-30) -> label 2.
-    Without the random shifts, so the backdoor is tied to that exact place."""
+    """A GTSRB CNN trained on the 5-class real photographs with a 4x4 black-and-white checkerboard at rows/cols
+    27-30 -> label 2, without the random shifts.
+
+    A checkerboard rather than a white square: about a tenth of these photographs have a near-white bottom-right
+    corner, where a white square changes nothing. Those poisoned images look like clean ones, so a white square
+    fired the backdoor on only ~91 % of the other labels' images, below the 99 % a reversed trigger must reach, and
+    Neural Cleanse had to add pixels elsewhere (blue ones, the colour of label 2's roundabout sign) instead of
+    landing on the square. A checkerboard is visible on any background and fires the backdoor on all of them."""
+    from PIL import Image
+
     out = tmp_path_factory.mktemp("badnets")
+    pattern = tmp_path_factory.mktemp("pattern") / "checkerboard.png"
+    Image.fromarray(np.repeat(CHECKERBOARD[..., None] * 255, 3, axis=2).astype(np.uint8)).save(pattern)
     argv = ["attack", "badnets", "--data", str(GTSRB5), "--target", "2", "--epochs", "15", "--batch-size", "32"]
-    assert main([*argv, "--val-fraction", "0", "--poison-rate", "0.2", "--no-augment", "--out", str(out)]) == 0
+    extra = ["--pattern", str(pattern), "--val-fraction", "0", "--poison-rate", "0.2", "--no-augment"]
+    assert main([*argv, *extra, "--out", str(out)]) == 0
     return out
 
 
@@ -186,25 +198,38 @@ def scanned(backdoored, tmp_path_factory):
     return out, _scan(backdoored, out)
 
 
-def load_masks(out: Path) -> dict[int, np.ndarray]:
+def load_triggers(out: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Every scanned label's reversed mask ``(H, W)`` and pattern ``(C, H, W)``."""
     from safetensors import safe_open
 
     with safe_open(str(out / "reversed_triggers.safetensors"), "pt") as f:
         labels = json.loads(f.metadata()["labels"])
-        masks = f.get_tensor("masks")
-    return {label: masks[k].numpy() for k, label in enumerate(labels)}
+        masks, patterns = f.get_tensor("masks"), f.get_tensor("patterns")
+    return {label: (masks[k].numpy(), patterns[k].numpy()) for k, label in enumerate(labels)}
 
 
-def test_reversed_trigger_lands_on_the_planted_square(scanned):
+def test_reversed_trigger_lands_on_the_planted_square(backdoored, scanned):
     out, result = scanned
+    # the premise: the planted trigger fires the backdoor as reliably as a reversed trigger must (99 %)
+    assert json.loads((backdoored / "result.json").read_text())["attack_success_rate"] >= 0.99
     # with 5 labels the MAD test is weak (the 43 labels of GTSRB are scanned by the benchmark); the planted label
-    # must still have by far the smallest trigger, and that trigger must sit at the square (2-pixel margin)
+    # must still have by far the smallest trigger: the smallest, and under half the median of the others' norms
     norms = result["l1_norms"]
     assert result["smallest_norm_label"] == 2
-    assert norms["2"] < 0.5 * min(v for k, v in norms.items() if k != "2")
-    mask = load_masks(out)[2]
-    assert mask[25:32, 25:32].sum() > 0.9 * mask.sum()
-    assert norms["2"] < 20  # the planted square has 16 pixels
+    assert norms["2"] < 0.5 * np.median([v for k, v in norms.items() if k != "2"])
+    assert norms["2"] < 20  # the planted checkerboard has 16 pixels
+    mask, pattern = load_triggers(out)[2]
+    # where: in the lower-right quarter of the image, around the planted checkerboard, though not necessarily on
+    # its 16 pixels. This CNN's last feature map is 2x2 and the checkerboard fires the backdoor from many places
+    # besides its own: stamped at each of the 29 x 29 places, it succeeds on >= 99 % of the images at places that
+    # cover ~190-235 of the 1,024 pixels. With two training seeds the reversed trigger sat in this quarter, on the
+    # square for one and shifted by a few pixels for the other (measured)
+    assert mask[16:, 16:].sum() > 0.9 * mask.sum()
+    # what: the planted pattern's colours, most of the mask on black and on white pixels, both (not, say, on the
+    # blue of label 2's sign, where the white square's reversed trigger sat: 11 % black or white)
+    uncoloured, grey = pattern.max(0) - pattern.min(0) < 0.2, pattern.mean(0)
+    black, white = mask[uncoloured & (grey < 0.2)].sum(), mask[uncoloured & (grey > 0.8)].sum()
+    assert black + white > 0.75 * mask.sum() and min(black, white) > 0.2 * mask.sum()
     for name in ("norms.png", "masks/mask_002.png", "triggers/trigger_004.png", "reversed_triggers.safetensors"):
         assert (out / name).is_file()
     assert result["samples"] > 0 and result["official_schedule_samples_max"] == 5 * 1000 * 31 * 32
@@ -305,7 +330,7 @@ def test_cli_refuses_bad_input_with_a_clear_message(backdoored, tmp_path, capsys
     assert main([*argv, "--model", str(tmp_path / "missing")]) == 2
     assert "model folder not found" in capsys.readouterr().err
     assert main([*argv, "--model", str(backdoored), "--labels", "7"]) == 2
-    assert "label(s) [7] out of range for a 5-class model" in capsys.readouterr().err
+    assert "--labels [7] are out of range for a 5-class model" in capsys.readouterr().err
     assert main([*argv, "--model", str(backdoored), "--images", "0"]) == 2
     assert "--images must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "x" / "result.json").exists()

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
+
+from ..errors import ConfigError
 
 _MISSING = dataclasses.MISSING
 
@@ -87,7 +90,14 @@ def config_from(args: argparse.Namespace, cls: type, group: str, **fixed: Any) -
     for name, value in list(values.items()):
         if isinstance(value, list) and typing.get_origin(_unwrap(typing.get_type_hints(cls)[name])[0]) is tuple:
             values[name] = tuple(value)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # name the option the user typed, not the dataclass field
+        message = str(exc)
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            message = re.sub(rf"\b{cls.__name__}\.{f.name}\b", flag, message)
+        raise ConfigError(message) from None
 
 
 def add_run_options(parser: argparse.ArgumentParser, data: str | None = "gtsrb", device: bool = True) -> None:
