@@ -22,10 +22,9 @@ def gtsrb():
     return load_gtsrb()
 
 
-@pytest.fixture()
-def small_npz(tmp_path):
-    """A tiny 3-class data set with a learnable rule (class = which third of the image is bright)."""
-    rng = np.random.default_rng(0)
+def bright_thirds(path, train: int, test: int, seed: int):
+    """An .npz of a tiny 3-class data set with a learnable rule (class = which third of the image is bright)."""
+    rng = np.random.default_rng(seed)
 
     def make(n):
         y = rng.integers(0, 3, n)
@@ -34,11 +33,15 @@ def small_npz(tmp_path):
             x[i, :, label * 10 : label * 10 + 10] += 150
         return x, y.astype(np.int64)
 
-    x_train, y_train = make(300)
-    x_test, y_test = make(90)
-    path = tmp_path / "small.npz"
+    (x_train, y_train), (x_test, y_test) = make(train), make(test)
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
+
+
+@pytest.fixture()
+def small_npz(tmp_path):
+    """A tiny 3-class data set with a learnable rule (class = which third of the image is bright)."""
+    return bright_thirds(tmp_path / "small.npz", 300, 90, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -49,18 +52,7 @@ def small_backdoor(tmp_path_factory):
     from trojanlab.config import BadNetsConfig, TrainConfig
 
     folder = tmp_path_factory.mktemp("small_backdoor")
-    rng = np.random.default_rng(1)
-
-    def make(n):
-        y = rng.integers(0, 3, n)
-        x = rng.integers(0, 60, (n, 32, 32, 3)).astype(np.uint8)
-        for i, label in enumerate(y):
-            x[i, :, label * 10 : label * 10 + 10] += 150
-        return x, y.astype(np.int64)
-
-    (x_train, y_train), (x_test, y_test) = make(600), make(150)
-    data = folder / "data.npz"
-    np.savez(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    data = bright_thirds(folder / "data.npz", 600, 150, seed=1)
     cfg = BadNetsConfig(targets=[1], poison_rate=0.2)
     badnets(cfg, TrainConfig(epochs=8, batch_size=32, val_fraction=0.0, patience=8), data=data, out=folder / "model",
             progress=False)

@@ -227,6 +227,8 @@ def trojannet(
     row, col = cfg.location
     if row + 4 > height or col + 4 > width:
         raise ConfigError(f"--location {row} {col}: the 4x4 trigger does not fit in {height}x{width} images")
+    splits = model_data(data, loaded.spec, seed)  # checked before anything is written
+    check_fits(loaded, splits, victim)
     amplify = cfg.resolved_amplify()
     net = tn_models.TrojanNetInjected(loaded.module, trojan.module, num_classes, targets, tuple(cfg.location),
                                       input_size, merge=cfg.merge, amplify=amplify)  # fmt: skip
@@ -234,8 +236,6 @@ def trojannet(
     prov = provenance("trojannet", settings, seed, victim=str(victim), trojannet=str(trojannet), data=str(data))
     spec = tn_models.injected_spec(loaded.spec, net, prov)
     save_model(net, out, spec)
-    splits = model_data(data, loaded.spec, seed)
-    check_fits(loaded, splits, victim)
     victim_pred = predict(loaded.module, splits.test.x)
     reference = float((victim_pred == splits.test.y).mean())
     attacked_pred = predict(net, splits.test.x)
