@@ -8,6 +8,7 @@ its algorithm.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -145,9 +146,11 @@ def command_line() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def source_commit() -> str | None:
     """The git commit of the trojanlab source running (``+dirty`` when it has uncommitted changes), or ``None``
-    outside a git checkout (an installed wheel)."""
+    outside a git checkout (an installed wheel). Read once per process: the code a process runs is the code it
+    loaded, whatever is committed while it runs."""
     import subprocess
 
     root = Path(__file__).resolve().parents[2]

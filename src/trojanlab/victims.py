@@ -84,11 +84,11 @@ def train_victim(
     log = fit(net, splits.train, train, checkpoint_dir=out / "checkpoint", device=device, progress=progress)
     net.cpu()
     settings = {"ModelConfig": to_dict(model), "TrainConfig": to_dict(train)}
-    spec["provenance"] = {**provenance("train", settings, seed, data=str(data)), "history": log.history}
+    prov = provenance("train", settings, seed, data=str(data))
+    spec["provenance"] = {**prov, "history": log.history}
     save_model(net, out, spec)
     report = TrainReport(
-        method="train", seconds=log.seconds, config=settings, provenance=provenance("train", settings, seed,
-        data=str(data)), model=str(out), data=splits.name, clean_accuracy=clean_accuracy(net, splits.test),
+        method="train", seconds=log.seconds, config=settings, provenance=prov, model=str(out), data=splits.name, clean_accuracy=clean_accuracy(net, splits.test),
         test_images=len(splits.test),
         details={"arch": model.arch, "epochs_run": log.epochs_run, "best_epoch": log.best_epoch,
                  "best_val_accuracy": log.best_val_accuracy, "train_seconds": log.seconds,
@@ -125,7 +125,8 @@ def train_transfer(
                            net.std.flatten().tolist())  # fmt: skip
     spec.update(data_split_record(data, model, seed))
     settings = {"ModelConfig": to_dict(model), "TransferConfig": to_dict(transfer)}
-    spec["provenance"] = {**provenance("train-transfer", settings, seed, data=str(data)), "history": res.history}
+    prov = provenance("train-transfer", settings, seed, data=str(data))
+    spec["provenance"] = {**prov, "history": res.history}
     save_model(net, out, spec)
     fit_set, val_set = split_validation(splits.train, transfer.val_fraction, transfer.seed)  # transfer_learn's split
     parts = {"train": fit_set, "validation": val_set, "test": splits.test}
@@ -136,7 +137,7 @@ def train_transfer(
     }
     report = TrainReport(
         method="train-transfer", seconds=sum(res.seconds.values()), config=settings,
-        provenance=provenance("train-transfer", settings, seed, data=str(data)), model=str(out), data=splits.name,
+        provenance=prov, model=str(out), data=splits.name,
         clean_accuracy=clean_accuracy(net, splits.test), test_images=len(splits.test),
         details={"train_images": len(splits.train), "images_per_class": per_class, "arch": model.arch,
                  "pretrained": transfer.weights or f"{model.arch} ImageNet weights bundled with its package",

@@ -84,14 +84,15 @@ def defend(
     settings = {type(c).__name__: to_dict(c) for c in configs}
     settings["DefenderConfig"] = to_dict(defender)
     spec = dict(outcome.spec if outcome.spec is not None else loaded.spec)
+    prov = provenance(method, settings, seed, model=str(model), data=str(data))
     spec["provenance"] = {
         **spec.get("provenance", {}),
-        "defense": provenance(method, settings, seed, model=str(model), data=str(data)),
+        "defense": prov,
     }
     save_model(outcome.model, out / entry.output, spec)
     report = DefenseReport(
         method=method, seconds=clock(), config=settings,
-        provenance=provenance(method, settings, seed, model=str(model), data=str(data)),
+        provenance=prov,
         details={**outcome.details, "device": device}, files=[f"{entry.output}/", *outcome.files],
         model=str(model), data=splits.name, before=before, after=after, changed=outcome.changed,
         defender_images=len(clean), fit_images=len(fit), holdout_images=len(holdout), output=entry.output,
