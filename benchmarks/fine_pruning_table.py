@@ -2,6 +2,7 @@
 
     trojanlab reproduce --config benchmarks/fine_pruning_gtsrb.yaml --out runs/fine-pruning
     python benchmarks/fine_pruning_table.py [--run runs/fine-pruning] [--readme README.md]
+    python benchmarks/fine_pruning_table.py --run benchmarks/results/reproduce   # the full profile's own stages
 
 Reads each ``defend-anp`` and ``defend-fine-pruning`` result.json of the run and the run's own ``run.json``
 (commit, wall time); writes ``benchmarks/results/fine_pruning.{md,json}`` and the block between the README's
@@ -71,11 +72,14 @@ def main() -> None:
         raise SystemExit(f"{run_dir}: the run did not finish (status {run.get('status')})")
     results = Path("benchmarks/results")
     kept = results / "fine-pruning"  # the run's records (no weights), so every figure's file is in the repository
-    for path in [run_dir / "run.json", run_dir / "config.yaml", *run_dir.glob("gtsrb/**/result.json"),
-                 *run_dir.glob("gtsrb/**/stage.json")]:  # fmt: skip
-        target = kept / path.relative_to(run_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+    if run_dir.resolve().is_relative_to(results.resolve()):  # already kept (say, the full profile's records)
+        kept = run_dir
+    else:
+        for path in [run_dir / "run.json", run_dir / "config.yaml", *run_dir.glob("gtsrb/**/result.json"),
+                     *run_dir.glob("gtsrb/**/stage.json")]:  # fmt: skip
+            target = kept / path.relative_to(run_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
     table = rows(kept)
     text = markdown(table, run, kept.as_posix())
     (results / "fine_pruning.md").write_text(text + "\n")

@@ -12,6 +12,7 @@ wall time (the sum of its stages' times when stages were reused) beside the issu
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -26,13 +27,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--copy-only", action="store_true",
+                        help="copy the finished run in --out as it is (its run.json, the record of the call that "
+                        "made it), without calling the pipeline again")  # fmt: skip
     args = parser.parse_args()
     profile = "quick" if args.quick else "full"
     out = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
-    try:
-        run = run_pipeline(load_config(profile), out)  # also written to OUT/run.json
-    except TrojanlabError as exc:
-        raise SystemExit(f"reproduce ({profile} profile, {out}) failed: {exc}") from exc
+    if args.copy_only:
+        run = json.loads((out / "run.json").read_text())
+        if run.get("status") != "done" or run.get("profile") != profile:
+            raise SystemExit(f"{out}/run.json: not a finished {profile} run")
+    else:
+        try:
+            run = run_pipeline(load_config(profile), out)  # also written to OUT/run.json
+        except TrojanlabError as exc:
+            raise SystemExit(f"reproduce ({profile} profile, {out}) failed: {exc}") from exc
     dest = RESULTS / ("reproduce" if profile == "full" else "reproduce-quick")
     if dest.exists():
         shutil.rmtree(dest)

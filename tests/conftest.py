@@ -38,6 +38,12 @@ def bright_thirds(path, train: int, test: int, seed: int):
     return path
 
 
+@pytest.fixture(scope="session")
+def make_bright_thirds():
+    """:func:`bright_thirds` for tests in other modules (conftest is not importable under importlib mode)."""
+    return bright_thirds
+
+
 @pytest.fixture()
 def small_npz(tmp_path):
     """A tiny 3-class data set with a learnable rule (class = which third of the image is bright)."""
@@ -54,6 +60,11 @@ def small_backdoor(tmp_path_factory):
     folder = tmp_path_factory.mktemp("small_backdoor")
     data = bright_thirds(folder / "data.npz", 600, 150, seed=1)
     cfg = BadNetsConfig(targets=[1], poison_rate=0.2)
-    badnets(cfg, TrainConfig(epochs=8, batch_size=32, val_fraction=0.0, patience=8), data=data, out=folder / "model",
-            progress=False)
+    badnets(
+        cfg,
+        TrainConfig(epochs=8, batch_size=32, val_fraction=0.0, patience=8),
+        data=data,
+        out=folder / "model",
+        progress=False,
+    )
     return folder / "model", data

@@ -227,3 +227,17 @@ def test_html_report_renders_in_a_headless_browser(finished_run, tmp_path):
     total = re.search(r'data-images-total="(\d+)"', dom)
     assert loaded and total and int(total.group(1)) >= 4
     assert loaded.group(1) == total.group(1)  # every embedded image decoded in the browser
+
+
+def test_the_quick_profile_starts_from_the_bundled_victim_and_trojannet(gtsrb):
+    from trojanlab.data import BUNDLED_TROJANNET, BUNDLED_VICTIM, GTSRB_CLASS_NAMES
+    from trojanlab.evaluation import clean_accuracy
+    from trojanlab.models import load_model
+
+    stages = {s.name: s for s in build_stages(load_config("quick"), Path("unused"))}
+    assert "bundled" in stages["gtsrb/victim"].title and "bundled" in stages["gtsrb/trojannet"].title
+    victim = load_model(BUNDLED_VICTIM)
+    assert victim.spec["classes"] == GTSRB_CLASS_NAMES and victim.spec["input_size"] == [3, 32, 32]
+    sample = gtsrb.test.subset(np.arange(0, len(gtsrb.test), 10))  # 595 test images the victim never trained on
+    assert clean_accuracy(victim.module, sample) > 0.95
+    assert load_model(BUNDLED_TROJANNET).spec["kind"] == "trojannet"

@@ -144,28 +144,34 @@ def imagenet_demo(
     arch: str = "efficientnet_lite0",
     weights: str | Path | None = None,
     location: Sequence[int] | None = None,
+    restart: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """The whole demo: ``out/imagenet_demo.png`` and ``out/result.json`` (returned), for ``images`` (default: the
     offline samples of :func:`default_photos`) and the authors' TrojanNet release unless ``trojannet`` names one."""
     from .io import write_json
     from .models import Classifier, load_model
     from .models.backbones import pretrained_backbone
+    from .runs import prepare_run
 
+    source = Path(trojannet) if trojannet else OFFICIAL_TROJANNET
+    settings = {"target": target, "arch": arch, "location": list(location) if location else None}
+    run = prepare_run(out, "demo imagenet", settings, 0, restart=restart, force=force, trojannet=source,
+                      weights=weights, images=sorted(str(p) for p in images) if images else None)  # fmt: skip
     categories = imagenet_categories()
     label = resolve_label(target, categories)
     net, info = pretrained_backbone(arch, weights)
     size = int(info["input_size"][1])
     victim = Classifier(net, info["mean"], info["std"]).eval()
-    source = Path(trojannet) if trojannet else OFFICIAL_TROJANNET
     tn = load_model(source).module
     where = tuple(int(v) for v in location) if location else scaled_location(size)
     photos = [(Path(p).name, read_photo(p, size)) for p in images] if images else default_photos(size)
     result, _, triggered = run_demo(victim, tn, photos, label, where, size)
     result.update(arch=arch, trojannet=str(source), files=["imagenet_demo.png"])
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = run.start()
     plot_demo(result, photos, triggered, folder / "imagenet_demo.png")
     write_json(folder / "result.json", result)
+    run.done()
     return result
 
 

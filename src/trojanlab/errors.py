@@ -17,3 +17,11 @@ class ArtifactError(TrojanlabError, ValueError):
 
 class ConfigError(TrojanlabError, ValueError):
     """A parameter is out of range (a label, a trigger location, a size...)."""
+
+
+class RunFolderError(ConfigError):
+    """An output folder holds another run (other settings, inputs or command) or files no trojanlab run wrote."""
+
+
+class Interrupted(TrojanlabError):
+    """The user interrupted a run (Ctrl-C); the message says what was kept and how to resume."""

@@ -9,10 +9,15 @@ its algorithm.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,8 @@ import torch
 from . import __version__
 from .config.defenses import DefenderConfig
 from .data import DataSplits, ImageSet, load_dataset
-from .errors import ConfigError, DataError, TrojanlabError
-from .io import write_json
+from .errors import ConfigError, DataError, RunFolderError, TrojanlabError
+from .io import TMP_SUFFIX, file_digest, folder_digest, read_json, write_json
 from .models import LoadedModel, load_model
 from .reports import Report
 from .training import split_validation
@@ -52,17 +57,282 @@ def check_device(device: str | torch.device) -> str:
 
 
 def output_folder(out: str | os.PathLike) -> Path:
-    """``out`` created if needed, or a :class:`ConfigError` before any work when it cannot hold results."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {path}: exists and is not a folder")
+    """``out`` created if needed, or a :class:`ConfigError` before any work when it cannot hold results. For a
+    run's own folder use :func:`prepare_run` (which also refuses a folder holding another run)."""
+    path = _check_writable(Path(out))
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {path}: cannot create the folder ({exc.strerror})") from exc
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {path}: the folder is not writable")
     return path
+
+
+def _check_writable(path: Path) -> Path:
+    """``path`` if it is a writable folder or could be created as one (nothing is created)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {path}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the folder is not writable" if existing == path else f"cannot create it: {existing} is not writable"
+        raise ConfigError(f"--out {path}: {what}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+
+MANIFEST = "trojanlab-run.json"
+"""The file in a run folder that says which run wrote it: its command, fingerprint and what the fingerprint reads."""
+
+COMPANIONS = frozenset({MANIFEST, "stage.json", "stage.log"})
+"""Files that may sit in a run folder beside the run's own: the manifest and the ``reproduce`` stage's records."""
+
+_REPLACE_STALE: ContextVar[bool] = ContextVar("replace_stale", default=False)
+
+
+@contextmanager
+def replacing_stale_runs():
+    """Within this block a folder holding another run is started over instead of refused: for ``reproduce``,
+    which owns its stage folders and decides on reuse by its own stage fingerprints."""
+    token = _REPLACE_STALE.set(True)
+    try:
+        yield
+    finally:
+        _REPLACE_STALE.reset(token)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_digest(path: str, size: int, mtime: int, is_dir: bool) -> str:
+    return folder_digest(path) if is_dir else file_digest(path)
+
+
+def input_identity(value: Any) -> Any:
+    """What a run's input *is*, for its fingerprint: a file's or folder's content hash (a trojanlab artefact: its
+    spec and weights), an embedded data set's file hash; other values (names, numbers) as they are. Paths do not
+    enter: the same data moved elsewhere is the same input."""
+    from .data import EMBEDDED_GTSRB, EMBEDDED_GTSRB5
+
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    text = str(value)
+    embedded = {"gtsrb": EMBEDDED_GTSRB, "gtsrb5": EMBEDDED_GTSRB5}
+    path = Path(text)
+    if text in embedded and not path.exists():
+        path, name = embedded[text], text
+    else:
+        name = None
+    if not path.exists():
+        return text
+    manifest = read_json(path / MANIFEST) if path.is_dir() else None
+    if isinstance(manifest, dict) and manifest.get("fingerprint"):  # another run's folder: what produced it
+        return {"run": manifest.get("command"), "fingerprint": manifest["fingerprint"]}
+    if path.is_dir() and (path / "model.json").is_file():
+        parts = [path / "model.json", path / "model.safetensors"]
+        digests = [_digest_of(p) for p in parts if p.exists()]
+        return {"artefact_sha256": hashlib.sha256("".join(digests).encode()).hexdigest()}
+    record = {"sha256": _digest_of(path)}
+    if name:
+        record["embedded"] = name
+    return record
+
+
+def _digest_of(path: Path) -> str:
+    stat = path.stat()
+    if path.is_dir():  # a folder's digest is keyed on its newest file
+        stat_mtime = max((p.stat().st_mtime_ns for p in path.rglob("*")), default=stat.st_mtime_ns)
+        return _cached_digest(str(path.resolve()), 0, stat_mtime, True)
+    return _cached_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns, False)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, inner in value.items():
+            flat.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:18] + "..." + text[-18:]
+
+
+def describe_difference(
+    old: dict[str, Any], new: dict[str, Any], old_paths: dict[str, Any] | None = None,
+    new_paths: dict[str, Any] | None = None, limit: int = 4,
+) -> str:  # fmt: skip
+    """``key: old there, new now`` for each setting or input that differs between two runs' identities; an input
+    whose content differs is named by its paths (``old_paths``/``new_paths``: input name -> path as given)."""
+    a, b = _flatten(old), _flatten(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    parts: list[str] = []
+    seen_inputs: set[str] = set()
+    for key in keys:
+        name = key.split(".")[1] if key.startswith("inputs.") and key.count(".") >= 1 else None
+        if name is not None and (old_paths or new_paths):
+            if name in seen_inputs:
+                continue
+            seen_inputs.add(name)
+            there, now = (old_paths or {}).get(name), (new_paths or {}).get(name)
+            parts.append(f"inputs.{name}: other content ({there} there, {now} now)" if there != now
+                         else f"inputs.{name}: {now} has changed since")  # fmt: skip
+        else:
+            parts.append(f"{key}: {_short(a.get(key, '<absent>'))} there, {_short(b.get(key, '<absent>'))} now")
+    if len(parts) > limit:
+        parts = [*parts[:limit], f"and {len(parts) - limit} more"]
+    return "; ".join(parts)
+
+
+@dataclass
+class RunFolder:
+    """A command's ``--out`` once checked: :func:`prepare_run` looks (writes nothing), :meth:`start` claims it
+    just before the work begins, :func:`finish` marks it done."""
+
+    path: Path
+    command: str
+    identity: dict[str, Any]
+    fingerprint: str
+    inputs: dict[str, Any]  # each input as given (paths), recorded beside the identity
+    resuming: bool  # the folder holds a run with this fingerprint: its checkpoints are reused
+    replace: bool  # the folder's earlier run (or checkpoints) are discarded at start
+    foreign: list[str] = field(default_factory=list)  # entries no trojanlab run wrote, kept (--force)
+    started: bool = False
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def start(self) -> Path:
+        """Create the folder (or clear the earlier run in it) and record this run's manifest."""
+        if self.started:
+            return self.path
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--out {self.path}: cannot create the folder ({exc.strerror})") from None
+        if self.replace:
+            for entry in self.path.iterdir():
+                if entry.name in self.foreign or entry.name in ("stage.json", "stage.log"):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        else:  # a run killed during an atomic write leaves its temporary file behind
+            for entry in self.path.glob(".*" + TMP_SUFFIX):
+                entry.unlink(missing_ok=True)
+        old = read_json(self.path / MANIFEST) or {}
+        write_json(self.path / MANIFEST, {
+            "trojanlab_run": 1, "command": self.command, "fingerprint": self.fingerprint, "status": "running",
+            "started": old.get("started") if self.resuming else _now(), "sessions": (old.get("sessions", 0)
+            if self.resuming else 0) + 1, "foreign": self.foreign, "identity": self.identity,
+            "inputs": self.inputs,
+        })  # fmt: skip
+        self.started = True
+        return self.path
+
+    def done(self) -> None:
+        manifest = read_json(self.path / MANIFEST) or {}
+        manifest.update(status="done", finished=_now())
+        write_json(self.path / MANIFEST, manifest)
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _holds_work(path: Path, foreign: list[str]) -> bool:
+    """Whether a run folder holds any file of a run's work (beyond its manifest, the stage records, files it did
+    not write and empty folders)."""
+    for entry in path.iterdir():
+        if entry.name in COMPANIONS or entry.name in foreign or entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink() and not any(p.is_file() for p in entry.rglob("*")):
+            continue
+        return True
+    return False
+
+
+def run_identity(command: str, config: dict[str, Any], seed: int, **inputs: Any) -> dict[str, Any]:
+    """Everything that determines a run's result: the command, its resolved settings, the identity of each input,
+    the seed and the package version."""
+    return {
+        "command": command,
+        "trojanlab_version": __version__,
+        "seed": seed,
+        "config": json.loads(json.dumps(config, default=str)),
+        "inputs": {k: input_identity(v) for k, v in inputs.items()},
+    }
+
+
+def prepare_run(
+    out: str | os.PathLike,
+    command: str,
+    config: dict[str, Any],
+    seed: int,
+    *,
+    restart: bool = False,
+    force: bool = False,
+    **inputs: Any,
+) -> RunFolder:
+    """Check ``out`` before any work: writable, and either new, empty, or holding a run of the same fingerprint
+    (whose checkpoints are then reused). A run of this command with other settings or inputs is refused (naming
+    what differs) unless ``restart``; another command's run or files no trojanlab run wrote, unless ``force``.
+    Nothing is written until :meth:`RunFolder.start`."""
+    path = _check_writable(Path(out))
+    identity = run_identity(command, config, seed, **inputs)
+    fp = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    given = {k: (None if v is None else str(v)) for k, v in inputs.items()}
+    run = RunFolder(path, command, identity, fp, given, resuming=False, replace=False)
+    if not path.is_dir():
+        return run
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))  # hidden: temporary files, .DS_Store
+    manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else None
+    if (path / MANIFEST).exists() and not isinstance(manifest, dict):
+        manifest = {}
+    replace_stale = _REPLACE_STALE.get()
+    if manifest is None:
+        strangers = [name for name in entries if name not in COMPANIONS]
+        if strangers and not force and not replace_stale:
+            shown = ", ".join(strangers[:4]) + (", ..." if len(strangers) > 4 else "")
+            raise RunFolderError(
+                f"--out {path}: holds files no trojanlab run recorded ({shown}); choose a new or empty folder, "
+                "or --force to write beside them"
+            )
+        run.foreign = [] if replace_stale else strangers
+        run.replace = replace_stale and bool(strangers)
+        return run
+    run.foreign = list(manifest.get("foreign") or [])
+    same_command = manifest.get("command") == command
+    if manifest.get("fingerprint") != fp and not _holds_work(path, run.foreign):
+        run.replace = True  # an earlier run stopped by a bad input before it produced anything: nothing to lose
+        return run
+    if manifest.get("fingerprint") == fp and not restart:
+        run.resuming = True
+        return run
+    if not same_command and not (force or replace_stale):
+        raise RunFolderError(
+            f"--out {path}: holds a `trojanlab {manifest.get('command')}` run, not `{command}`; choose another "
+            "folder, or --force to replace it"
+        )
+    if same_command and manifest.get("fingerprint") != fp and not (restart or force or replace_stale):
+        diff = describe_difference(manifest.get("identity") or {}, identity, manifest.get("inputs") or {}, given)
+        raise RunFolderError(
+            f"--out {path}: holds a `trojanlab {command}` run with other settings or inputs ({diff}); choose another "
+            "folder, or --restart to start over"
+        )
+    run.replace = True
+    return run
 
 
 def load_artifact(path: str | os.PathLike, role: str = "model", kinds: tuple[str, ...] = (), device="cpu"):
@@ -89,23 +359,80 @@ def _named(classes: list[str] | None) -> bool:
     return bool(classes) and any(name != str(i) for i, name in enumerate(classes))
 
 
-def check_fits(loaded: LoadedModel, data: DataSplits, path: str | os.PathLike) -> None:
-    """The model takes the data's images and has the data's classes (by count, and by name where both name them)."""
+def check_fits(loaded: LoadedModel, data: DataSplits, path: str | os.PathLike) -> DataSplits:
+    """``data`` as the model sees it, after checking the model takes its images and knows its classes.
+
+    Where both sides name their classes, they are matched by name, not position: an image folder holding some of
+    the model's classes (in any order) gets the model's label numbers; a class the model lacks is an error. Where a
+    side only numbers them (an ``.npz`` without names), the counts must agree."""
     expected = tuple(loaded.spec.get("input_size", data.image_shape))
     if data.image_shape != expected:
         raise TrojanlabError(
             f"{path}: the model expects {expected} (C, H, W) images but the data are {data.image_shape}"
         )
+    names = loaded.spec.get("classes")
+    if _named(names) and _named(data.classes):
+        names = [str(n) for n in names]
+        if names == list(data.classes):
+            return data
+        unknown = [c for c in data.classes if c not in names]
+        if unknown:
+            raise TrojanlabError(
+                f"{path}: {data.name} has classes the model does not know ({', '.join(unknown[:3])}"
+                f"{', ...' if len(unknown) > 3 else ''}); the model's are {', '.join(names[:4])}, ... "
+                f"({len(names)} in all)"
+            )
+        lut = np.asarray([names.index(c) for c in data.classes], dtype=np.int64)
+
+        def relabel(images: ImageSet | None) -> ImageSet | None:
+            return None if images is None else ImageSet(images.x, lut[images.y])
+
+        return DataSplits(data.name, relabel(data.train), relabel(data.test), names)
     if data.num_classes != loaded.num_classes:
         raise TrojanlabError(
             f"{path}: a {loaded.num_classes}-class model, but {data.name} has {data.num_classes} classes"
         )
-    names = loaded.spec.get("classes")
-    if _named(names) and _named(data.classes) and list(names) != list(data.classes):
-        differ = [f"{i}: {a} vs {b}" for i, (a, b) in enumerate(zip(names, data.classes)) if a != b]
-        raise TrojanlabError(
-            f"{path}: the model's classes are not {data.name}'s (label {', '.join(differ[:3])}"
-            f"{', ...' if len(differ) > 3 else ''})"
+    return data
+
+
+def check_forward(net: torch.nn.Module, spec: dict[str, Any]) -> None:
+    """One forward pass of a blank image before any training: an architecture that cannot take the data's image
+    size (say ``--image-size 2``) fails here with a clear line, not after an epoch with a traceback."""
+    channels, height, width = spec.get("input_size", (3, 32, 32))
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            logits = net(torch.zeros(1, channels, height, width))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0][:160]
+        raise ConfigError(
+            f"{spec.get('arch', 'the model')} cannot take {height}x{width} images ({reason}); use a larger --image-size"
+        ) from None
+    finally:
+        net.train(was_training)
+    if logits.shape[-1] != len(spec.get("classes") or []) and spec.get("classes"):
+        raise ConfigError(f"{spec.get('arch')}: {logits.shape[-1]} outputs for {len(spec['classes'])} classes")
+
+
+def check_trainable(data: DataSplits, train: Any) -> None:
+    """``data`` has enough images for the training and validation split ``train`` asks for."""
+    images = data.train
+    if images is None or len(images) == 0:
+        raise DataError(f"{data.name}: no training images")
+    val = split_validation(images, train.val_fraction, train.seed)[1] if train.val_fraction else None
+    if train.val_fraction and (val is None or len(val) == 0 or len(val) >= len(images)):
+        counts = np.bincount(images.y, minlength=data.num_classes)
+        raise DataError(
+            f"{data.name}: {len(images)} training images ({int(counts.min())} in the smallest class) cannot be split "
+            f"into training and a {train.val_fraction:.0%} validation part; give more images per class, or no "
+            "validation share"
+        )
+    missing = [data.classes[k] for k in range(data.num_classes) if not (images.y == k).any()]
+    if missing:
+        raise DataError(
+            f"{data.name}: no training image of class {', '.join(map(str, missing[:3]))}"
+            f"{', ...' if len(missing) > 3 else ''} (each class needs images in the training split)"
         )
 
 
@@ -195,7 +522,12 @@ def timed():
         end.append(time.perf_counter())
 
 
-def finish(out: Path, report: Report) -> Report:
-    """Write ``report`` as ``out/result.json`` (atomically) and return it."""
-    write_json(out / "result.json", report.to_json())
+def finish(out: Path | RunFolder, report: Report) -> Report:
+    """Write ``report`` as ``out/result.json`` (atomically), mark the run folder done, and return the report."""
+    if isinstance(out, RunFolder):
+        out.start()
+        write_json(out.path / "result.json", report.to_json())
+        out.done()
+    else:
+        write_json(Path(out) / "result.json", report.to_json())
     return report

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -21,15 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config.training import TrainConfig
 from .data import ImageSet
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted
 from .hooks import trainable_only
-from .io import atomic_write, write_json
+from .interrupts import Periodic, graceful_interrupts, stop_requested
+from .io import atomic_write
 
 
 def validation_index(data: ImageSet, fraction: float, seed: int) -> np.ndarray:
@@ -42,7 +45,7 @@ def validation_index(data: ImageSet, fraction: float, seed: int) -> np.ndarray:
         idx = np.flatnonzero(data.y == label)
         if len(idx) > 1:
             val.append(rng.choice(idx, max(1, round(len(idx) * fraction)), replace=False))
-    return np.sort(np.concatenate(val))
+    return np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
 
 
 def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
@@ -122,16 +125,32 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+CHECKPOINT_META = "trojanlab_checkpoint"
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """``tensors`` and the JSON ``meta`` in ONE safetensors file, written atomically: a run killed at any moment
+    leaves the previous checkpoint or this one, never weights of one step with the bookkeeping of another."""
+    flat = {name: value.detach().cpu().contiguous().clone() for name, value in tensors.items()}
+    text = json.dumps(meta, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+    atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata={CHECKPOINT_META: text}))
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """What :func:`write_checkpoint` wrote, or ``None`` when there is no file (an unreadable one raises)."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads((handle.metadata() or {})[CHECKPOINT_META])
+    return load_file(str(path)), meta
+
+
 def save_state(ckpt: Path, stem: str, tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer, meta: dict) -> None:
-    """A resumable optimisation state: ``{stem}.safetensors`` (``tensors`` and the optimiser's, prefixed ``opt.``)
-    and ``{stem}.json`` (``meta`` and the optimiser's bookkeeping), each written atomically."""
+    """A resumable optimisation state in ``{stem}.safetensors``: ``tensors``, the optimiser's (prefixed ``opt.``),
+    ``meta`` and the optimiser's bookkeeping, in one atomic write."""
     opt_tensors, opt_meta = optimizer_tensors(opt)
-    tensors = {
-        **{name: value.detach().cpu().contiguous() for name, value in tensors.items()},
-        **{f"opt.{name}": value.detach().cpu().contiguous() for name, value in opt_tensors.items()},
-    }
-    atomic_write(ckpt / f"{stem}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    write_json(ckpt / f"{stem}.json", {**meta, "optimizer": opt_meta})
+    tensors = {**tensors, **{f"opt.{name}": value for name, value in opt_tensors.items()}}
+    write_checkpoint(ckpt / f"{stem}.safetensors", tensors, {**meta, "optimizer": opt_meta})
 
 
 def load_state(
@@ -139,13 +158,12 @@ def load_state(
 ) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The state :func:`save_state` wrote under ``stem`` if its ``fingerprint`` matches, with ``opt`` restored;
     ``None`` when there is none or it belongs to another run. An unreadable state raises (the caller warns)."""
-    meta_path = ckpt / f"{stem}.json"
-    if not meta_path.is_file():
+    saved = read_checkpoint(ckpt / f"{stem}.safetensors")
+    if saved is None:
         return None
-    meta = json.loads(meta_path.read_text())
+    tensors, meta = saved
     if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         return None
-    tensors = load_file(str(ckpt / f"{stem}.safetensors"))
     load_optimizer(opt, {n[4:]: v for n, v in tensors.items() if n.startswith("opt.")}, meta["optimizer"])
     return {n: v for n, v in tensors.items() if not n.startswith("opt.")}, meta
 
@@ -156,9 +174,10 @@ class TrainResult:
     best_epoch: int
     best_val_accuracy: float | None
     history: list[dict]
-    seconds: float
-    resumed_from_epoch: int = 0
+    seconds: float  # training time of the whole run, earlier interrupted sessions included
+    resumed_from_epoch: int = 0  # epochs completed before this call (a mid-epoch resume counts the epoch begun)
     steps: int = 0  # optimiser steps of all epochs in ``history`` (resumed ones included)
+    session_seconds: float = 0.0  # training time of this call alone
 
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, np.ndarray], "torch.Tensor | dict[str, torch.Tensor]"]
@@ -231,8 +250,11 @@ def fit(
     ``train`` is an :class:`ImageSet` or any view read the same way (``batch``, ``y``, ``subset``, ``len``), such as
     a poisoned set from ``trojanlab.attacks.badnets.poison`` or a :class:`TensorSet`; the validation split is drawn
     from it as it is (``config.val_fraction=0``: none, no early stopping, all ``config.epochs`` run, the last kept).
-    With ``checkpoint_dir``, the state after every epoch is written there and a later call resumes from it (the
-    checkpoint is matched on ``config`` only: give a run with another loss or parameters its own directory).
+    With ``checkpoint_dir``, the state is written there after every epoch, every few minutes inside one
+    (:func:`trojanlab.interrupts.checkpoint_interval`) and when Ctrl-C asks to stop (then
+    :class:`~trojanlab.errors.Interrupted` is raised); a later call resumes from it, bit for bit as if never stopped.
+    The checkpoint is matched on ``config`` only: the run folder's fingerprint (:func:`trojanlab.runs.prepare_run`)
+    guarantees the rest, so give a run with another loss or parameters its own directory.
 
     Partial or custom training, all keyword-only (the defaults are the victim training above):
 
@@ -255,27 +277,56 @@ def fit(
     steps_per_epoch = -(-len(fit_set) // cfg.batch_size)
     opt, sched = (optimizer or keras_adam)(trained, cfg, steps_per_epoch)
     history: list[dict] = []
-    best_acc, best_epoch, best_state = -1.0, 0, None
-    start_epoch = 0
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and (ckpt / "state.json").is_file():
-        meta = json.loads((ckpt / "state.json").read_text())
-        if meta.get("config") == asdict(cfg):
-            model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-            load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), meta["optimizer"])
-            sched.load_state_dict(meta["scheduler"])
-            history, start_epoch = meta["history"], meta["epoch"]
-            best_acc, best_epoch = meta["best_val_accuracy"], meta["best_epoch"]
-            best_state = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
+    best_acc, best_epoch, best_state, stale = -1.0, 0, None, 0
+    start_epoch, prior_seconds, resume = 0, 0.0, None
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    try:
+        saved = read_checkpoint(ckpt) if ckpt is not None else None
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:  # not ours to repair: start afresh
+        warnings.warn(f"{ckpt}: ignoring an unreadable training checkpoint ({exc})", stacklevel=2)
+        saved = None
+    if saved is not None and saved[1].get("config") == asdict(cfg):
+        tensors, meta = saved
+        model.load_state_dict({n[6:]: v for n, v in tensors.items() if n.startswith("model.")})
+        load_optimizer(opt, {n[4:]: v for n, v in tensors.items() if n.startswith("opt.")}, meta["optimizer"])
+        sched.load_state_dict(meta["scheduler"])
+        history, start_epoch = meta["history"], meta["epoch"]
+        best_acc, best_epoch, stale = meta["best_val_accuracy"], meta["best_epoch"], meta["stale"]
+        best = {n[5:]: v for n, v in tensors.items() if n.startswith("best.")}
+        best_state = best or None
+        prior_seconds = float(meta["seconds"])
+        if meta.get("position") is not None:  # stopped inside epoch ``start_epoch + 1``
+            resume = (meta["position"], meta["totals"], meta["seen"], tensors["rng.generator"], tensors["rng.torch"])
     began = time.perf_counter()
-    stale = start_epoch - best_epoch if best_epoch else 0
-    with trainable_only(model, trained) if params is not None else nullcontext():
+    train_seconds = prior_seconds  # up to the end of the last epoch run (what the checkpoint records)
+    periodic = Periodic()
+
+    def save(epoch_done: int, position: int | None = None, totals=None, seen=0, gen=None, seconds=None) -> None:
+        state = {f"model.{k}": v for k, v in model.state_dict().items()}
+        opt_tensors, opt_meta = optimizer_tensors(opt)
+        state.update({f"opt.{k}": v for k, v in opt_tensors.items()})
+        state.update({f"best.{k}": v for k, v in (best_state or {}).items()})
+        if position is not None:
+            state.update({"rng.generator": gen.get_state(), "rng.torch": torch.get_rng_state()})
+        meta = {"epoch": epoch_done, "position": position, "totals": totals, "seen": seen,
+                "config": asdict(cfg), "history": history, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
+                "stale": stale, "optimizer": opt_meta, "scheduler": sched.state_dict(),
+                "seconds": seconds if seconds is not None else prior_seconds + time.perf_counter() - began}  # fmt: skip
+        write_checkpoint(ckpt, state, meta)
+
+    with graceful_interrupts(), trainable_only(model, trained) if params is not None else nullcontext():
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             if val_set is not None and stale >= cfg.patience:
                 break
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
             order = torch.randperm(len(fit_set), generator=gen).numpy()
+            first, totals, seen = 0, {}, 0
+            if resume is not None:  # the random streams exactly where the interrupted epoch left them
+                first, totals, seen, gen_state, torch_state = resume
+                gen.set_state(gen_state.to(torch.uint8))
+                torch.set_rng_state(torch_state.to(torch.uint8))
+                resume = None
             augment = functools.partial(random_shift, generator=gen) if cfg.augment else None
             if modes is None:
                 model.train()
@@ -283,10 +334,8 @@ def fit(
                 model.eval()
                 for module in modes:
                     module.train()
-            totals: dict[str, float] = {}
-            seen = 0
             bar = tqdm(
-                range(0, len(order), cfg.batch_size),
+                range(first, len(order), cfg.batch_size),
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 disable=not progress,
                 leave=False,
@@ -306,6 +355,13 @@ def fit(
                     totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(idx)
                 seen += len(idx)
                 bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}")
+                position = i + cfg.batch_size
+                if position < len(order) and (stop_requested() or (ckpt is not None and periodic.due())):
+                    if ckpt is not None:
+                        save(epoch - 1, position, totals, seen, gen)
+                    if stop_requested():
+                        bar.close()
+                        raise _interrupted(ckpt, epoch, position // cfg.batch_size, steps_per_epoch)
             record = {"epoch": epoch, "train_loss": totals.pop("loss") / seen}
             record.update({key: total / seen for key, total in totals.items()})
             if val_set is not None:
@@ -318,41 +374,35 @@ def fit(
             history.append(record)
             if progress:
                 tqdm.write(json.dumps(record))
+            train_seconds = prior_seconds + time.perf_counter() - began
             if ckpt is not None:
-                _write_checkpoint(ckpt, model, opt, sched, cfg, epoch, history, best_acc, best_epoch, best_state)
+                save(epoch, seconds=train_seconds)
             if on_epoch is not None:
                 on_epoch(record)
+            if stop_requested() and epoch < cfg.epochs:
+                raise _interrupted(ckpt, epoch, steps_per_epoch, steps_per_epoch)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    session = time.perf_counter() - began
     return TrainResult(
         epochs_run=len(history),
         best_epoch=best_epoch if val_set is not None else len(history),
         best_val_accuracy=best_acc if val_set is not None else None,
         history=history,
-        seconds=time.perf_counter() - began,
+        seconds=train_seconds,
         resumed_from_epoch=start_epoch,
         steps=len(history) * steps_per_epoch,
+        session_seconds=session,
     )
 
 
-def _write_checkpoint(ckpt, model, opt, sched, cfg, epoch, history, best_acc, best_epoch, best_state) -> None:
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write(ckpt / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
-    tensors, opt_meta = optimizer_tensors(opt)
-    atomic_write(ckpt / "optimizer.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    if best_state is not None:
-        best = {k: v.contiguous() for k, v in best_state.items()}
-        atomic_write(ckpt / "best.safetensors", lambda tmp: save_file(best, str(tmp)))
-    write_json(
-        ckpt / "state.json",
-        {
-            "epoch": epoch,
-            "config": asdict(cfg),
-            "history": history,
-            "best_val_accuracy": best_acc,
-            "best_epoch": best_epoch,
-            "optimizer": opt_meta,
-            "scheduler": sched.state_dict(),
-        },
-    )
+CHECKPOINT_FILE = "train.safetensors"
+
+
+def _interrupted(ckpt: Path | None, epoch: int, batch: int, batches: int) -> Interrupted:
+    where = f"epoch {epoch}, batch {batch}/{batches}"
+    if ckpt is None:
+        return Interrupted(f"interrupted at {where}; this training keeps no checkpoint")
+    return Interrupted(f"interrupted at {where}; checkpoint written to {ckpt.parent}: run the same command again "
+                       "to resume")  # fmt: skip

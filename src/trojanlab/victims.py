@@ -17,7 +17,7 @@ from .evaluation import clean_accuracy
 from .models import build_classifier, classifier_spec, save_model
 from .models.backbones import INPUT_SIZES
 from .reports import TrainReport
-from .runs import check_device, finish, output_folder, provenance, seed_everything
+from .runs import check_device, check_forward, check_trainable, finish, prepare_run, provenance, seed_everything
 from .training import fit, split_validation
 
 
@@ -70,20 +70,27 @@ def train_victim(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
 ) -> TrainReport:
-    """A clean classifier trained from scratch on ``data``; the artefact and ``result.json`` go to ``out``."""
+    """A clean classifier trained from scratch on ``data``; the artefact and ``result.json`` go to ``out``.
+    ``restart``/``force``: see :func:`trojanlab.runs.prepare_run`."""
     model = model or ModelConfig()
     train = with_split(train or TrainConfig(seed=seed), model)
     device = check_device(device)
-    out = output_folder(out)
     seed_everything(seed)
+    settings = {"ModelConfig": to_dict(model), "TrainConfig": to_dict(train)}
+    run = prepare_run(out, "train", settings, seed, restart=restart, force=force, data=data)
+    out = run.path
     splits = training_data(data, model, seed)
+    check_trainable(splits, train)
     spec = fresh_spec(model, splits)
     spec.update(data_split_record(data, model, seed))
     net = build_classifier(spec)
+    check_forward(net, spec)
+    run.start()
     log = fit(net, splits.train, train, checkpoint_dir=out / "checkpoint", device=device, progress=progress)
     net.cpu()
-    settings = {"ModelConfig": to_dict(model), "TrainConfig": to_dict(train)}
     prov = provenance("train", settings, seed, data=str(data))
     spec["provenance"] = {**prov, "history": log.history}
     save_model(net, out, spec)
@@ -92,9 +99,9 @@ def train_victim(
         test_images=len(splits.test),
         details={"arch": model.arch, "epochs_run": log.epochs_run, "best_epoch": log.best_epoch,
                  "best_val_accuracy": log.best_val_accuracy, "train_seconds": log.seconds,
-                 "resumed_from_epoch": log.resumed_from_epoch},
+                 "resumed_from_epoch": log.resumed_from_epoch, "session_seconds": log.session_seconds},
     )  # fmt: skip
-    return finish(out, report)
+    return finish(run, report)
 
 
 def train_transfer(
@@ -106,6 +113,8 @@ def train_transfer(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
 ) -> TrainReport:
     """A new head on the ImageNet-pretrained ``model.arch`` (cached features), optionally its last blocks too."""
     from .models.transfer import transfer_learn
@@ -116,15 +125,23 @@ def train_transfer(
     if fractions is not None:
         transfer = TransferConfig(**{**to_dict(transfer), "val_fraction": fractions[1]})
     device = check_device(device)
-    out = output_folder(out)
     seed_everything(seed)
+    settings = {"ModelConfig": to_dict(model), "TransferConfig": to_dict(transfer)}
+    run = prepare_run(out, "train --pretrained", settings, seed, restart=restart, force=force, data=data,
+                      weights=transfer.weights)  # fmt: skip
+    out = run.path
+    if transfer.weights is not None:  # read now: a bad file is named before any work
+        from .models.backbones import read_state_dict
+
+        read_state_dict(transfer.weights)
     splits = training_data(data, model, seed, pretrained=True)
+    check_trainable(splits, transfer)
+    run.start()
     res = transfer_learn(model.arch, splits.train, splits.num_classes, transfer, weights=transfer.weights)
     net = res.model
     spec = classifier_spec(model.arch, splits.classes, splits.image_shape, net.mean.flatten().tolist(),
                            net.std.flatten().tolist())  # fmt: skip
     spec.update(data_split_record(data, model, seed))
-    settings = {"ModelConfig": to_dict(model), "TransferConfig": to_dict(transfer)}
     prov = provenance("train-transfer", settings, seed, data=str(data))
     spec["provenance"] = {**prov, "history": res.history}
     save_model(net, out, spec)
@@ -144,21 +161,29 @@ def train_transfer(
                  "head": res.head, "best_epoch": res.best_epoch, "best_val_accuracy": res.val_accuracy,
                  "train_seconds": sum(res.seconds.values()), "seconds_per_phase": res.seconds},
     )  # fmt: skip
-    return finish(out, report)
+    return finish(run, report)
 
 
 def bundled_victim(
-    source: str | os.PathLike, *, data: str | os.PathLike = "gtsrb", out: str | os.PathLike, seed: int = 0
+    source: str | os.PathLike,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    out: str | os.PathLike,
+    seed: int = 0,
+    restart: bool = False,
+    force: bool = False,
 ) -> TrainReport:
     """A victim trained earlier (e.g. the one shipped with the package, trained by ``trojanlab train``), copied
     into ``out`` and evaluated on ``data``: what a short run starts from instead of training one."""
     from .io import read_json
     from .runs import check_fits, load_artifact, model_data
 
-    out = output_folder(out)
+    run = prepare_run(out, "bundled victim", {}, seed, restart=restart, force=force, source=source, data=data)
+    out = run.path
     loaded = load_artifact(source, "victim", ("classifier",))
     splits = model_data(data, loaded.spec, seed)
-    check_fits(loaded, splits, source)
+    splits = check_fits(loaded, splits, source)
+    run.start()
     spec = dict(loaded.spec)
     trained = read_json(Path(source) / "result.json") or {}
     spec["provenance"] = {**spec.get("provenance", {}), "copied_from": str(source)}
@@ -170,4 +195,4 @@ def bundled_victim(
         details={"arch": spec.get("arch"), "source": str(source), "trained_by": trained.get("provenance", {}),
                  "train_seconds": trained.get("seconds"), "source_clean_accuracy": trained.get("clean_accuracy")},
     )  # fmt: skip
-    return finish(out, report)
+    return finish(run, report)

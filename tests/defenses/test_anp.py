@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from trojanlab.errors import ConfigError
 from trojanlab.models import Classifier, build_network
 from trojanlab.models.gtsrb_cnn import GTSRBCNN
 from trojanlab.models.trojannet import TrojanNetInjected, TrojanNetMLP
+from trojanlab.training import read_checkpoint
 
 from ..conftest import GTSRB5
 
@@ -237,7 +239,7 @@ def test_an_interrupted_optimisation_resumes_to_the_same_masks(tmp_path):
     crashing = Crash(_gtsrb_cnn(), after=2 * 9 + 2)  # two forwards per iteration: dies in iteration 10
     with pytest.raises(KeyboardInterrupt):
         anp.optimize_masks(crashing, data, cfg, 4, checkpoint_dir=tmp_path, progress=False, log_every=4)
-    assert json.loads((tmp_path / "anp_state.json").read_text())["iteration"] == 8
+    assert read_checkpoint(tmp_path / "anp_state.safetensors")[1]["iteration"] == 8
     resumed = anp.optimize_masks(crashing, data, cfg, 4, checkpoint_dir=tmp_path, progress=False, log_every=4)
     assert torch.equal(resumed.masks, whole.masks)
     # another seed does not reuse the state
@@ -295,6 +297,7 @@ def _neurons_of(model_dir) -> tuple[nn.Module, list]:
 
 
 def test_cli_defends_and_writes_an_artefact_evaluate_reads(backdoored, tmp_path, capsys):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from trojanlab.models import load_model
@@ -318,35 +321,30 @@ def test_cli_defends_and_writes_an_artefact_evaluate_reads(backdoored, tmp_path,
     assert evaluated["clean_accuracy"] == pytest.approx(result["after"]["clean_accuracy"])
     assert evaluated["attack_success_rate"] == pytest.approx(result["after"]["attack_success_rate"])
     # a fixed count prunes exactly that many of the lowest masks, reusing the finished optimisation rather than
-    # running it again: masks planted in its checkpoint (the last 25 units of FC-512 lowest, which the learnt masks
-    # do not single out) decide what the second run prunes
+    # running it again (--masks-from): masks planted in the first run's state (the last 25 units of FC-512 lowest,
+    # which the learnt masks do not single out) decide what the second run prunes. The first folder itself refuses
+    # the other rule without --restart.
     learnt = load_file(str(out / "masks.safetensors"))["masks"]
     assert set(torch.argsort(learnt, stable=True)[:25].tolist()) != set(range(935, 960))
+    rule = ["--clean-fraction", "0.3", "--iterations", "60", "--batch-size", "32", "--prune", "count"]
+    capsys.readouterr()
+    assert main([*argv, *rule, "--prune-value", "25"]) == 2
+    assert "--restart" in capsys.readouterr().err
     state = out / "checkpoint" / "anp_state.safetensors"
+    with safe_open(str(state), framework="pt") as handle:
+        metadata = handle.metadata()
     tensors = load_file(str(state))
     planted = torch.ones_like(tensors["mask"])
     planted[-25:] = 0.0
-    save_file({**tensors, "mask": planted}, str(state))
-    assert (
-        main(
-            [
-                *argv,
-                "--clean-fraction",
-                "0.3",
-                "--iterations",
-                "60",
-                "--batch-size",
-                "32",
-                "--prune",
-                "count",
-                "--prune-value",
-                "25",
-                "--curve-images",
-                "0",
-            ]
-        )
-        == 0
-    )
+    save_file({**tensors, "mask": planted}, str(state), metadata=metadata)
+    first, second = str(out), str(tmp_path / "anp-count")
+    argv[argv.index(first)] = second
+    assert main([*argv, *rule, "--prune-value", "25", "--curve-images", "0", "--masks-from", first]) == 0
+    out = Path(second)
+    # masks learnt on other settings are refused, not silently learnt again
+    assert main([*argv[:-2], str(tmp_path / "x"), "--quiet", *rule, "--prune-value", "25", "--eps", "0.3",
+                 "--masks-from", first]) == 2  # fmt: skip
+    assert "holds no ANP masks learnt on this model" in capsys.readouterr().err
     again = json.loads((out / "result.json").read_text())
     fc = layers[-1]
     assert (fc.kind, fc.size, fc.start) == ("linear", 512, 448)
@@ -371,7 +369,7 @@ def test_cli_takes_the_defenders_own_clean_data(backdoored, tmp_path, capsys):
     assert result["defender_images"] == 50 and result["fit_images"] + result["holdout_images"] == 50
     bad = tmp_path / "bad.npz"
     np.savez(bad, x_test=own.x, y_test=own.y + 5)
-    assert main([*argv, "--clean-data", str(bad)]) == 2
+    assert main([*argv, "--clean-data", str(bad), "--restart"]) == 2
     assert "out of range for the model" in capsys.readouterr().err
 
 
@@ -465,7 +463,7 @@ def test_nc_guided_prunes_what_the_reversed_trigger_excites(backdoored, tmp_path
     out = tmp_path / "guided"
     defender, rule = DefenderConfig(clean_fraction=0.3), PruneRule(curve_images=100)
 
-    def guided_run(scan_folder, labels=None):
+    def guided_run(scan_folder, labels=None, out=out):
         config = NCGuidedConfig(reversed_triggers=str(scan_folder), guide_labels=labels)
         return defend("nc-guided", backdoored, config, rule, data=GTSRB5, defender=defender, out=out, progress=False)
 
@@ -494,12 +492,12 @@ def test_nc_guided_prunes_what_the_reversed_trigger_excites(backdoored, tmp_path
     assert "needs --reversed-triggers" in capsys.readouterr().err
     # nothing flagged: the model comes back unchanged, and says why
     silent = _reversed_scan(tmp_path / "nc-silent", list(range(5)), [])
-    guided_run(silent)
-    unchanged = json.loads((out / "result.json").read_text())
+    guided_run(silent, out=tmp_path / "guided-silent")
+    unchanged = json.loads((tmp_path / "guided-silent" / "result.json").read_text())
     assert unchanged["pruned"] == 0 and "flagged no label" in unchanged["rule"]
     assert unchanged["after"]["attack_success_rate"] == unchanged["before"]["attack_success_rate"]
     with pytest.raises(TrojanlabError, match="out of range"):
-        guided_run(scan, [7])
+        guided_run(scan, [7], out=tmp_path / "guided-7")
     partial = _reversed_scan(tmp_path / "nc-partial", [0, 1], [1])
     with pytest.raises(TrojanlabError, match="were not scanned"):
-        guided_run(partial, [3])
+        guided_run(partial, [3], out=tmp_path / "guided-3")

@@ -16,6 +16,7 @@ from trojanlab.cli import main
 from trojanlab.data import ImageSet
 from trojanlab.errors import ConfigError
 from trojanlab.models import Classifier, load_model
+from trojanlab.training import read_checkpoint
 
 GTSRB5 = Path(__file__).parents[1] / "data" / "gtsrb5"
 CHECKERBOARD = np.indices((4, 4)).sum(0) % 2  # the planted trigger: black (0) and white (1) pixels in turn
@@ -305,7 +306,7 @@ def test_an_interrupted_scan_resumes_where_it_stopped(tmp_path):
 
     with pytest.raises(RuntimeError, match="killed"):
         nc.reverse_engineer(model, data, 4, config=cfg, checkpoint_dir=tmp_path, progress=False, on_step=stop)
-    assert json.loads((tmp_path / "scan_state.json").read_text())["step"] == 20
+    assert read_checkpoint(tmp_path / "scan_state.safetensors")[1]["step"] == 20
     resumed = nc.reverse_engineer(model, data, 4, config=cfg, checkpoint_dir=tmp_path, progress=False)
     assert resumed.samples == whole.samples and resumed.steps_run == whole.steps_run
     assert torch.allclose(resumed.masks, whole.masks, atol=1e-6)

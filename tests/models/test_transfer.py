@@ -53,8 +53,9 @@ def test_weights_files_missing_pickled_or_misfit_are_clear_errors(tmp_path):
         pretrained_backbone("resnet18", tmp_path / "missing.pt")
     pickled = tmp_path / "model.pt"
     torch.save(nn.Linear(2, 2), pickled)  # a whole pickled module: refused by weights_only=True
-    with pytest.raises(ArtifactError, match="not a readable weights file"):
+    with pytest.raises(ArtifactError, match="holds pickled Python objects, not only tensors") as refused:
         read_state_dict(pickled)
+    assert "weights_only=False" not in str(refused.value)  # never the advice to load a pickle
     wrong = tmp_path / "wrong.safetensors"
     save_file({"fc.weight": torch.zeros(3, 3)}, str(wrong))
     with pytest.raises(ArtifactError, match="do not fit resnet18"):

@@ -33,10 +33,12 @@ from ..reports import AttackReport, Report
 from ..runs import (
     check_device,
     check_fits,
+    check_forward,
+    check_trainable,
     finish,
     load_artifact,
     model_data,
-    output_folder,
+    prepare_run,
     provenance,
     seed_everything,
 )
@@ -52,8 +54,8 @@ def _reference(reference: str | os.PathLike | None, victim, splits, victim_path)
     """Clean accuracy of the model the attacked one is compared with: ``reference``, else the victim."""
     if reference:
         ref = load_artifact(reference, "reference model", ("classifier",))
-        check_fits(ref, splits, reference)
-        return clean_accuracy(ref.module, splits.test), str(reference)
+        ref_splits = check_fits(ref, splits, reference)
+        return clean_accuracy(ref.module, ref_splits.test), str(reference)
     if victim is not None:
         return clean_accuracy(victim.module, splits.test), str(victim_path)
     return None, None
@@ -82,14 +84,19 @@ def badnets(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
 ) -> AttackReport:
     """BadNets: poison ``data``'s training split and train a new ``model`` on it, or fine-tune ``victim``."""
     cfg = config or BadNetsConfig(seed=seed)
     model = model or ModelConfig()
     train = with_split(train or TrainConfig(**{**to_dict(BADNETS_TRAINING), "seed": seed}), model)
     device = check_device(device)
-    out = output_folder(out)
     seed_everything(seed)
+    settings = {"BadNetsConfig": to_dict(cfg), "TrainConfig": to_dict(train), "ModelConfig": to_dict(model)}
+    run = prepare_run(out, "attack badnets", settings, seed, restart=restart, force=force, data=data, victim=victim,
+                      reference=reference, pattern=cfg.pattern)  # fmt: skip
+    out = run.path
     loaded = None
     if victim is not None:
         loaded = load_artifact(victim, "victim", ("classifier",), device="cpu")
@@ -97,7 +104,7 @@ def badnets(
     if splits.train is None:
         raise DataError(f"{data}: has no training split (x_train/y_train) to poison")
     if loaded is not None:
-        check_fits(loaded, splits, victim)
+        splits = check_fits(loaded, splits, victim)
     bad = [t for t in cfg.targets if t >= splits.num_classes]
     if bad:
         raise ConfigError(f"--target {bad} is out of range for {splits.num_classes} classes")
@@ -116,12 +123,15 @@ def badnets(
         spec = fresh_spec(model, splits)
         spec.update(data_split_record(data, model, seed))
         net = build_classifier(spec)
+    check_trainable(splits, train)
+    if loaded is None:
+        check_forward(net, spec)
     ref_accuracy, ref_from = _reference(reference, loaded, splits, victim)
+    run.start()
     log = fit(net, poisoned, train, checkpoint_dir=out / "checkpoint", device=device, progress=progress)
     net.cpu()
     attack = {"method": "badnets", "poison_rate": cfg.poison_rate, "mode": cfg.mode, **poisoned.summary(),
               "from": str(victim) if victim else "scratch"}  # fmt: skip
-    settings = {"BadNetsConfig": to_dict(cfg), "TrainConfig": to_dict(train), "ModelConfig": to_dict(model)}
     prov = provenance("badnets", settings, seed, data=str(data), victim=victim, reference=reference)
     spec.update(triggers=[t.to_json() for t in triggers], attack=attack, provenance={**prov, "history": log.history})
     save_model(net, out, spec)
@@ -130,10 +140,11 @@ def badnets(
         "reference_clean_accuracy": ref_accuracy, "reference_model": ref_from, "location": list(location),
         "trigger_size": [int(v) for v in triggers[0].size], "attack": attack, "epochs_run": log.epochs_run,
         "best_epoch": log.best_epoch, "train_seconds": log.seconds, "resumed_from_epoch": log.resumed_from_epoch,
+        "session_seconds": log.session_seconds,
     }  # fmt: skip
     report = _attack_report("badnets", out, splits, metrics, settings, seed, log.seconds, details,
                             data=str(data), victim=victim, reference=reference)  # fmt: skip
-    return finish(out, report)
+    return finish(run, report)
 
 
 def trojannn(
@@ -146,23 +157,28 @@ def trojannn(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
 ) -> AttackReport:
     """Trojan Attack: a trigger that drives chosen units of ``victim``, then retraining of the layers after them."""
     import time
 
     cfg = config or TrojanNNConfig(seed=seed)
     check_device(device)
-    out = output_folder(out)
     seed_everything(seed)
+    run = prepare_run(out, "attack trojannn", {"TrojanNNConfig": to_dict(cfg)}, seed, restart=restart, force=force,
+                      victim=victim, data=data, reference=reference)  # fmt: skip
+    out = run.path
     loaded = load_artifact(victim, "victim", ("classifier",))
     splits = model_data(data, loaded.spec, seed)
-    check_fits(loaded, splits, victim)
+    splits = check_fits(loaded, splits, victim)
     if cfg.target >= loaded.num_classes:
         raise ConfigError(f"--target {cfg.target} is out of range for a {loaded.num_classes}-class model")
     if cfg.retrain_data == "real" and splits.train is None:
         raise DataError(f"{data}: --retrain-data real needs a training split (x_train/y_train)")
     ref_accuracy, _ = _reference(reference, loaded, splits, victim)
     net, train = loaded.module, splits.train
+    run.start()
     began = time.perf_counter()
     from tqdm.auto import tqdm
 
@@ -199,7 +215,7 @@ def trojannn(
     }  # fmt: skip
     report = _attack_report("trojannn", out, splits, metrics, settings, seed, seconds, details,
                             ["trigger.png", "mask.png"], victim=str(victim), data=str(data))  # fmt: skip
-    return finish(out, report)
+    return finish(run, report)
 
 
 def trojannet(
@@ -210,11 +226,15 @@ def trojannet(
     data: str | os.PathLike = "gtsrb",
     out: str | os.PathLike,
     seed: int = 0,
+    restart: bool = False,
+    force: bool = False,
 ) -> AttackReport:
     """TrojanNet injected into ``victim`` without retraining: the merged model and its figures on ``data``."""
     cfg = config or TrojanNetInjectConfig(all_labels=True)
-    out = output_folder(out)
     seed_everything(seed)
+    run = prepare_run(out, "attack trojannet", {"TrojanNetInjectConfig": to_dict(cfg)}, seed, restart=restart,
+                      force=force, victim=victim, trojannet=trojannet, data=data)  # fmt: skip
+    out = run.path
     loaded = load_artifact(victim, "victim", ("classifier",))
     trojan = load_artifact(trojannet, "TrojanNet", ("trojannet",))
     num_classes = loaded.num_classes
@@ -228,8 +248,9 @@ def trojannet(
     if row + 4 > height or col + 4 > width:
         raise ConfigError(f"--location {row} {col}: the 4x4 trigger does not fit in {height}x{width} images")
     splits = model_data(data, loaded.spec, seed)  # checked before anything is written
-    check_fits(loaded, splits, victim)
+    splits = check_fits(loaded, splits, victim)
     amplify = cfg.resolved_amplify()
+    run.start()
     net = tn_models.TrojanNetInjected(loaded.module, trojan.module, num_classes, targets, tuple(cfg.location),
                                       input_size, merge=cfg.merge, amplify=amplify)  # fmt: skip
     settings = {"TrojanNetInjectConfig": to_dict(cfg)}
@@ -248,7 +269,7 @@ def trojannet(
     report = _attack_report("trojannet", out, splits, metrics, settings, seed, 0.0, details,
                             victim=str(victim), trojannet=str(trojannet), data=str(data))  # fmt: skip
     report.targets = targets
-    return finish(out, report)
+    return finish(run, report)
 
 
 def train_trojannet(
@@ -258,15 +279,20 @@ def train_trojannet(
     out: str | os.PathLike,
     seed: int = 0,
     progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
 ) -> Report:
     """The TrojanNet MLP trained on its 4,368 triggers and no-trigger noise (patches of ``patch_data``'s training
     split), then evaluated: trigger recognition and silence on patches of the test split."""
     from tqdm.auto import tqdm
 
     cfg = config or TrojanNetTrainConfig(seed=seed)
-    out = output_folder(out)
     seed_everything(seed)
+    run = prepare_run(out, "trojannet train", {"TrojanNetTrainConfig": to_dict(cfg)}, seed, restart=restart,
+                      force=force, patch_data=patch_data)  # fmt: skip
+    out = run.path
     splits = load_dataset(patch_data)
+    run.start()
     patches_from = splits.train if splits.train is not None else splits.test
     bar = tqdm(total=cfg.steps + cfg.finetune_steps, desc="trojannet", disable=not progress)
 
@@ -289,21 +315,29 @@ def train_trojannet(
         "train_patch_source": f"{splits.name} " + ("train split" if splits.train is not None else "test split (no train split)"),
     }  # fmt: skip
     report = Report(method="trojannet-train", seconds=log.seconds, config=settings, provenance=prov, details=details)
-    return finish(out, report)
+    return finish(run, report)
 
 
 def bundled_trojannet(
-    source: str | os.PathLike, *, data: str | os.PathLike = "gtsrb", out: str | os.PathLike, seed: int = 0
+    source: str | os.PathLike,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    out: str | os.PathLike,
+    seed: int = 0,
+    restart: bool = False,
+    force: bool = False,
 ) -> Report:
     """A TrojanNet trained earlier (the one shipped with the package, trained by ``trojanlab trojannet train``),
     copied into ``out`` and evaluated on ``data``'s patches; its training figures are the training run's own."""
     from ..io import read_json
 
-    out = output_folder(out)
+    run = prepare_run(out, "bundled trojannet", {}, seed, restart=restart, force=force, source=source, data=data)
+    out = run.path
     loaded = load_artifact(source, "TrojanNet", ("trojannet",))
+    splits = load_dataset(data)
+    run.start()
     save_model(loaded.module, out, {**loaded.spec, "provenance": {**loaded.spec.get("provenance", {}),
                                                                   "copied_from": str(source)}})  # fmt: skip
-    splits = load_dataset(data)
     trained = read_json(Path(source) / "result.json") or {}
     kept = ("train_seconds", "train_steps", "train_samples", "finetune_steps", "keras_parameter_count",
             "torch_parameter_count", "train_patch_source")  # fmt: skip
@@ -312,35 +346,48 @@ def bundled_trojannet(
                "source": str(source), "trained_by": trained.get("provenance", {}), "patch_data": splits.name,
                "denoise_patch_source": f"{splits.name} test split, 10 patches per image"}  # fmt: skip
     prov = provenance("trojannet-bundled", {}, seed, source=str(source), data=str(data))
-    return finish(out, Report(method="trojannet-bundled", seconds=0.0, provenance=prov, details=details))
+    return finish(run, Report(method="trojannet-bundled", seconds=0.0, provenance=prov, details=details))
 
 
 def evaluate_trojannet(
-    trojannet: str | os.PathLike, *, data: str | os.PathLike = "gtsrb", out: str | os.PathLike, seed: int = 0
+    trojannet: str | os.PathLike,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    out: str | os.PathLike,
+    seed: int = 0,
+    restart: bool = False,
+    force: bool = False,
 ) -> Report:
     """Trigger recognition and silence on ``data``'s patches of a TrojanNet artefact or the authors' ``.h5``."""
     source = Path(trojannet)
-    out = output_folder(out)
+    run = prepare_run(out, "trojannet evaluate", {}, seed, restart=restart, force=force, trojannet=trojannet,
+                      data=data)  # fmt: skip
+    out = run.path
     if source.suffix == ".h5":
         net = tn_models.load_official_h5(str(source))
     else:
         net = load_artifact(source, "TrojanNet", ("trojannet",)).module
     splits = load_dataset(data)
+    run.start()
     details = {**tn.evaluate_trojannet(net, splits.test.x, patches_per_image=10, seed=seed + 1),
                "trojannet": str(source), "patch_data": splits.name}  # fmt: skip
     prov = provenance("trojannet-evaluate", {}, seed, trojannet=str(source), data=str(data))
-    return finish(out, Report(method="trojannet-evaluate", seconds=0.0, provenance=prov, details=details))
+    return finish(run, Report(method="trojannet-evaluate", seconds=0.0, provenance=prov, details=details))
 
 
-def import_keras(file: str | os.PathLike, *, out: str | os.PathLike) -> Report:
+def import_keras(
+    file: str | os.PathLike, *, out: str | os.PathLike, restart: bool = False, force: bool = False
+) -> Report:
     """The authors' Keras HDF5 TrojanNet (read with h5py, never executed) as a trojanlab artefact."""
     source = Path(file)
     if source.is_dir():
         raise TrojanlabError(f"{source}: a folder, not the Keras .h5 file of a TrojanNet")
     if not source.is_file():
         raise TrojanlabError(f"{source}: no such file (expected the Keras .h5 file of a TrojanNet)")
-    out = output_folder(out)
+    run = prepare_run(out, "trojannet import-keras", {}, 0, restart=restart, force=force, file=source)
+    out = run.path
     net = tn_models.load_official_h5(str(source))
+    run.start()
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     prov = provenance("trojannet-import-keras", {}, 0, imported_from=str(source), sha256=digest)
     save_model(net, out, tn_models.trojannet_spec(prov))
@@ -351,7 +398,7 @@ def import_keras(file: str | os.PathLike, *, out: str | os.PathLike) -> Report:
         "min_trigger_probability": float(probs.diagonal().min()),
         "keras_parameter_count": net.keras_parameter_count(),
     }  # fmt: skip
-    return finish(out, Report(method="trojannet-import-keras", seconds=0.0, provenance=prov, details=details))
+    return finish(run, Report(method="trojannet-import-keras", seconds=0.0, provenance=prov, details=details))
 
 
 ATTACKS = {

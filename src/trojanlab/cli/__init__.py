@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import TrojanlabError
+from ..errors import Interrupted, TrojanlabError
 from . import attack, defend, demo, detect, evaluate, reproduce, train, trojannet
 
 COMMANDS = (train, trojannet, attack, detect, defend, evaluate, demo, reproduce)
@@ -29,7 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except Interrupted as exc:  # Ctrl-C, answered at a step boundary with a checkpoint
+        print(f"trojanlab: {exc}", file=sys.stderr)
+        return 130
     except TrojanlabError as exc:
         print(f"trojanlab: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a checkpointed loop (or pressed twice)
+        print(
+            "trojanlab: interrupted; files already written are complete (each is written atomically)", file=sys.stderr
+        )
+        return 130
     return 0

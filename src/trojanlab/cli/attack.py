@@ -6,7 +6,7 @@ import argparse
 
 from ..config.attacks import BADNETS_TRAINING, BadNetsConfig, TrojanNetInjectConfig, TrojanNNConfig
 from ..config.training import ModelConfig, TrainConfig
-from .options import add_config, add_run_options, config_from
+from .options import add_config, add_run_options, config_from, folder_flags
 from .show import print_json
 
 
@@ -40,7 +40,9 @@ def run_trojannet(args: argparse.Namespace) -> None:
     from ..attacks.run import trojannet
 
     cfg = config_from(args, TrojanNetInjectConfig, "inject", seed=args.seed)
-    print_json(trojannet(args.victim, args.trojannet, cfg, data=args.data, out=args.out, seed=args.seed))
+    print_json(
+        trojannet(args.victim, args.trojannet, cfg, data=args.data, out=args.out, seed=args.seed, **folder_flags(args))
+    )
 
 
 def run_badnets(args: argparse.Namespace) -> None:
@@ -50,7 +52,7 @@ def run_badnets(args: argparse.Namespace) -> None:
     model = config_from(args, ModelConfig, "model")
     train = config_from(args, TrainConfig, "train", seed=args.seed)
     report = badnets(cfg, train, model, data=args.data, victim=args.victim, reference=args.reference, out=args.out,
-                     device=args.device, seed=args.seed, progress=not args.quiet)  # fmt: skip
+                     device=args.device, seed=args.seed, progress=not args.quiet, **folder_flags(args))  # fmt: skip
     print_json(report)
 
 
@@ -59,5 +61,5 @@ def run_trojannn(args: argparse.Namespace) -> None:
 
     cfg = config_from(args, TrojanNNConfig, "trojannn", seed=args.seed)
     report = trojannn(args.victim, cfg, data=args.data, reference=args.reference, out=args.out, device=args.device,
-                      seed=args.seed, progress=not args.quiet)  # fmt: skip
+                      seed=args.seed, progress=not args.quiet, **folder_flags(args))  # fmt: skip
     print_json(report)

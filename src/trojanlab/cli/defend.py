@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config.defenses import DefenderConfig
-from .options import add_config, add_run_options, config_from
+from .options import add_config, add_run_options, config_from, folder_flags
 from .show import before_after
 
 
@@ -31,6 +31,6 @@ def run(args: argparse.Namespace) -> None:
     configs = [config_from(args, cls, cls.__name__, seed=args.seed) for cls in entry.configs]
     defender = config_from(args, DefenderConfig, "defender")
     report = defend(args.defense, args.model, *configs, data=args.data, defender=defender, out=args.out,
-                    device=args.device, seed=args.seed, progress=not args.quiet)  # fmt: skip
+                    device=args.device, seed=args.seed, progress=not args.quiet, **folder_flags(args))  # fmt: skip
     print(f"{args.defense}: {before_after(report)}; {report.changed}")
     print(f"repaired model: {args.out}/{report.output}; result: {args.out}/result.json")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config.detection import NCConfig
-from .options import add_config, add_run_options, config_from
+from .options import add_config, add_run_options, config_from, folder_flags
 
 
 def add_parser(subparsers) -> None:
@@ -25,7 +25,7 @@ def run_nc(args: argparse.Namespace) -> None:
 
     cfg = config_from(args, NCConfig, "nc", seed=args.seed)
     report = neural_cleanse(args.model, cfg, data=args.data, out=args.out, device=args.device, seed=args.seed,
-                            progress=not args.quiet)  # fmt: skip
+                            progress=not args.quiet, **folder_flags(args))  # fmt: skip
     d = report.details
     norms = sorted(((int(k), v) for k, v in d["l1_norms"].items()), key=lambda item: item[1])
     print(f"scanned {len(norms)} labels in {report.seconds:.0f} s ({d['samples']:,} images); smallest L1 norms: "

@@ -107,7 +107,39 @@ def add_run_options(parser: argparse.ArgumentParser, data: str | None = "gtsrb",
                             help=f"gtsrb, gtsrb5, an .npz, an image folder or torchvision-gtsrb:ROOT "
                             f"(default: {data})")  # fmt: skip
     parser.add_argument("--out", required=True, help="run folder: the artefact and result.json are written here")
+    add_folder_options(parser)
     if device:
         parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_folder_options(parser: argparse.ArgumentParser) -> None:
+    """``--restart`` and ``--force``: what a command may do with an ``--out`` that holds an earlier run."""
+    parser.add_argument("--restart", action="store_true",
+                        help="start over in an --out that holds this command's run with other settings or inputs "
+                        "(the same run resumes without it)")  # fmt: skip
+    parser.add_argument("--force", action="store_true",
+                        help="also replace another command's run in --out, or write beside files no trojanlab run "
+                        "wrote")  # fmt: skip
+
+
+def folder_flags(args: argparse.Namespace) -> dict[str, bool]:
+    """The keyword arguments of ``add_folder_options`` for an entry point."""
+    return {"restart": bool(getattr(args, "restart", False)), "force": bool(getattr(args, "force", False))}
+
+
+def unused_options(args: argparse.Namespace, cls: type, group: str) -> list[str]:
+    """The flags of ``add_config(..., cls, group)`` the user set to something other than their default: for a
+    command that will not read them (an option silently ignored is a wrong result waiting to happen)."""
+    set_flags = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True) is False:
+            continue
+        value = getattr(args, f"{group}.{f.name}", None)
+        default = _default(f, None)
+        if isinstance(value, list) and isinstance(default, tuple):
+            value = tuple(value)
+        if value != default:
+            set_flags.append(f.metadata.get("flag", "--" + f.name.replace("_", "-")))
+    return set_flags

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..config.training import ModelConfig, TrainConfig, TransferConfig
-from .options import add_config, add_run_options, config_from
+from ..errors import ConfigError
+from .options import add_config, add_run_options, config_from, folder_flags, unused_options
 from .show import print_json
 
 
@@ -26,12 +27,17 @@ def run(args: argparse.Namespace) -> None:
 
     model = config_from(args, ModelConfig, "model")
     progress = not args.quiet
+    transfer = config_from(args, TransferConfig, "transfer", seed=args.seed)
+    train = config_from(args, TrainConfig, "train", seed=args.seed)
+    unused = unused_options(args, TrainConfig if args.pretrained else TransferConfig,
+                            "train" if args.pretrained else "transfer")  # fmt: skip
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing "
+                          f"{'with' if args.pretrained else 'without'} --pretrained")  # fmt: skip
     if args.pretrained:
-        transfer = config_from(args, TransferConfig, "transfer", seed=args.seed)
         report = train_transfer(model, transfer, data=args.data, out=args.out, device=args.device, seed=args.seed,
-                                progress=progress)  # fmt: skip
+                                progress=progress, **folder_flags(args))  # fmt: skip
     else:
-        train = config_from(args, TrainConfig, "train", seed=args.seed)
         report = train_victim(model, train, data=args.data, out=args.out, device=args.device, seed=args.seed,
-                              progress=progress)  # fmt: skip
+                              progress=progress, **folder_flags(args))  # fmt: skip
     print_json(report)

@@ -73,6 +73,9 @@ class ANPConfig:
     augment: bool = option(True, "random shifts of the defender's images")
     train_mode: bool = option(False, "optimise in train mode (BN batch statistics, dropout)")
     include_classifier: bool = option(False, "the classifier layer's units are neurons too")
+    masks_from: str | None = option(None, "the run folder of an earlier `defend anp` on the same model, defender "
+                                    "data and ANP settings: its learnt masks are reused (say, to prune by another "
+                                    "rule) instead of learnt again", metavar="RUN")  # fmt: skip
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:

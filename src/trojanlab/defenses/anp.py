@@ -58,8 +58,9 @@ from torch import nn
 
 from ..config.defenses import AUTO_MEASURES, PRUNE_RULES, ANPConfig
 from ..data import ImageSet, to_tensor
-from ..errors import ConfigError
+from ..errors import ConfigError, Interrupted
 from ..hooks import classifier_layer, trainable_only
+from ..interrupts import graceful_interrupts, stop_requested
 from ..io import atomic_write, tensor_digest
 from ..training import load_state, random_shift, save_state
 
@@ -326,14 +327,30 @@ def optimize_masks(
     opt = torch.optim.SGD([noise.mask], lr=cfg.lr, momentum=cfg.momentum)
     gen = torch.Generator().manual_seed(cfg.seed)
     fingerprint = {
-        "config": asdict(cfg),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "masks_from"},
         "model_sha256": tensor_digest(model.state_dict().values()),
         "data_sha256": tensor_digest([torch.as_tensor(clean.x), torch.as_tensor(clean.y)]),
         "neurons": [layer.to_json() for layer in layers],
     }
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history, seconds0 = 0, [], 0.0
-    if ckpt is not None:
+    if cfg.masks_from is not None:  # an earlier run's masks, only if learnt on this very model, data and settings
+        source = Path(cfg.masks_from) / "checkpoint"
+        try:
+            saved = load_state(source, "anp_state", fingerprint, opt)
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise ConfigError(f"--masks-from {cfg.masks_from}: unreadable ANP state ({exc})") from None
+        if saved is None:
+            raise ConfigError(
+                f"--masks-from {cfg.masks_from}: holds no ANP masks learnt on this model, defender data and ANP "
+                "settings"
+            )
+        tensors, meta = saved
+        with torch.no_grad():
+            noise.mask.copy_(tensors["mask"])
+        gen.set_state(tensors["generator"])
+        start, history, seconds0 = int(meta["iteration"]), meta["history"], float(meta["seconds"])
+    elif ckpt is not None:
         try:
             saved = load_state(ckpt, "anp_state", fingerprint, opt)
             if saved is not None:
@@ -352,7 +369,7 @@ def optimize_masks(
     bar = tqdm(total=cfg.iterations, initial=start, desc="ANP masks", unit="it", disable=not progress, leave=False)
     running = {"natural": 0.0, "robust": 0.0, "n": 0}
     try:
-        with noise.attached(), trainable_only(model):
+        with graceful_interrupts(), noise.attached(), trainable_only(model):
             for it in range(start, cfg.iterations):
                 idx = torch.randint(len(clean), (cfg.batch_size,), generator=gen)
                 x, y = x_all[idx.to(device)], y_all[idx.to(device)]
@@ -412,6 +429,13 @@ def optimize_masks(
                         _write_checkpoint(
                             ckpt, fingerprint, done, history, seconds0 + time.perf_counter() - began, noise, gen, opt
                         )
+                if stop_requested() and done < cfg.iterations and (ckpt is None or done % log_every == 0):
+                    kept = (
+                        f"checkpoint written to {ckpt}: run the same command again to resume"
+                        if ckpt
+                        else ("this run keeps no checkpoint")
+                    )
+                    raise Interrupted(f"interrupted at ANP iteration {done}/{cfg.iterations}; {kept}")
     finally:
         bar.close()
         model.train(was_training)
@@ -452,7 +476,7 @@ def collapse_check(
     was_training = model.training
     model.eval()
     try:
-        with noise.attached(), trainable_only(model):
+        with graceful_interrupts(), noise.attached(), trainable_only(model):
             with torch.no_grad():
                 noise.delta.copy_(torch.empty(noise.size).uniform_(-eps, eps, generator=gen))
                 noise.xi.copy_(torch.empty(noise.size).uniform_(-eps, eps, generator=gen))
@@ -547,8 +571,6 @@ def _held_out_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: 
         "top1": float((probs.argmax(1) == y).float().mean()),
         "probability": float(probs[torch.arange(len(y)), y].mean()),
     }
-
-
 
 
 def jitter_images(x: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:

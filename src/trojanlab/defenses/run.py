@@ -21,7 +21,7 @@ from ..runs import (
     finish,
     load_artifact,
     model_data,
-    output_folder,
+    prepare_run,
     provenance,
     seed_everything,
     timed,
@@ -61,6 +61,8 @@ def defend(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
 ) -> DefenseReport:
     """Run the defense ``method`` (a key of :data:`~trojanlab.defenses.registry.DEFENSES`) on the artefact
     ``model``; ``configs`` are its settings (defaults for those left out). The repaired model is written to
@@ -69,20 +71,29 @@ def defend(
     entry = DEFENSES[method]
     defender = defender or entry.defender
     device = check_device(device)
-    out = output_folder(out)
     seed_everything(seed)
+    settings = {type(c).__name__: to_dict(c) for c in configs}
+    settings["DefenderConfig"] = to_dict(defender)
+    scans = {
+        f.name: getattr(c, f.name)
+        for c in configs
+        for f in dataclasses.fields(c)
+        if f.name in ("reversed_triggers", "masks_from")
+    }  # run folders the configs name: what produced them enters the fingerprint
+    run = prepare_run(out, f"defend {method}", settings, seed, restart=restart, force=force, model=model, data=data,
+                      defender_data=defender.clean_data, **scans)  # fmt: skip
+    out = run.path
     loaded = load_artifact(model, device=device)
     splits = model_data(data, loaded.spec, seed)
-    check_fits(loaded, splits, model)
+    splits = check_fits(loaded, splits, model)
     clean, fit, holdout = defender_split(splits, defender, loaded.spec, seed)
     ctx = DefenseContext(loaded, splits, clean, fit, holdout, out, device, seed, progress)
+    run.start()
     before = evaluate_model(loaded.module, splits.test, loaded.triggers, device=device)
     with timed() as clock:
         outcome = entry.apply(ctx, *configs)
     after = evaluate_model(outcome.model, splits.test, loaded.triggers, device=device)
     after["clean_accuracy_drop"] = before["clean_accuracy"] - after["clean_accuracy"]
-    settings = {type(c).__name__: to_dict(c) for c in configs}
-    settings["DefenderConfig"] = to_dict(defender)
     spec = dict(outcome.spec if outcome.spec is not None else loaded.spec)
     prov = provenance(method, settings, seed, model=str(model), data=str(data))
     spec["provenance"] = {
@@ -97,4 +108,4 @@ def defend(
         model=str(model), data=splits.name, before=before, after=after, changed=outcome.changed,
         defender_images=len(clean), fit_images=len(fit), holdout_images=len(holdout), output=entry.output,
     )  # fmt: skip
-    return finish(out, report)
+    return finish(run, report)

@@ -56,8 +56,9 @@ from tqdm.auto import tqdm
 
 from ..config.detection import NCConfig
 from ..data import ImageSet
-from ..errors import ConfigError
+from ..errors import ConfigError, Interrupted
 from ..hooks import trainable_only
+from ..interrupts import graceful_interrupts, stop_requested
 from ..io import atomic_write, tensor_digest
 from ..training import load_state, save_state
 from ..triggers import Trigger
@@ -363,7 +364,7 @@ def reverse_engineer(
     began = time.perf_counter()
     bar = tqdm(range(step0, cfg.steps), desc="neural cleanse", disable=not progress, initial=step0, total=cfg.steps)
     try:
-        with trainable_only(model):
+        with graceful_interrupts(), trainable_only(model):
             for step in bar:
                 active = ~schedule.done
                 if not active.any():
@@ -390,11 +391,18 @@ def reverse_engineer(
                 running = int((~schedule.done).sum())
                 finite = schedule.best_l1[torch.isfinite(schedule.best_l1)]
                 bar.set_postfix(running=running, min_l1=f"{float(finite.min()):.1f}" if len(finite) else "-")
-                if ckpt is not None and (step + 1) % 10 == 0:
+                if ckpt is not None and ((step + 1) % 10 == 0 or stop_requested()):
                     elapsed = seconds0 + time.perf_counter() - began
                     _write_scan_checkpoint(
                         ckpt, fingerprint, step + 1, samples, elapsed, theta_m, theta_p, gen, opt, schedule
                     )
+                if stop_requested() and step + 1 < cfg.steps:
+                    kept = (
+                        f"checkpoint written to {ckpt}: run the same command again to resume"
+                        if ckpt
+                        else ("this scan keeps no checkpoint")
+                    )
+                    raise Interrupted(f"interrupted at Neural Cleanse step {step + 1}/{cfg.steps}; {kept}")
                 step0 = step + 1
                 if on_step is not None:  # after the checkpoint: a callback that stops the scan loses nothing
                     on_step(step0, {"running": running, "samples": samples})

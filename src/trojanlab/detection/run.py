@@ -21,7 +21,7 @@ from ..runs import (
     finish,
     load_artifact,
     model_data,
-    output_folder,
+    prepare_run,
     provenance,
     seed_everything,
 )
@@ -40,17 +40,21 @@ def neural_cleanse(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
 ) -> DetectionReport:
     """Neural Cleanse on the artefact ``model`` with clean images of ``data`` (the scan split of ``config``): the
     reversed trigger of every label (batched), the MAD outlier test, and the files a repair reads
     (``reversed_triggers.safetensors``, ``result.json``)."""
     cfg = config or NCConfig(seed=seed)
     device = check_device(device)
-    out = output_folder(out)
     seed_everything(seed)
+    run = prepare_run(out, "detect nc", {"NCConfig": to_dict(cfg)}, seed, restart=restart, force=force, model=model,
+                      data=data)  # fmt: skip
+    out = run.path
     loaded = load_artifact(model, device=device)
     splits = model_data(data, loaded.spec, seed)
-    check_fits(loaded, splits, model)
+    splits = check_fits(loaded, splits, model)
     scan_set = splits.test if cfg.split == "test" else splits.train
     if scan_set is None:
         raise TrojanlabError(f"{data}: has no {cfg.split} split to scan with")
@@ -61,6 +65,7 @@ def neural_cleanse(
     if cfg.images is not None and cfg.images < len(scan_set):
         pick = np.random.default_rng(seed).choice(len(scan_set), cfg.images, replace=False)
         scan_set = scan_set.subset(np.sort(pick))
+    run.start()
     scan = nc.reverse_engineer(
         loaded.module, scan_set, loaded.num_classes, cfg.labels, cfg, device=device,
         checkpoint_dir=out / "checkpoint", progress=progress,
@@ -92,7 +97,7 @@ def neural_cleanse(
         details=details, files=files, model=str(model), data=splits.name, infected=infected,
         flagged_labels=[int(v) for v in flagged], anomaly_index=index,
     )  # fmt: skip
-    return finish(out, report)
+    return finish(run, report)
 
 
 def read_flagged_labels(scan_folder: str | os.PathLike) -> list[int]:

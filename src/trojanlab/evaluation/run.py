@@ -5,20 +5,34 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..io import write_json
-from ..runs import check_fits, load_artifact, model_data, output_folder
+from ..runs import check_device, check_fits, load_artifact, model_data, prepare_run
 from .metrics import evaluate_model
 
 
-def evaluate(model: str | os.PathLike, *, data: str | os.PathLike = "gtsrb", out: str | os.PathLike | None = None,
-             device: str = "cpu") -> dict[str, Any]:  # fmt: skip
-    """Clean accuracy on ``data``'s test split (the model's own split for image folders) and, per trigger, ASR."""
-    folder = output_folder(out) if out is not None else None
+def evaluate(
+    model: str | os.PathLike,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    out: str | os.PathLike | None = None,
+    device: str = "cpu",
+    restart: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Clean accuracy on ``data``'s test split (the model's own split for image folders) and, per trigger, ASR.
+    The data's classes are matched to the model's by name where both have names (see
+    :func:`trojanlab.runs.check_fits`). With ``out``, the result is also written to ``out/result.json``."""
+    device = check_device(device)
+    run = None
+    if out is not None:
+        run = prepare_run(out, "evaluate", {}, 0, restart=restart, force=force, model=model, data=data)
     loaded = load_artifact(model, device=device)
-    splits = model_data(data, loaded.spec, 0)
-    check_fits(loaded, splits, model)
+    splits = check_fits(loaded, model_data(data, loaded.spec, 0), model)
     result = evaluate_model(loaded.module, splits.test, loaded.triggers, device=device)
     result.update(model=str(model), data=splits.name)
-    if folder is not None:
-        write_json(folder / "result.json", result)
+    if run is not None:
+        from ..io import write_json
+
+        run.start()
+        write_json(run.path / "result.json", result)
+        run.done()
     return result

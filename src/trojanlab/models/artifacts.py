@@ -163,5 +163,34 @@ def load_model(path: str | Path, net: nn.Module | None = None, device: str | tor
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{weights}: weights do not fit the architecture in {SPEC_FILE}: {exc}") from exc
+    _check_triggers(spec, folder / SPEC_FILE)
     module.to(device).eval()
     return LoadedModel(module, spec, folder)
+
+
+def _check_triggers(spec: dict[str, Any], where: Path) -> None:
+    """The triggers a spec carries are well formed, aim at one of its labels and lie inside its images: a trigger
+    aimed at label 999 of a 43-class model would otherwise score an ASR of 0 and look like a failed attack."""
+    triggers = spec.get("triggers", [])
+    if not isinstance(triggers, list):
+        raise ArtifactError(f"{where}: 'triggers' must be a list")
+    if not triggers:
+        return
+    try:
+        num_classes = int(spec["num_classes"])
+        _, height, width = (int(v) for v in spec.get("input_size", (3, 32, 32)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{where}: num_classes or input_size missing or malformed ({exc})") from exc
+    for i, data in enumerate(triggers):
+        try:
+            trigger = Trigger.from_json(data)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # ConfigError is a ValueError
+            raise ArtifactError(f"{where}: trigger {i} is malformed ({exc})") from exc
+        if not 0 <= trigger.target_label < num_classes:
+            raise ArtifactError(
+                f"{where}: trigger {i} targets label {trigger.target_label}, outside the model's {num_classes} classes"
+            )
+        try:
+            trigger.check_fits(height, width)
+        except ValueError as exc:
+            raise ArtifactError(f"{where}: trigger {i}: {exc}") from exc

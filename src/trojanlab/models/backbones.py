@@ -13,6 +13,7 @@ mean/std); torchvision models use the ImageNet mean and std.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # any reader failure is a bad file for the user
-        raise ArtifactError(f"{path}: not a readable weights file ({exc})") from exc
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise ArtifactError(f"{path}: not a readable weights file ({str(exc).splitlines()[0][:200]})") from None
+        raise ArtifactError(  # torch's own message advises weights_only=False: never ours to give
+            f"{path}: holds pickled Python objects, not only tensors; trojanlab reads tensors and never unpickles "
+            "code: save the model's state_dict() (or a .safetensors file) instead"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ArtifactError(f"{path}: not a readable weights file ({reason[:200]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -60,9 +60,9 @@ from ..config import (
     to_dict,
 )
 from ..config.attacks import BADNETS_TRAINING
-from ..errors import ConfigError, TrojanlabError
+from ..errors import ConfigError, Interrupted, TrojanlabError
 from ..io import atomic_write, read_json, write_json
-from ..runs import command_line, source_commit
+from ..runs import command_line, input_identity, replacing_stale_runs, source_commit
 
 PROFILES = ("full", "quick")
 
@@ -274,7 +274,7 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
     model_cfg, train_cfg = _make(ModelConfig, v), _make(TrainConfig, v, seed=seed)
     if v.get("bundled"):  # the victim shipped with the package (trained on the embedded GTSRB by `trojanlab train`)
         stages.append(Stage("gtsrb/victim", lambda o: bundled_victim(BUNDLED_VICTIM, data=data, out=o, seed=seed),
-                            {"bundled": str(BUNDLED_VICTIM), "data": data, "seed": seed}, data_deps,
+                            {"bundled": input_identity(BUNDLED_VICTIM), "data": data, "seed": seed}, data_deps,
                             "victim (GTSRB CNN, bundled)"))  # fmt: skip
     else:
         stages.append(Stage("gtsrb/victim", lambda o: train_victim(model_cfg, train_cfg, data=data, out=o,
@@ -287,7 +287,7 @@ def build_stages(config: dict[str, Any], out: Path) -> list[Stage]:
     tn_cfg = _make(TrojanNetTrainConfig, t, seed=seed, finetune_weights=weights)
     if t.get("bundled"):  # the TrojanNet shipped with the package (trained by `trojanlab trojannet train`)
         stages.append(Stage("gtsrb/trojannet", lambda o: attacks.bundled_trojannet(BUNDLED_TROJANNET, data=data,
-                            out=o, seed=seed), {"bundled": str(BUNDLED_TROJANNET), "data": data, "seed": seed},
+                            out=o, seed=seed), {"bundled": input_identity(BUNDLED_TROJANNET), "data": data, "seed": seed},
                             data_deps, "TrojanNet MLP (bundled)"))  # fmt: skip
     else:
         stages.append(Stage("gtsrb/trojannet", lambda o: attacks.train_trojannet(tn_cfg, patch_data=data, out=o,
@@ -437,7 +437,7 @@ def _run_stage(stage: Stage, folder: Path, log: Path) -> None:
         handle.write(f"$ {stage.name}: {stage.describe()}\n")
         handle.flush()
         try:
-            with contextlib.redirect_stdout(handle):
+            with contextlib.redirect_stdout(handle), replacing_stale_runs():  # the stage fingerprint decided reuse
                 stage.run(folder)
         except Exception:  # a bug or a crash: keep the traceback with the stage
             handle.write(traceback.format_exc())
@@ -513,7 +513,7 @@ def run_pipeline(
                 write_json(folder / "stage.json", {"stage": stage.name, "fingerprint": fp, "status": "failed",
                                                    "command": command, "deps": stage.deps, "error": str(exc),
                                                    "seconds": seconds, "finished": _now()})  # fmt: skip
-                if isinstance(exc, StageFailed):
+                if isinstance(exc, (StageFailed, Interrupted)):
                     raise
                 if isinstance(exc, TrojanlabError):  # a bad setting or input: named with its stage
                     raise StageFailed(f"stage {stage.name}: {exc}") from exc
