@@ -102,3 +102,27 @@ def test_sigkill_at_any_moment_loses_no_file_and_resumes_to_the_same_weights(run
         elif path.suffix == ".safetensors" and not path.name.startswith("."):
             load_file(str(path))
     _resume_and_compare(data, out, reference)
+
+
+def test_ctrl_c_that_a_loop_could_not_act_on_still_stops_the_command():
+    from trojanlab.errors import Interrupted
+    from trojanlab.interrupts import graceful_interrupts, stop_requested
+
+    with pytest.raises(Interrupted, match="run the same command again"), graceful_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop_requested()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
+
+
+def test_a_process_that_ignores_ctrl_c_keeps_ignoring_it():
+    from trojanlab.interrupts import graceful_interrupts, stop_requested
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with graceful_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert not stop_requested() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -66,10 +66,11 @@ def test_the_same_run_resumes_and_any_difference_is_refused_by_name(tmp_path, da
 
 
 def test_restart_clears_the_earlier_run_but_keeps_files_it_did_not_write(tmp_path, data_files):
-    a, _ = data_files
+    a, b = data_files
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    (out / ".git").mkdir()  # hidden: never ours, never removed
     with pytest.raises(RunFolderError, match=r"files no trojanlab run recorded \(notes\.txt\).*--force"):
         _prepare(out, data=a)
     run = _prepare(out, data=a, force=True)
@@ -79,9 +80,12 @@ def test_restart_clears_the_earlier_run_but_keeps_files_it_did_not_write(tmp_pat
     (out / "checkpoint" / "train.safetensors").write_bytes(b"state")
     write_json(out / "result.json", {})
     run.done()
+    # the run's work, even where it wrote over names it found, is not silently replaced by another run
+    with pytest.raises(RunFolderError, match="--restart"):
+        _prepare(out, data=b)
     restarted = _prepare(out, epochs=5, data=a, restart=True)
     restarted.start()
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "notes.txt"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "notes.txt", ".git"])
     assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / MANIFEST).read_text())["foreign"] == ["notes.txt"]
 
@@ -126,6 +130,14 @@ def test_reproduce_stages_start_another_configuration_over(tmp_path, data_files)
     assert run.replace
     run.start()
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "stage.json"])
+
+
+def test_embedded_names_are_read_as_the_data_loader_reads_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gtsrb").mkdir()  # a folder named like the embedded set (say, a run's --out) is not the data
+    (tmp_path / "gtsrb" / "x.txt").write_text("x")
+    assert input_identity("gtsrb")["embedded"] == "gtsrb"
+    assert input_identity(["gtsrb", None]) == [input_identity("gtsrb"), None]
 
 
 def test_inputs_are_identified_by_content_not_path(tmp_path, data_files):

@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted
 
 _requested = threading.Event()
 _depth = 0
@@ -41,6 +41,9 @@ def graceful_interrupts():
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # a process told to ignore Ctrl-C (a background job) keeps ignoring it
+        yield
+        return
 
     def handler(signum, frame):
         if _requested.is_set():
@@ -57,7 +60,11 @@ def graceful_interrupts():
         _depth -= 1
         if _depth == 0:
             signal.signal(signal.SIGINT, previous)
+            pending = _requested.is_set()
             _requested.clear()
+    if _depth == 0 and pending:  # the loop ended before it could act on Ctrl-C: the user still asked to stop
+        raise Interrupted("interrupted; the work finished so far is checkpointed where this command keeps "
+                          "checkpoints: run the same command again to resume")  # fmt: skip
 
 
 def stop_requested() -> bool:

@@ -28,6 +28,7 @@ from . import __version__
 from .config.defenses import DefenderConfig
 from .data import DataSplits, ImageSet, load_dataset
 from .errors import ConfigError, DataError, RunFolderError, TrojanlabError
+from .interrupts import checkpoint_interval
 from .io import TMP_SUFFIX, file_digest, folder_digest, read_json, write_json
 from .models import LoadedModel, load_model
 from .reports import Report
@@ -119,13 +120,19 @@ def input_identity(value: Any) -> Any:
 
     if value is None or isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, (list, tuple)):
+        return [input_identity(v) for v in value]
     text = str(value)
-    embedded = {"gtsrb": EMBEDDED_GTSRB, "gtsrb5": EMBEDDED_GTSRB5}
-    path = Path(text)
-    if text in embedded and not path.exists():
-        path, name = embedded[text], text
-    else:
-        name = None
+    path, name = Path(text), None
+    if text == "gtsrb" or (text == "gtsrb5" and not path.exists()):  # as load_dataset reads them
+        path, name = {"gtsrb": EMBEDDED_GTSRB, "gtsrb5": EMBEDDED_GTSRB5}[text], text
+    try:
+        return _path_identity(path, name, text)
+    except OSError as exc:
+        raise ConfigError(f"{text}: cannot read this input ({exc.strerror or exc})") from None
+
+
+def _path_identity(path: Path, name: str | None, text: str) -> Any:
     if not path.exists():
         return text
     manifest = read_json(path / MANIFEST) if path.is_dir() else None
@@ -222,12 +229,14 @@ class RunFolder:
             for entry in self.path.iterdir():
                 if entry.name in self.foreign or entry.name in ("stage.json", "stage.log"):
                     continue
+                if entry.name.startswith(".") and not entry.name.endswith(TMP_SUFFIX):
+                    continue  # a stranger's hidden files (.git, .venv) are never ours to remove
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
         else:  # a run killed during an atomic write leaves its temporary file behind
-            for entry in self.path.glob(".*" + TMP_SUFFIX):
+            for entry in self.path.rglob(".*" + TMP_SUFFIX):
                 entry.unlink(missing_ok=True)
         old = read_json(self.path / MANIFEST) or {}
         write_json(self.path / MANIFEST, {
@@ -251,11 +260,11 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _holds_work(path: Path, foreign: list[str]) -> bool:
-    """Whether a run folder holds any file of a run's work (beyond its manifest, the stage records, files it did
-    not write and empty folders)."""
-    for entry in path.iterdir():
-        if entry.name in COMPANIONS or entry.name in foreign or entry.name.startswith("."):
+def _holds_work(path: Path) -> bool:
+    """Whether a run folder holds any file of a run's work (beyond its manifest, the stage records, hidden files
+    and empty folders)."""
+    for entry in path.iterdir():  # files a run took over with --force count too: it may have written over them
+        if entry.name in COMPANIONS or entry.name.startswith("."):
             continue
         if entry.is_dir() and not entry.is_symlink() and not any(p.is_file() for p in entry.rglob("*")):
             continue
@@ -290,6 +299,7 @@ def prepare_run(
     what differs) unless ``restart``; another command's run or files no trojanlab run wrote, unless ``force``.
     Nothing is written until :meth:`RunFolder.start`."""
     path = _check_writable(Path(out))
+    checkpoint_interval()  # a bad TROJANLAB_CHECKPOINT_MINUTES is named now, not after the folder is cleared
     identity = run_identity(command, config, seed, **inputs)
     fp = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     given = {k: (None if v is None else str(v)) for k, v in inputs.items()}
@@ -314,7 +324,7 @@ def prepare_run(
         return run
     run.foreign = list(manifest.get("foreign") or [])
     same_command = manifest.get("command") == command
-    if manifest.get("fingerprint") != fp and not _holds_work(path, run.foreign):
+    if manifest.get("fingerprint") != fp and not _holds_work(path):
         run.replace = True  # an earlier run stopped by a bad input before it produced anything: nothing to lose
         return run
     if manifest.get("fingerprint") == fp and not restart:
@@ -370,29 +380,35 @@ def check_fits(loaded: LoadedModel, data: DataSplits, path: str | os.PathLike) -
         raise TrojanlabError(
             f"{path}: the model expects {expected} (C, H, W) images but the data are {data.image_shape}"
         )
-    names = loaded.spec.get("classes")
-    if _named(names) and _named(data.classes):
-        names = [str(n) for n in names]
-        if names == list(data.classes):
-            return data
-        unknown = [c for c in data.classes if c not in names]
-        if unknown:
-            raise TrojanlabError(
-                f"{path}: {data.name} has classes the model does not know ({', '.join(unknown[:3])}"
-                f"{', ...' if len(unknown) > 3 else ''}); the model's are {', '.join(names[:4])}, ... "
-                f"({len(names)} in all)"
-            )
-        lut = np.asarray([names.index(c) for c in data.classes], dtype=np.int64)
-
-        def relabel(images: ImageSet | None) -> ImageSet | None:
-            return None if images is None else ImageSet(images.x, lut[images.y])
-
-        return DataSplits(data.name, relabel(data.train), relabel(data.test), names)
+    data = align_classes(loaded.spec.get("classes"), data, path)
     if data.num_classes != loaded.num_classes:
         raise TrojanlabError(
             f"{path}: a {loaded.num_classes}-class model, but {data.name} has {data.num_classes} classes"
         )
     return data
+
+
+def align_classes(names: list[str] | None, data: DataSplits, path: str | os.PathLike) -> DataSplits:
+    """``data`` relabelled to the model's class ``names`` by name (when both sides have names and they differ);
+    a class the model lacks is an error. Unchanged when either side only numbers its classes."""
+    if not (_named(names) and _named(data.classes)):
+        return data
+    names = [str(n) for n in names]
+    if names == list(data.classes):
+        return data
+    unknown = [c for c in data.classes if c not in names]
+    if unknown:
+        raise TrojanlabError(
+            f"{path}: {data.name} has classes the model does not know ({', '.join(unknown[:3])}"
+            f"{', ...' if len(unknown) > 3 else ''}); the model's are {', '.join(names[:4])}, ... "
+            f"({len(names)} in all)"
+        )
+    lut = np.asarray([names.index(c) for c in data.classes], dtype=np.int64)
+
+    def relabel(images: ImageSet | None) -> ImageSet | None:
+        return None if images is None else ImageSet(images.x, lut[images.y])
+
+    return DataSplits(data.name, relabel(data.train), relabel(data.test), names)
 
 
 def check_forward(net: torch.nn.Module, spec: dict[str, Any]) -> None:
@@ -415,8 +431,9 @@ def check_forward(net: torch.nn.Module, spec: dict[str, Any]) -> None:
         raise ConfigError(f"{spec.get('arch')}: {logits.shape[-1]} outputs for {len(spec['classes'])} classes")
 
 
-def check_trainable(data: DataSplits, train: Any) -> None:
-    """``data`` has enough images for the training and validation split ``train`` asks for."""
+def check_trainable(data: DataSplits, train: Any, every_class: bool = True) -> None:
+    """``data`` has enough images for the training and validation split ``train`` asks for, and (``every_class``,
+    for a model trained from scratch) a training image of every class."""
     images = data.train
     if images is None or len(images) == 0:
         raise DataError(f"{data.name}: no training images")
@@ -429,7 +446,7 @@ def check_trainable(data: DataSplits, train: Any) -> None:
             "validation share"
         )
     missing = [data.classes[k] for k in range(data.num_classes) if not (images.y == k).any()]
-    if missing:
+    if missing and every_class:
         raise DataError(
             f"{data.name}: no training image of class {', '.join(map(str, missing[:3]))}"
             f"{', ...' if len(missing) > 3 else ''} (each class needs images in the training split)"
@@ -443,7 +460,7 @@ def defender_split(
     automatic rule reads: every image of ``clean_data`` (the defender's own; its training split if it has one),
     else ``clean_fraction`` of the data's training split (stratified; images the model may have trained on)."""
     if defender.clean_data:
-        own = model_data(defender.clean_data, spec, seed)
+        own = align_classes(spec.get("classes"), model_data(defender.clean_data, spec, seed), defender.clean_data)
         clean = own.train if own.train is not None else own.test
         if int(clean.y.max()) >= data.num_classes:
             raise DataError(f"{defender.clean_data}: label {int(clean.y.max())} is out of range for the model")

@@ -244,6 +244,7 @@ def fit(
     loss: Loss | None = None,
     optimizer: OptimizerFactory | None = None,
     clip_norm: float | None = None,
+    checkpoint_key: str | None = None,
 ) -> TrainResult:
     """Train ``model`` (inputs in [0, 1], outputs logits); keep the best validation epoch.
 
@@ -265,6 +266,8 @@ def fit(
     * ``loss``: a :data:`Loss`; default :func:`cross_entropy` (:func:`weighted_cross_entropy` for per-sample weights).
     * ``optimizer``: an :data:`OptimizerFactory`; default :func:`keras_adam` (:func:`constant_lr` for SGD etc.).
     * ``clip_norm``: clip the gradient norm of ``params`` to this before each step.
+    * ``checkpoint_key``: what else the checkpoint must have been written for (a run's fingerprint): a checkpoint
+      of another key is not resumed.
     """
     cfg = config or TrainConfig()
     val_idx = validation_index(train, cfg.val_fraction, cfg.seed)
@@ -285,7 +288,7 @@ def fit(
     except (SafetensorError, OSError, ValueError, KeyError) as exc:  # not ours to repair: start afresh
         warnings.warn(f"{ckpt}: ignoring an unreadable training checkpoint ({exc})", stacklevel=2)
         saved = None
-    if saved is not None and saved[1].get("config") == asdict(cfg):
+    if saved is not None and saved[1].get("config") == asdict(cfg) and saved[1].get("key") == checkpoint_key:
         tensors, meta = saved
         model.load_state_dict({n[6:]: v for n, v in tensors.items() if n.startswith("model.")})
         load_optimizer(opt, {n[4:]: v for n, v in tensors.items() if n.startswith("opt.")}, meta["optimizer"])
@@ -296,7 +299,8 @@ def fit(
         best_state = best or None
         prior_seconds = float(meta["seconds"])
         if meta.get("position") is not None:  # stopped inside epoch ``start_epoch + 1``
-            resume = (meta["position"], meta["totals"], meta["seen"], tensors["rng.generator"], tensors["rng.torch"])
+            resume = (meta["position"], meta["totals"], meta["seen"], tensors["rng.generator"], tensors["rng.torch"],
+                      tensors.get("rng.cuda"))  # fmt: skip
     began = time.perf_counter()
     train_seconds = prior_seconds  # up to the end of the last epoch run (what the checkpoint records)
     periodic = Periodic()
@@ -308,8 +312,10 @@ def fit(
         state.update({f"best.{k}": v for k, v in (best_state or {}).items()})
         if position is not None:
             state.update({"rng.generator": gen.get_state(), "rng.torch": torch.get_rng_state()})
+            if torch.device(device).type == "cuda":  # dropout on the GPU draws from its own generator
+                state["rng.cuda"] = torch.cuda.get_rng_state(device)
         meta = {"epoch": epoch_done, "position": position, "totals": totals, "seen": seen,
-                "config": asdict(cfg), "history": history, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
+                "config": asdict(cfg), "key": checkpoint_key, "history": history, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
                 "stale": stale, "optimizer": opt_meta, "scheduler": sched.state_dict(),
                 "seconds": seconds if seconds is not None else prior_seconds + time.perf_counter() - began}  # fmt: skip
         write_checkpoint(ckpt, state, meta)
@@ -323,9 +329,11 @@ def fit(
             order = torch.randperm(len(fit_set), generator=gen).numpy()
             first, totals, seen = 0, {}, 0
             if resume is not None:  # the random streams exactly where the interrupted epoch left them
-                first, totals, seen, gen_state, torch_state = resume
+                first, totals, seen, gen_state, torch_state, cuda_state = resume
                 gen.set_state(gen_state.to(torch.uint8))
                 torch.set_rng_state(torch_state.to(torch.uint8))
+                if cuda_state is not None and torch.device(device).type == "cuda":
+                    torch.cuda.set_rng_state(cuda_state.to(torch.uint8), device)
                 resume = None
             augment = functools.partial(random_shift, generator=gen) if cfg.augment else None
             if modes is None:

@@ -89,7 +89,8 @@ def train_victim(
     net = build_classifier(spec)
     check_forward(net, spec)
     run.start()
-    log = fit(net, splits.train, train, checkpoint_dir=out / "checkpoint", device=device, progress=progress)
+    log = fit(net, splits.train, train, checkpoint_dir=out / "checkpoint", device=device, progress=progress,
+              checkpoint_key=run.fingerprint)  # fmt: skip
     net.cpu()
     prov = provenance("train", settings, seed, data=str(data))
     spec["provenance"] = {**prov, "history": log.history}

@@ -109,6 +109,11 @@ CASES = [
     ("--seed -1", "train --data {D} --seed -1 --out {NEW}", r"seed must be a non-negative integer|--seed", None),
     ("--lr nan", "train --data {D} --lr nan --out {NEW}", r"--lr must be a finite number, got nan", None),
     ("one image per class", "train --data {SINGLE} --out {NEW}", r"one-per-class", None),
+    ("a scan folder without reversed triggers",
+     "defend nc-prune --model {V} --data {D} --reversed-triggers {FOREIGN} --out {NEW}",
+     r"--reversed-triggers .*foreign: no reversed_triggers\.safetensors there", "FOREIGN"),
+    ("the same label twice to scan", "detect nc --model {V} --data {D} --labels 1 1 --out {NEW}",
+     r"--labels must be distinct labels", None),
     ("a folder given as a Keras file", "trojannet import-keras {V} --out {NEW}", r"a folder, not the Keras \.h5",
      None),
 ]  # fmt: skip

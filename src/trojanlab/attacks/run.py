@@ -123,12 +123,13 @@ def badnets(
         spec = fresh_spec(model, splits)
         spec.update(data_split_record(data, model, seed))
         net = build_classifier(spec)
-    check_trainable(splits, train)
+    check_trainable(splits, train, every_class=loaded is None)  # fine-tuning may read some of its classes
     if loaded is None:
         check_forward(net, spec)
     ref_accuracy, ref_from = _reference(reference, loaded, splits, victim)
     run.start()
-    log = fit(net, poisoned, train, checkpoint_dir=out / "checkpoint", device=device, progress=progress)
+    log = fit(net, poisoned, train, checkpoint_dir=out / "checkpoint", device=device, progress=progress,
+              checkpoint_key=run.fingerprint)  # fmt: skip
     net.cpu()
     attack = {"method": "badnets", "poison_rate": cfg.poison_rate, "mode": cfg.mode, **poisoned.summary(),
               "from": str(victim) if victim else "scratch"}  # fmt: skip

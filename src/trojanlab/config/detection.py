@@ -63,6 +63,11 @@ class NCConfig:
             raise ConfigError(f"NCConfig.cost_multiplier must be > 1, got {self.cost_multiplier}")
         check_number("NCConfig", "success_threshold", self.success_threshold, 0, 1, low_open=True)
         check_choice("NCConfig", "split", self.split, ("test", "train"))
+        if self.labels is not None:
+            for label in self.labels:
+                check_int("NCConfig", "labels", label, 0)
+            if not self.labels or len(set(self.labels)) != len(self.labels):
+                raise ConfigError(f"NCConfig.labels must be distinct labels, at least one, got {list(self.labels)}")
 
     def official_budget(self, num_labels: int) -> int:
         """Images forwarded by the official schedule without early stopping: 1,000 x 31 x 32 per label."""

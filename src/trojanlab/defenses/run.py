@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 from ..config.base import to_dict
@@ -83,6 +84,14 @@ def defend(
     run = prepare_run(out, f"defend {method}", settings, seed, restart=restart, force=force, model=model, data=data,
                       defender_data=defender.clean_data, **scans)  # fmt: skip
     out = run.path
+    for name, folder in scans.items():  # the run folders a config names hold what it reads (checked before work)
+        needed = {
+            "reversed_triggers": "reversed_triggers.safetensors",
+            "masks_from": "checkpoint/anp_state.safetensors",
+        }
+        if folder is not None and not (Path(folder) / needed[name]).is_file():
+            kind = "`trojanlab detect nc`" if name == "reversed_triggers" else "`trojanlab defend anp`"
+            raise ConfigError(f"--{name.replace('_', '-')} {folder}: no {needed[name]} there (a {kind} run folder)")
     loaded = load_artifact(model, device=device)
     splits = model_data(data, loaded.spec, seed)
     splits = check_fits(loaded, splits, model)
