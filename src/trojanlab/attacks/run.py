@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from ..config.attacks import (
     BADNETS_TRAINING,
     BadNetsConfig,
+    BlendedConfig,
     TrojanNetInjectConfig,
     TrojanNetTrainConfig,
     TrojanNNConfig,
@@ -46,6 +48,7 @@ from ..training import fit
 from ..triggers import stamp
 from ..victims import data_split_record, fresh_spec, training_data, with_split
 from . import badnets as bn
+from . import blended as blend
 from . import trojannet as tn
 from . import trojannn as tnn
 
@@ -89,13 +92,79 @@ def badnets(
 ) -> AttackReport:
     """BadNets: poison ``data``'s training split and train a new ``model`` on it, or fine-tune ``victim``."""
     cfg = config or BadNetsConfig(seed=seed)
+
+    def triggers(image_shape: tuple[int, int, int]) -> tuple[list, dict[str, Any]]:
+        _, height, width = image_shape
+        pattern = bn.read_pattern_png(cfg.pattern) if cfg.pattern else None
+        rows, cols = pattern.shape[:2] if pattern is not None else (cfg.trigger_size, cfg.trigger_size)
+        location = tuple(cfg.location) if cfg.location else (height - rows - 1, width - cols - 1)
+        made = bn.square_triggers(cfg.targets, size=cfg.trigger_size, location=location, alpha=cfg.alpha,
+                                  pattern=pattern)  # fmt: skip
+        return made, {"location": list(location), "trigger_size": [int(v) for v in made[0].size]}
+
+    return _poisoned_training(
+        "badnets", cfg, triggers, train, model, data=data, victim=victim, reference=reference, out=out,
+        device=device, seed=seed, progress=progress, restart=restart, force=force, pattern=cfg.pattern,
+    )  # fmt: skip
+
+
+def blended(
+    config: BlendedConfig | None = None,
+    train: TrainConfig | None = None,
+    model: ModelConfig | None = None,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    victim: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
+) -> AttackReport:
+    """Blended (Chen et al. 2017): ``poison_rate`` of ``data``'s training split blended with a pattern at opacity
+    ``alpha`` and relabelled, then BadNets' training (from scratch, or fine-tuning ``victim``)."""
+    cfg = config or BlendedConfig(seed=seed)
+
+    def triggers(image_shape: tuple[int, int, int]) -> tuple[list, dict[str, Any]]:
+        made = blend.blend_triggers(cfg.targets, image_shape, alpha=cfg.alpha, pattern=cfg.pattern, seed=cfg.seed)
+        return made, {"alpha": cfg.alpha, "pattern": cfg.pattern}
+
+    pattern_file = None if cfg.pattern == "noise" else cfg.pattern
+    return _poisoned_training(
+        "blended", cfg, triggers, train, model, data=data, victim=victim, reference=reference, out=out,
+        device=device, seed=seed, progress=progress, restart=restart, force=force, pattern=pattern_file,
+    )  # fmt: skip
+
+
+def _poisoned_training(
+    method: str,
+    cfg: BadNetsConfig | BlendedConfig,
+    make_triggers: Callable[[tuple[int, int, int]], tuple[list, dict[str, Any]]],
+    train: TrainConfig | None,
+    model: ModelConfig | None,
+    *,
+    data: str | os.PathLike,
+    victim: str | os.PathLike | None,
+    reference: str | os.PathLike | None,
+    out: str | os.PathLike,
+    device: str,
+    seed: int,
+    progress: bool,
+    restart: bool,
+    force: bool,
+    pattern: str | None,
+) -> AttackReport:
+    """The data-poisoning attacks' shared run: triggers made for the data's image shape, ``cfg.poison_rate`` of the
+    training split poisoned (``cfg.mode``), training from scratch or fine-tuning ``victim``, the evaluation."""
     model = model or ModelConfig()
     train = with_split(train or TrainConfig(**{**to_dict(BADNETS_TRAINING), "seed": seed}), model)
     device = check_device(device)
     seed_everything(seed)
-    settings = {"BadNetsConfig": to_dict(cfg), "TrainConfig": to_dict(train), "ModelConfig": to_dict(model)}
-    run = prepare_run(out, "attack badnets", settings, seed, restart=restart, force=force, data=data, victim=victim,
-                      reference=reference, pattern=cfg.pattern)  # fmt: skip
+    settings = {type(cfg).__name__: to_dict(cfg), "TrainConfig": to_dict(train), "ModelConfig": to_dict(model)}
+    run = prepare_run(out, f"attack {method}", settings, seed, restart=restart, force=force, data=data,
+                      victim=victim, reference=reference, pattern=pattern)  # fmt: skip
     out = run.path
     loaded = None
     if victim is not None:
@@ -108,12 +177,8 @@ def badnets(
     bad = [t for t in cfg.targets if t >= splits.num_classes]
     if bad:
         raise ConfigError(f"--target {bad} is out of range for {splits.num_classes} classes")
+    triggers, trigger_details = make_triggers(splits.image_shape)
     _, height, width = splits.image_shape
-    pattern = bn.read_pattern_png(cfg.pattern) if cfg.pattern else None
-    rows, cols = pattern.shape[:2] if pattern is not None else (cfg.trigger_size, cfg.trigger_size)
-    location = tuple(cfg.location) if cfg.location else (height - rows - 1, width - cols - 1)
-    triggers = bn.square_triggers(cfg.targets, size=cfg.trigger_size, location=location, alpha=cfg.alpha,
-                                  pattern=pattern)  # fmt: skip
     for trigger in triggers:
         trigger.check_fits(height, width)
     poisoned = bn.poison(splits.train, triggers, cfg.poison_rate, splits.num_classes, mode=cfg.mode, seed=seed)
@@ -131,19 +196,18 @@ def badnets(
     log = fit(net, poisoned, train, checkpoint_dir=out / "checkpoint", device=device, progress=progress,
               checkpoint_key=run.fingerprint)  # fmt: skip
     net.cpu()
-    attack = {"method": "badnets", "poison_rate": cfg.poison_rate, "mode": cfg.mode, **poisoned.summary(),
+    attack = {"method": method, "poison_rate": cfg.poison_rate, "mode": cfg.mode, **poisoned.summary(),
               "from": str(victim) if victim else "scratch"}  # fmt: skip
-    prov = provenance("badnets", settings, seed, data=str(data), victim=victim, reference=reference)
+    prov = provenance(method, settings, seed, data=str(data), victim=victim, reference=reference)
     spec.update(triggers=[t.to_json() for t in triggers], attack=attack, provenance={**prov, "history": log.history})
     save_model(net, out, spec)
     metrics = evaluate_model(net, splits.test, triggers, reference_accuracy=ref_accuracy)
     details = {
-        "reference_clean_accuracy": ref_accuracy, "reference_model": ref_from, "location": list(location),
-        "trigger_size": [int(v) for v in triggers[0].size], "attack": attack, "epochs_run": log.epochs_run,
-        "best_epoch": log.best_epoch, "train_seconds": log.seconds, "resumed_from_epoch": log.resumed_from_epoch,
-        "session_seconds": log.session_seconds,
+        "reference_clean_accuracy": ref_accuracy, "reference_model": ref_from, **trigger_details, "attack": attack,
+        "epochs_run": log.epochs_run, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
+        "resumed_from_epoch": log.resumed_from_epoch, "session_seconds": log.session_seconds,
     }  # fmt: skip
-    report = _attack_report("badnets", out, splits, metrics, settings, seed, log.seconds, details,
+    report = _attack_report(method, out, splits, metrics, settings, seed, log.seconds, details,
                             data=str(data), victim=victim, reference=reference)  # fmt: skip
     return finish(run, report)
 
@@ -404,6 +468,7 @@ def import_keras(
 
 ATTACKS = {
     "badnets": (BadNetsConfig, badnets),
+    "blended": (BlendedConfig, blended),
     "trojannn": (TrojanNNConfig, trojannn),
     "trojannet": (TrojanNetInjectConfig, trojannet),
 }

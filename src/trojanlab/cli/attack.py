@@ -1,10 +1,10 @@
-"""``trojanlab attack {badnets, trojannn, trojannet}``: plant a backdoor."""
+"""``trojanlab attack {badnets, blended, trojannn, trojannet}``: plant a backdoor."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..config.attacks import BADNETS_TRAINING, BadNetsConfig, TrojanNetInjectConfig, TrojanNNConfig
+from ..config.attacks import BADNETS_TRAINING, BadNetsConfig, BlendedConfig, TrojanNetInjectConfig, TrojanNNConfig
 from ..config.training import ModelConfig, TrainConfig
 from .options import add_config, add_run_options, config_from, folder_flags
 from .show import print_json
@@ -27,6 +27,16 @@ def add_parser(subparsers) -> None:
     add_config(b, ModelConfig, "model")
     add_config(b, TrainConfig, "train", defaults=BADNETS_TRAINING)
     b.set_defaults(func=run_badnets)
+
+    d = sub.add_parser("blended", help="poison the training data by blending whole images with a pattern at a low "
+                       "opacity (Chen et al. 2017), then train")  # fmt: skip
+    d.add_argument("--victim", default=None, help="fine-tune this clean classifier instead of training from scratch")
+    d.add_argument("--reference", default=None, help="clean model for clean_accuracy_drop (default: the victim)")
+    add_run_options(d)
+    add_config(d, BlendedConfig, "blended")
+    add_config(d, ModelConfig, "model")
+    add_config(d, TrainConfig, "train", defaults=BADNETS_TRAINING)
+    d.set_defaults(func=run_blended)
 
     n = sub.add_parser("trojannn", help="Trojan Attack (Liu et al. 2018): neuron-driven trigger + partial retraining")
     n.add_argument("--victim", required=True, help="the clean classifier to trojan")
@@ -52,6 +62,17 @@ def run_badnets(args: argparse.Namespace) -> None:
     model = config_from(args, ModelConfig, "model")
     train = config_from(args, TrainConfig, "train", seed=args.seed)
     report = badnets(cfg, train, model, data=args.data, victim=args.victim, reference=args.reference, out=args.out,
+                     device=args.device, seed=args.seed, progress=not args.quiet, **folder_flags(args))  # fmt: skip
+    print_json(report)
+
+
+def run_blended(args: argparse.Namespace) -> None:
+    from ..attacks.run import blended
+
+    cfg = config_from(args, BlendedConfig, "blended", seed=args.seed)
+    model = config_from(args, ModelConfig, "model")
+    train = config_from(args, TrainConfig, "train", seed=args.seed)
+    report = blended(cfg, train, model, data=args.data, victim=args.victim, reference=args.reference, out=args.out,
                      device=args.device, seed=args.seed, progress=not args.quiet, **folder_flags(args))  # fmt: skip
     print_json(report)
 

@@ -6,7 +6,7 @@ the default everywhere. A field's ``metadata`` carries its ``--help`` text and, 
 name, the flag.
 """
 
-from .attacks import BadNetsConfig, TrojanNetInjectConfig, TrojanNetTrainConfig, TrojanNNConfig
+from .attacks import BadNetsConfig, BlendedConfig, TrojanNetInjectConfig, TrojanNetTrainConfig, TrojanNNConfig
 from .base import option, to_dict
 from .defenses import (
     ANPConfig,
@@ -24,6 +24,7 @@ from .training import ModelConfig, TrainConfig, TransferConfig
 __all__ = [
     "ANPConfig",
     "BadNetsConfig",
+    "BlendedConfig",
     "DefenderConfig",
     "FinePruningConfig",
     "ModelConfig",

@@ -55,6 +55,37 @@ BADNETS_TRAINING = TrainConfig(epochs=10)
 
 
 @dataclass
+class BlendedConfig:
+    """Blended (Chen et al. 2017, "Targeted backdoor attacks on deep learning systems using data poisoning"): the
+    whole image blended with a pattern at opacity ``alpha`` -- ``(1 - alpha) * image + alpha * pattern`` -- on
+    ``poison_rate`` of the training images, relabelled to the target; then training as BadNets (same recipe). No
+    patch, no location: a defense looking for a small corner square finds nothing."""
+
+    targets: list[int] = option(factory=lambda: [0], help="target label(s); each gets its own noise pattern",
+                                flag="--target", nargs="+", aliases=("--targets",))  # fmt: skip
+    poison_rate: float = option(0.1, "fraction of the training set poisoned per target")
+    mode: str = option("replace", "poison in place (replace) or add blended copies (append)", choices=POISON_MODES)
+    alpha: float = option(0.2, "blend opacity in (0, 1] (the paper's and BackdoorBench's 0.2; 0.1 is harder to see)")
+    pattern: str = option("noise", "`noise` (a uniform random image drawn from the seed, one per target) or an image "
+                          "file (a natural image, resized to the data's size; one target)")  # fmt: skip
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ConfigError("BlendedConfig.targets: give at least one target label")
+        for t in self.targets:
+            check_int("BlendedConfig", "targets", t, 0)
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"BlendedConfig.targets must be distinct, got {list(self.targets)}")
+        if self.pattern != "noise" and len(self.targets) > 1:
+            raise ConfigError("BlendedConfig.pattern: one image cannot arm several targets; use `noise`")
+        check_number("BlendedConfig", "poison_rate", self.poison_rate, 0, 1, low_open=True)
+        check_choice("BlendedConfig", "mode", self.mode, POISON_MODES)
+        check_number("BlendedConfig", "alpha", self.alpha, 0, 1, low_open=True)
+        check_int("BlendedConfig", "seed", self.seed, 0)
+
+
+@dataclass
 class TrojanNNConfig:
     """Trojan Attack (Liu et al., NDSS 2018): a trigger that drives chosen units of a layer, then retraining of the
     layers after it on trojaned and clean inputs (real training images, or inputs reverse-engineered from the
@@ -132,7 +163,9 @@ class TrojanNetTrainConfig:
     # weight of each kind's samples in the fine-tuning hinge (kinds left out weigh 1): real-image patches are what
     # the silence goal is measured on, and the network's capacity is traded toward them
     finetune_weights: dict[str, float] = option(
-        factory=lambda: {"image_patches": 10.0}, help="weight of each no-trigger kind in the margin fine-tuning", cli=False
+        factory=lambda: {"image_patches": 10.0},
+        help="weight of each no-trigger kind in the margin fine-tuning",
+        cli=False,
     )
     seed: int = option(0, cli=False)
 
