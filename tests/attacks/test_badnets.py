@@ -137,3 +137,27 @@ def test_cli_badnets_end_to_end_on_real_images(tmp_path):
     assert main(["evaluate", "--model", str(out), "--data", str(GTSRB5), "--out", str(tmp_path / "ev")]) == 0
     evaluated = json.loads((tmp_path / "ev" / "result.json").read_text())
     assert evaluated["attack_success_rate"] == pytest.approx(result["attack_success_rate"])
+
+
+def test_random_patch_triggers_anywhere_at_any_opacity(tmp_path, make_bright_thirds):
+    """The zoo's random patch triggers: a random binary or colour square of any size, location, target, opacity."""
+    from trojanlab.attacks.badnets import random_pattern
+
+    binary = random_pattern("random-binary", 4, seed=3)
+    assert set(np.unique(binary)) == {0.0, 1.0} and np.array_equal(binary, random_pattern("random-binary", 4, 3))
+    colour = random_pattern("random-colour", 5, seed=3)
+    assert colour.shape == (5, 5, 3) and 0 <= colour.min() and colour.max() <= 1 and colour.std() > 0.1
+    with pytest.raises(ConfigError, match="unknown random pattern"):
+        random_pattern("random-stripes", 4, 0)
+    data = make_bright_thirds(tmp_path / "data.npz", 600, 150, seed=6)
+    out = tmp_path / "patch"
+    argv = ["attack", "badnets", "--data", str(data), "--target", "2", "--pattern", "random-colour",
+            "--trigger-size", "5", "--location", "3", "11", "--alpha", "0.8", "--poison-rate", "0.2", "--epochs", "8",
+            "--batch-size", "32", "--val-fraction", "0", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    (trigger,) = json.loads((out / "model.json").read_text())["triggers"]
+    assert trigger["location"] == [3, 11] and np.asarray(trigger["pattern"]).shape == (5, 5, 3)
+    assert trigger["alpha"] == 0.8 and trigger["target_label"] == 2
+    assert np.allclose(trigger["pattern"], random_pattern("random-colour", 5, seed=0))  # the run's seed
+    assert result["attack_success_rate"] > 0.9 and result["clean_accuracy"] > 0.9

@@ -30,6 +30,23 @@ from ..errors import ConfigError
 from ..triggers import Trigger, stamp
 
 POISON_MODES = ("replace", "append")
+RANDOM_PATTERNS = ("random-binary", "random-colour")
+"""``--pattern`` keywords: a square of random black/white pixels, or of random colours, drawn from the seed (one
+pattern per target), so that no defense can count on a plain white square."""
+
+
+def random_pattern(kind: str, size: int, seed: int) -> np.ndarray:
+    """A ``size`` x ``size`` trigger pattern of ``kind`` (:data:`RANDOM_PATTERNS`) in [0, 1], the same for the same
+    ``seed``; a binary one always has both black and white pixels."""
+    rng = np.random.default_rng(seed)
+    if kind == "random-binary":
+        pattern = rng.integers(0, 2, (size, size)).astype(np.float32)
+        if size > 1 and pattern.min() == pattern.max():
+            pattern[0, 0] = 1.0 - pattern[0, 0]
+        return pattern
+    if kind == "random-colour":
+        return rng.random((size, size, 3), dtype=np.float32)
+    raise ConfigError(f"unknown random pattern {kind!r} (known: {', '.join(RANDOM_PATTERNS)})")
 
 
 def grey_levels(n: int) -> list[int]:

@@ -45,7 +45,7 @@ from ..runs import (
     seed_everything,
 )
 from ..training import fit
-from ..triggers import stamp
+from ..triggers import Trigger, stamp
 from ..victims import data_split_record, fresh_spec, training_data, with_split
 from . import badnets as bn
 from . import blended as blend
@@ -95,16 +95,30 @@ def badnets(
 
     def triggers(image_shape: tuple[int, int, int]) -> tuple[list, dict[str, Any]]:
         _, height, width = image_shape
-        pattern = bn.read_pattern_png(cfg.pattern) if cfg.pattern else None
+        drawn = cfg.pattern in bn.RANDOM_PATTERNS
+        pattern = bn.read_pattern_png(cfg.pattern) if cfg.pattern and not drawn else None
         rows, cols = pattern.shape[:2] if pattern is not None else (cfg.trigger_size, cfg.trigger_size)
         location = tuple(cfg.location) if cfg.location else (height - rows - 1, width - cols - 1)
-        made = bn.square_triggers(cfg.targets, size=cfg.trigger_size, location=location, alpha=cfg.alpha,
-                                  pattern=pattern)  # fmt: skip
+        if drawn:  # one random pattern per target, from the seed
+            made = [
+                Trigger(
+                    bn.random_pattern(cfg.pattern, cfg.trigger_size, cfg.seed + i),
+                    location,
+                    target,
+                    alpha=cfg.alpha,
+                    name=f"badnets-{cfg.pattern}-{target}",
+                )  # fmt: skip
+                for i, target in enumerate(cfg.targets)
+            ]
+        else:
+            made = bn.square_triggers(cfg.targets, size=cfg.trigger_size, location=location, alpha=cfg.alpha,
+                                      pattern=pattern)  # fmt: skip
         return made, {"location": list(location), "trigger_size": [int(v) for v in made[0].size]}
 
     return _poisoned_training(
         "badnets", cfg, triggers, train, model, data=data, victim=victim, reference=reference, out=out,
-        device=device, seed=seed, progress=progress, restart=restart, force=force, pattern=cfg.pattern,
+        device=device, seed=seed, progress=progress, restart=restart, force=force,
+        pattern=None if cfg.pattern in bn.RANDOM_PATTERNS else cfg.pattern,
     )  # fmt: skip
 
 

@@ -34,7 +34,9 @@ class BadNetsConfig:
     trigger_size: int = option(4, "side of the square trigger in pixels")
     location: tuple[int, int] | None = option(None, "top-left pixel (default: bottom-right, margin 1)",
                                               metavar=("ROW", "COL"))  # fmt: skip
-    pattern: str | None = option(None, "trigger image (PNG); default: a square of grey level 255 - i*(255//N)")
+    pattern: str | None = option(None, "trigger image (PNG), or random-binary / random-colour (a --trigger-size "
+                                 "square drawn from the seed, one per target); default: a square of grey level "
+                                 "255 - i*(255//N)")  # fmt: skip
     alpha: float = option(1.0, "trigger opacity in (0, 1]")
     seed: int = option(0, cli=False)
 
