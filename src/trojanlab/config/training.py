@@ -40,7 +40,8 @@ class ModelConfig:
     """The classifier a training run builds: its architecture, input normalisation and, for image folders, size and
     split."""
 
-    arch: str = option("gtsrb_cnn", "gtsrb_cnn or any torchvision classifier name")
+    arch: str = option("gtsrb_cnn", "gtsrb_cnn, gtsrb_cnn_bn (with BatchNorm), efficientnet_lite0 or any "
+                       "torchvision classifier name")  # fmt: skip
     normalize: str = option("dataset", "input normalisation: the training split's mean/std, or none",
                             choices=NORMALIZATIONS)  # fmt: skip
     image_size: int | None = option(None, "resize image folders to this size (default 32; pretrained: the backbone's)")

@@ -1,6 +1,7 @@
 """The architecture registry: an untrained network from a name, as a ``classifier`` spec's ``arch`` names it.
 
-Built in: ``gtsrb_cnn`` (:class:`~trojanlab.models.gtsrb_cnn.GTSRBCNN`), ``efficientnet_lite0`` (the
+Built in: ``gtsrb_cnn`` (:class:`~trojanlab.models.gtsrb_cnn.GTSRBCNN`), ``gtsrb_cnn_bn`` (the same with a
+BatchNorm after every convolution and FC 512), ``efficientnet_lite0`` (the
 ``efficientnet-lite-pytorch`` port) and any torchvision classifier by its name (``resnet18``, ``vgg16``,
 ``inception_v3``, ...). :func:`register_architecture` adds a name. Nothing here loads weights: pretrained backbones
 are :mod:`trojanlab.models.backbones`, saved artefacts :mod:`trojanlab.models.artifacts`.
@@ -39,6 +40,7 @@ def efficientnet_lite0(num_classes: int, input_size: tuple[int, int, int] = (3, 
 
 _ARCHITECTURES: dict[str, Factory] = {
     "gtsrb_cnn": lambda n, shape: GTSRBCNN(n, in_channels=shape[0], image_size=shape[1]),
+    "gtsrb_cnn_bn": lambda n, shape: GTSRBCNN(n, in_channels=shape[0], image_size=shape[1], batch_norm=True),
     "efficientnet_lite0": efficientnet_lite0,
 }
 
