@@ -46,3 +46,11 @@ def defense_seconds(result: dict) -> float:
     if "defense_seconds" in result:
         return result["defense_seconds"]
     return result["mask_seconds"] + result["selection_seconds"]
+
+
+def finished_run(run_dir: Path) -> dict:
+    """The ``run.json`` of a finished ``trojanlab reproduce`` run folder, or exit naming why not."""
+    run = json.loads((Path(run_dir) / "run.json").read_text())
+    if run.get("status") != "done":
+        sys.exit(f"{run_dir}: the run did not finish (status {run.get('status')})")
+    return run

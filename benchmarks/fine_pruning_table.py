@@ -17,6 +17,8 @@ import json
 import shutil
 from pathlib import Path
 
+from _runs import finished_run
+
 from trojanlab.formatting import pct, pp
 
 MODELS = {"badnets": "BadNets", "trojannn": "Trojan Attack", "trojannet-n1": "TrojanNet N_inf 1"}
@@ -67,9 +69,7 @@ def main() -> None:
     ap.add_argument("--readme", default="README.md")
     args = ap.parse_args()
     run_dir = Path(args.run)
-    run = json.loads((run_dir / "run.json").read_text())
-    if run.get("status") != "done":
-        raise SystemExit(f"{run_dir}: the run did not finish (status {run.get('status')})")
+    run = finished_run(run_dir)
     results = Path("benchmarks/results")
     kept = results / "fine-pruning"  # the run's records (no weights), so every figure's file is in the repository
     if run_dir.resolve().is_relative_to(results.resolve()):  # already kept (say, the full profile's records)

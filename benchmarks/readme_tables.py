@@ -11,9 +11,10 @@ the run folder from the repository root. Run it after ``benchmarks/reproduce_rep
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
+
+from _runs import finished_run
 
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 
@@ -59,9 +60,7 @@ def main() -> None:
     ap.add_argument("--readme", default="README.md")
     args = ap.parse_args()
     run_dir = Path(args.run)
-    run = json.loads((run_dir / "run.json").read_text())
-    if run.get("status") != "done":
-        raise SystemExit(f"{run_dir}: the run did not finish (status {run.get('status')})")
+    run = finished_run(run_dir)
     block = f"{BEGIN}\n{run_paragraph(run, args.run)}\n\n{tables((run_dir / 'report' / 'report.md').read_text(), args.run)}\n{END}"
     readme = Path(args.readme)
     text = readme.read_text()

@@ -57,17 +57,6 @@ def check_device(device: str | torch.device) -> str:
     return str(dev)
 
 
-def output_folder(out: str | os.PathLike) -> Path:
-    """``out`` created if needed, or a :class:`ConfigError` before any work when it cannot hold results. For a
-    run's own folder use :func:`prepare_run` (which also refuses a folder holding another run)."""
-    path = _check_writable(Path(out))
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {path}: cannot create the folder ({exc.strerror})") from exc
-    return path
-
-
 def _check_writable(path: Path) -> Path:
     """``path`` if it is a writable folder or could be created as one (nothing is created)."""
     if path.exists() and not path.is_dir():
@@ -210,12 +199,6 @@ class RunFolder:
     replace: bool  # the folder's earlier run (or checkpoints) are discarded at start
     foreign: list[str] = field(default_factory=list)  # entries no trojanlab run wrote, kept (--force)
     started: bool = False
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
-    def __fspath__(self) -> str:
-        return str(self.path)
 
     def start(self) -> Path:
         """Create the folder (or clear the earlier run in it) and record this run's manifest."""

@@ -10,6 +10,15 @@ from .options import add_config, add_run_options, config_from, folder_flags
 from .show import print_json
 
 
+POISONING = {
+    "badnets": ("poison the training data with a square trigger and train (Gu et al. 2017)", BadNetsConfig),
+    "blended": ("poison the training data by blending whole images with a pattern at a low opacity (Chen et al. "
+                "2017), then train", BlendedConfig),
+}  # fmt: skip
+"""The data-poisoning attacks: poison the training split, then train from scratch or fine-tune ``--victim`` (their
+entry points are ``trojanlab.attacks.run.ATTACKS[name]``, options from their config class and BadNets' training)."""
+
+
 def add_parser(subparsers) -> None:
     sub = subparsers.add_parser("attack", help="plant a backdoor").add_subparsers(dest="method", required=True)
     a = sub.add_parser("trojannet", help="inject a trained TrojanNet into a victim (no retraining)")
@@ -19,24 +28,17 @@ def add_parser(subparsers) -> None:
     add_config(a, TrojanNetInjectConfig, "inject")
     a.set_defaults(func=run_trojannet)
 
-    b = sub.add_parser("badnets", help="poison the training data with a square trigger and train (Gu et al. 2017)")
-    b.add_argument("--victim", default=None, help="fine-tune this clean classifier instead of training from scratch")
-    b.add_argument("--reference", default=None, help="clean model for clean_accuracy_drop (default: the victim)")
-    add_run_options(b)
-    add_config(b, BadNetsConfig, "badnets")
-    add_config(b, ModelConfig, "model")
-    add_config(b, TrainConfig, "train", defaults=BADNETS_TRAINING)
-    b.set_defaults(func=run_badnets)
-
-    d = sub.add_parser("blended", help="poison the training data by blending whole images with a pattern at a low "
-                       "opacity (Chen et al. 2017), then train")  # fmt: skip
-    d.add_argument("--victim", default=None, help="fine-tune this clean classifier instead of training from scratch")
-    d.add_argument("--reference", default=None, help="clean model for clean_accuracy_drop (default: the victim)")
-    add_run_options(d)
-    add_config(d, BlendedConfig, "blended")
-    add_config(d, ModelConfig, "model")
-    add_config(d, TrainConfig, "train", defaults=BADNETS_TRAINING)
-    d.set_defaults(func=run_blended)
+    for name, (text, cls) in POISONING.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument(
+            "--victim", default=None, help="fine-tune this clean classifier instead of training from scratch"
+        )
+        p.add_argument("--reference", default=None, help="clean model for clean_accuracy_drop (default: the victim)")
+        add_run_options(p)
+        add_config(p, cls, name)
+        add_config(p, ModelConfig, "model")
+        add_config(p, TrainConfig, "train", defaults=BADNETS_TRAINING)
+        p.set_defaults(func=run_poisoning, attack=name)
 
     n = sub.add_parser("trojannn", help="Trojan Attack (Liu et al. 2018): neuron-driven trigger + partial retraining")
     n.add_argument("--victim", required=True, help="the clean classifier to trojan")
@@ -55,25 +57,15 @@ def run_trojannet(args: argparse.Namespace) -> None:
     )
 
 
-def run_badnets(args: argparse.Namespace) -> None:
-    from ..attacks.run import badnets
+def run_poisoning(args: argparse.Namespace) -> None:
+    from ..attacks.run import ATTACKS
 
-    cfg = config_from(args, BadNetsConfig, "badnets", seed=args.seed)
+    cls, entry = ATTACKS[args.attack]
+    cfg = config_from(args, cls, args.attack, seed=args.seed)
     model = config_from(args, ModelConfig, "model")
     train = config_from(args, TrainConfig, "train", seed=args.seed)
-    report = badnets(cfg, train, model, data=args.data, victim=args.victim, reference=args.reference, out=args.out,
-                     device=args.device, seed=args.seed, progress=not args.quiet, **folder_flags(args))  # fmt: skip
-    print_json(report)
-
-
-def run_blended(args: argparse.Namespace) -> None:
-    from ..attacks.run import blended
-
-    cfg = config_from(args, BlendedConfig, "blended", seed=args.seed)
-    model = config_from(args, ModelConfig, "model")
-    train = config_from(args, TrainConfig, "train", seed=args.seed)
-    report = blended(cfg, train, model, data=args.data, victim=args.victim, reference=args.reference, out=args.out,
-                     device=args.device, seed=args.seed, progress=not args.quiet, **folder_flags(args))  # fmt: skip
+    report = entry(cfg, train, model, data=args.data, victim=args.victim, reference=args.reference, out=args.out,
+                   device=args.device, seed=args.seed, progress=not args.quiet, **folder_flags(args))  # fmt: skip
     print_json(report)
 
 
