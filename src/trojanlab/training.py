@@ -209,8 +209,12 @@ def weighted_cross_entropy(weights: np.ndarray | torch.Tensor) -> Loss:
 
 
 def keras_adam(params: list[nn.Parameter], cfg: TrainConfig, steps_per_epoch: int):
-    """The default optimiser: Adam at ``cfg.lr`` with the Keras time decay ``lr / (1 + cfg.lr_decay * step)``."""
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    """The default optimiser: ``cfg.optimizer`` -- Adam, or SGD with momentum 0.9 -- at ``cfg.lr`` with the Keras
+    time decay ``lr / (1 + cfg.lr_decay * step)``."""
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + cfg.lr_decay * step))
 
 

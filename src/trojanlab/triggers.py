@@ -1,7 +1,13 @@
 """Trigger stamping in raw pixel space, before any normalisation (methods sheet section 1.2).
 
-``x' = (1 - M) * x + M * ((1 - a) * x + a * P)`` with mask ``M`` (h x w, values in [0, 1]), pattern ``P`` (raw
-values in [0, 1], meaning 0..255), opacity ``a`` and the trigger's top-left pixel at ``location = (row, col)``.
+Two kinds of trigger travel with a model (in its spec's ``triggers``, read back by :func:`trigger_from_json`):
+
+* :class:`Trigger`, a patch: ``x' = (1 - M) * x + M * ((1 - a) * x + a * P)`` with mask ``M`` (h x w, values in
+  [0, 1]), pattern ``P`` (raw values in [0, 1], meaning 0..255), opacity ``a`` and the trigger's top-left pixel at
+  ``location = (row, col)``. BadNets, Blended (a full-image patch), Trojan Attack and TrojanNet use it.
+* :class:`WarpTrigger`, WaNet's smooth warping field: no pixel is painted, every pixel moves a little.
+
+:func:`stamp` applies either.
 """
 
 from __future__ import annotations
@@ -82,12 +88,111 @@ class Trigger:
         )
 
 
-def stamp(images: np.ndarray | torch.Tensor, trigger: Trigger) -> np.ndarray | torch.Tensor:
+@dataclass
+class WarpTrigger:
+    """WaNet's trigger (Nguyen & Tran, ICLR 2021): a fixed, smooth warping field applied with ``grid_sample``.
+
+    ``flow`` is the ``(k, k, 2)`` field of control offsets (uniform in [-1, 1], scaled so its mean absolute value is
+    1); it is upsampled (bicubic) to the image size and moves each pixel by ``strength * flow / H`` in grid units,
+    ``grid = clamp((identity + strength * flow / H) * rescale, -1, 1)``. With ``noise > 0`` (the paper's noise mode)
+    every image gets fresh random offsets of up to ``noise / H`` on top; such images keep their true label
+    (``relabels = False``) so the network learns the fixed field, not "any warp". The field is resized to any image
+    size, so it fits every image.
+    """
+
+    flow: np.ndarray
+    strength: float
+    target_label: int
+    rescale: float = 1.0
+    noise: float = 0.0
+    relabels: bool = True
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.flow = np.asarray(self.flow, dtype=np.float32)
+        if self.flow.ndim != 3 or self.flow.shape[2] != 2 or min(self.flow.shape[:2]) < 2:
+            raise ConfigError(f"warp field must be (k, k, 2) with k >= 2, got shape {self.flow.shape}")
+        if not np.isfinite(self.flow).all():
+            raise ConfigError("warp field has non-finite values")
+        if not (np.isfinite(self.strength) and self.strength > 0):
+            raise ConfigError(f"warp strength must be a positive number, got {self.strength}")
+        if not (np.isfinite(self.rescale) and self.rescale > 0) or not (np.isfinite(self.noise) and self.noise >= 0):
+            raise ConfigError(f"warp rescale must be > 0 and noise >= 0, got {self.rescale} and {self.noise}")
+        self.target_label = int(self.target_label)
+
+    def check_fits(self, height: int, width: int) -> None:
+        """A warping field is resized to the image: it fits any ``height`` x ``width`` of at least 2 x 2 pixels."""
+        if height < 2 or width < 2:
+            raise ConfigError(f"a warping trigger needs images of at least 2x2 pixels, got {height}x{width}")
+
+    def grid(self, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ``(1, H, W, 2)`` sampling grid (x, y order, as ``grid_sample`` reads it), before any noise."""
+        flow = torch.as_tensor(self.flow, dtype=torch.float32).permute(2, 0, 1)[None]
+        flow = torch.nn.functional.interpolate(flow, size=(height, width), mode="bicubic", align_corners=True)
+        rows, cols = torch.linspace(-1, 1, height), torch.linspace(-1, 1, width)
+        y, x = torch.meshgrid(rows, cols, indexing="ij")
+        identity = torch.stack((x, y), dim=-1)[None]
+        # the paper divides by the image height for both axes; its images are square
+        grid = (identity + self.strength * flow.permute(0, 2, 3, 1) / height) * self.rescale
+        return grid.clamp(-1, 1).to(device)
+
+    def warp(self, x: torch.Tensor) -> torch.Tensor:
+        """Warp float images ``(N, C, H, W)`` or ``(C, H, W)`` in [0, 1]."""
+        single = x.ndim == 3
+        batch = x[None] if single else x
+        n, _, height, width = batch.shape
+        grid = self.grid(height, width, batch.device).to(batch.dtype).expand(n, -1, -1, -1)
+        if self.noise > 0:
+            shake = torch.rand(n, height, width, 2, device=batch.device, dtype=batch.dtype) * 2 - 1
+            grid = (grid + shake * self.noise / height).clamp(-1, 1)
+        out = torch.nn.functional.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return out[0] if single else out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "warp",
+            "name": self.name,
+            "target_label": self.target_label,
+            "flow": self.flow.tolist(),
+            "strength": self.strength,
+            "rescale": self.rescale,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WarpTrigger:
+        return cls(
+            flow=np.asarray(data["flow"], dtype=np.float32),
+            strength=float(data["strength"]),
+            target_label=data["target_label"],
+            rescale=float(data.get("rescale", 1.0)),
+            name=data.get("name", ""),
+            extra=data.get("extra", {}),
+        )
+
+
+AnyTrigger = Trigger | WarpTrigger
+TRIGGER_TYPES = {"patch": Trigger, "warp": WarpTrigger}
+"""The trigger kinds a spec may carry, by their ``type`` key (absent: a patch, as every older spec)."""
+
+
+def trigger_from_json(data: dict[str, Any]) -> AnyTrigger:
+    """A trigger from its JSON form, of the kind its ``type`` names."""
+    kind = data.get("type", "patch")
+    if kind not in TRIGGER_TYPES:
+        raise ConfigError(f"unknown trigger type {kind!r} (known: {', '.join(TRIGGER_TYPES)})")
+    return TRIGGER_TYPES[kind].from_json(data)
+
+
+def stamp(images: np.ndarray | torch.Tensor, trigger: AnyTrigger) -> np.ndarray | torch.Tensor:
     """Stamp ``trigger`` on a copy of ``images``.
 
     Accepts raw uint8 ``(N, H, W, C)`` / ``(H, W, C)`` arrays (returns uint8, rounded) or float tensors in [0, 1]
     ``(N, C, H, W)`` / ``(C, H, W)`` (returns float). Raises :class:`ConfigError` if the trigger falls outside.
     """
+    if isinstance(trigger, WarpTrigger):
+        return _warp(images, trigger)
     r, c = trigger.location
     h, w = trigger.size
     if isinstance(images, torch.Tensor) and images.is_floating_point():
@@ -111,6 +216,19 @@ def stamp(images: np.ndarray | torch.Tensor, trigger: Trigger) -> np.ndarray | t
     region = x[..., r : r + h, c : c + w, :].astype(np.float32)
     x[..., r : r + h, c : c + w, :] = np.clip(np.rint(region + mask * (pattern - region)), 0, 255).astype(np.uint8)
     return x
+
+
+def _warp(images: np.ndarray | torch.Tensor, trigger: WarpTrigger) -> np.ndarray | torch.Tensor:
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        trigger.check_fits(*images.shape[-2:])
+        return trigger.warp(images)
+    x = np.asarray(images)
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise ConfigError(f"stamp expects uint8 (N, H, W, C) raw images or float tensors, got {x.dtype} {x.shape}")
+    trigger.check_fits(x.shape[-3], x.shape[-2])
+    tensor = torch.from_numpy(x.astype(np.float32) / 255.0).movedim(-1, -3)
+    warped = trigger.warp(tensor).movedim(-3, -1).numpy()
+    return np.clip(np.rint(warped * 255.0), 0, 255).astype(np.uint8)
 
 
 class StampTrigger:

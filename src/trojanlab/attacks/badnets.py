@@ -104,13 +104,16 @@ class PoisonedImageSet:
     def y(self) -> np.ndarray:
         if not self.relabel:
             return self.base.y[self.source]
-        targets = np.array([t.target_label for t in self.triggers] + [-1], dtype=np.int64)
-        return np.where(self.trigger_id >= 0, targets[self.trigger_id], self.base.y[self.source])
+        # a trigger with relabels=False (WaNet's noise mode) keeps its samples' true labels
+        targets = np.array([t.target_label if getattr(t, "relabels", True) else -1 for t in self.triggers] + [-1])
+        moved = targets[self.trigger_id]
+        return np.where((self.trigger_id >= 0) & (moved >= 0), moved, self.base.y[self.source]).astype(np.int64)
 
     @property
     def poisoned(self) -> np.ndarray:
-        """Positions (in this view) of the poisoned samples."""
-        return np.flatnonzero(self.trigger_id >= 0)
+        """Positions (in this view) of the poisoned samples (relabelled to a target)."""
+        relabelling = np.array([getattr(t, "relabels", True) for t in self.triggers] + [False])
+        return np.flatnonzero(relabelling[self.trigger_id])
 
     def subset(self, index: np.ndarray | Sequence[int]) -> PoisonedImageSet:
         index = np.asarray(index)
@@ -139,8 +142,16 @@ class PoisonedImageSet:
         return ImageSet(x, self.y)
 
     def summary(self) -> dict[str, Any]:
-        counts = {str(t.target_label): int((self.trigger_id == k).sum()) for k, t in enumerate(self.triggers)}
-        return {"samples": len(self), "poisoned": len(self.poisoned), "poisoned_per_target": counts}
+        counts: dict[str, int] = {}
+        kept = 0
+        for k, t in enumerate(self.triggers):
+            n = int((self.trigger_id == k).sum())
+            if getattr(t, "relabels", True):
+                counts[str(t.target_label)] = counts.get(str(t.target_label), 0) + n
+            else:
+                kept += n
+        extra = {"noise_mode_samples": kept} if kept else {}
+        return {"samples": len(self), "poisoned": len(self.poisoned), "poisoned_per_target": counts, **extra}
 
 
 def poison(

@@ -22,6 +22,7 @@ from ..config.attacks import (
     TrojanNetInjectConfig,
     TrojanNetTrainConfig,
     TrojanNNConfig,
+    WaNetConfig,
 )
 from ..config.base import to_dict
 from ..config.training import ModelConfig, TrainConfig
@@ -51,6 +52,7 @@ from . import badnets as bn
 from . import blended as blend
 from . import trojannet as tn
 from . import trojannn as tnn
+from . import wanet as wn
 
 
 def _reference(reference: str | os.PathLike | None, victim, splits, victim_path) -> tuple[float | None, str | None]:
@@ -152,9 +154,42 @@ def blended(
     )  # fmt: skip
 
 
+def wanet(
+    config: WaNetConfig | None = None,
+    train: TrainConfig | None = None,
+    model: ModelConfig | None = None,
+    *,
+    data: str | os.PathLike = "gtsrb",
+    victim: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
+) -> AttackReport:
+    """WaNet (Nguyen & Tran 2021): ``poison_rate`` of ``data``'s training split warped by a fixed smooth field and
+    relabelled, ``cross_ratio`` times as many noise-warped at their true labels, then BadNets' training."""
+    cfg = config or WaNetConfig(seed=seed)
+
+    def triggers(image_shape: tuple[int, int, int]) -> tuple[list, dict[str, Any]]:
+        made = wn.warp_triggers(cfg.targets, cfg.grid_size, cfg.strength, cfg.rescale, seed=cfg.seed)
+        return made, {"grid_size": cfg.grid_size, "strength": cfg.strength, "cross_ratio": cfg.cross_ratio}
+
+    def poison_data(train_set, made, num_classes):
+        return wn.poison_warped(train_set, made, cfg.poison_rate, cfg.cross_ratio, num_classes, seed=seed)
+
+    return _poisoned_training(
+        "wanet", cfg, triggers, train, model, data=data, victim=victim, reference=reference, out=out,
+        device=device, seed=seed, progress=progress, restart=restart, force=force, pattern=None,
+        poison_data=poison_data,
+    )  # fmt: skip
+
+
 def _poisoned_training(
     method: str,
-    cfg: BadNetsConfig | BlendedConfig,
+    cfg: BadNetsConfig | BlendedConfig | WaNetConfig,
     make_triggers: Callable[[tuple[int, int, int]], tuple[list, dict[str, Any]]],
     train: TrainConfig | None,
     model: ModelConfig | None,
@@ -169,9 +204,11 @@ def _poisoned_training(
     restart: bool,
     force: bool,
     pattern: str | None,
+    poison_data: Callable[..., bn.PoisonedImageSet] | None = None,
 ) -> AttackReport:
     """The data-poisoning attacks' shared run: triggers made for the data's image shape, ``cfg.poison_rate`` of the
-    training split poisoned (``cfg.mode``), training from scratch or fine-tuning ``victim``, the evaluation."""
+    training split poisoned (``cfg.mode``, or by ``poison_data(train_split, triggers, num_classes)``), training from
+    scratch or fine-tuning ``victim``, the evaluation."""
     model = model or ModelConfig()
     train = with_split(train or TrainConfig(**{**to_dict(BADNETS_TRAINING), "seed": seed}), model)
     device = check_device(device)
@@ -195,7 +232,10 @@ def _poisoned_training(
     _, height, width = splits.image_shape
     for trigger in triggers:
         trigger.check_fits(height, width)
-    poisoned = bn.poison(splits.train, triggers, cfg.poison_rate, splits.num_classes, mode=cfg.mode, seed=seed)
+    if poison_data is None:
+        poisoned = bn.poison(splits.train, triggers, cfg.poison_rate, splits.num_classes, mode=cfg.mode, seed=seed)
+    else:
+        poisoned = poison_data(splits.train, triggers, splits.num_classes)
     if loaded is not None:
         spec, net = dict(loaded.spec), loaded.module
     else:
@@ -483,6 +523,7 @@ def import_keras(
 ATTACKS = {
     "badnets": (BadNetsConfig, badnets),
     "blended": (BlendedConfig, blended),
+    "wanet": (WaNetConfig, wanet),
     "trojannn": (TrojanNNConfig, trojannn),
     "trojannet": (TrojanNetInjectConfig, trojannet),
 }

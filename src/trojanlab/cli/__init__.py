@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import Interrupted, TrojanlabError
-from . import attack, defend, demo, detect, evaluate, reproduce, train, trojannet
+from . import attack, defend, demo, detect, evaluate, reproduce, train, trojannet, zoo
 
-COMMANDS = (train, trojannet, attack, detect, defend, evaluate, demo, reproduce)
+COMMANDS = (train, trojannet, attack, detect, defend, evaluate, demo, reproduce, zoo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except Interrupted as exc:  # Ctrl-C, answered at a step boundary with a checkpoint
         print(f"trojanlab: {exc}", file=sys.stderr)
         return 130
@@ -40,4 +40,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             "trojanlab: interrupted; files already written are complete (each is written atomically)", file=sys.stderr
         )
         return 130
-    return 0
+    return int(code or 0)

@@ -88,6 +88,42 @@ class BlendedConfig:
 
 
 @dataclass
+class WaNetConfig:
+    """WaNet (Nguyen & Tran, ICLR 2021, "WaNet - Imperceptible Warping-based Backdoor Attack"): a fixed smooth
+    warping field (``grid_size`` x ``grid_size`` control points, ``strength`` s) applied to ``poison_rate`` of the
+    training images, relabelled to the target; ``cross_ratio * poison_rate`` more are warped with extra random noise
+    and keep their labels (the paper's noise mode). Then training as BadNets. The defaults are the official code's
+    (k 4, s 0.5, rate 0.1, cross ratio 2)."""
+
+    targets: list[int] = option(factory=lambda: [0], help="target label(s); each gets its own warping field",
+                                flag="--target", nargs="+", aliases=("--targets",))  # fmt: skip
+    poison_rate: float = option(0.1, "fraction of the training set warped and relabelled per target")
+    cross_ratio: float = option(2.0, "noise-mode images per poisoned image (warped + noise, true label; 0: none)")
+    grid_size: int = option(4, "control points per side of the warping field (k)")
+    strength: float = option(0.5, "warping strength s (pixels moved, in units of the field; larger is more visible)")
+    rescale: float = option(1.0, "grid rescale of the official code (1: none)")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ConfigError("WaNetConfig.targets: give at least one target label")
+        for t in self.targets:
+            check_int("WaNetConfig", "targets", t, 0)
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"WaNetConfig.targets must be distinct, got {list(self.targets)}")
+        check_number("WaNetConfig", "poison_rate", self.poison_rate, 0, 1, low_open=True)
+        check_number("WaNetConfig", "cross_ratio", self.cross_ratio, 0, 10)
+        check_int("WaNetConfig", "grid_size", self.grid_size, 2)
+        check_number("WaNetConfig", "strength", self.strength, 0, 100, low_open=True)
+        check_number("WaNetConfig", "rescale", self.rescale, 0, 10, low_open=True)
+        check_int("WaNetConfig", "seed", self.seed, 0)
+
+    @property
+    def mode(self) -> str:
+        return "replace"
+
+
+@dataclass
 class TrojanNNConfig:
     """Trojan Attack (Liu et al., NDSS 2018): a trigger that drives chosen units of a layer, then retraining of the
     layers after it on trojaned and clean inputs (real training images, or inputs reverse-engineered from the

@@ -9,12 +9,13 @@ from ..errors import ConfigError
 from .base import check_choice, check_int, check_number, option
 
 NORMALIZATIONS = ("dataset", "none")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
 class TrainConfig:
-    """The one training loop (:func:`trojanlab.training.fit`): Adam with the Keras time decay of the official GTSRB
-    model, a stratified validation split for early stopping, random shifts as augmentation."""
+    """The one training loop (:func:`trojanlab.training.fit`): Adam (or SGD) with the Keras time decay of the official
+    GTSRB model, a stratified validation split for early stopping, random shifts as augmentation."""
 
     epochs: int = option(20, "training epochs")
     batch_size: int = option(64, "images per step")
@@ -23,9 +24,12 @@ class TrainConfig:
     val_fraction: float = option(0.1, "share of each class held out for early stopping")
     patience: int = option(4, "early stop after this many epochs without a better validation accuracy")
     augment: bool = option(True, "random shifts of up to 2 pixels (--no-augment: none)")
+    optimizer: str = option("adam", "adam, or sgd (momentum 0.9, weight decay 5e-4; give it a larger --lr, e.g. "
+                            "0.01)", choices=OPTIMIZERS)  # fmt: skip
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
+        check_choice("TrainConfig", "optimizer", self.optimizer, OPTIMIZERS)
         check_int("TrainConfig", "epochs", self.epochs, 1)
         check_int("TrainConfig", "batch_size", self.batch_size, 1)
         check_int("TrainConfig", "patience", self.patience, 1)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ArtifactError
 from ..io import atomic_write, write_json
-from ..triggers import Trigger
+from ..triggers import AnyTrigger, trigger_from_json
 from .registry import build_network
 from .trojannet import injected_from_spec, mlp_from_spec
 
@@ -100,8 +100,8 @@ class LoadedModel:
     path: Path
 
     @property
-    def triggers(self) -> list[Trigger]:
-        return [Trigger.from_json(t) for t in self.spec.get("triggers", [])]
+    def triggers(self) -> list[AnyTrigger]:
+        return [trigger_from_json(t) for t in self.spec.get("triggers", [])]
 
     @property
     def num_classes(self) -> int:
@@ -183,8 +183,8 @@ def _check_triggers(spec: dict[str, Any], where: Path) -> None:
         raise ArtifactError(f"{where}: num_classes or input_size missing or malformed ({exc})") from exc
     for i, data in enumerate(triggers):
         try:
-            trigger = Trigger.from_json(data)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:  # ConfigError is a ValueError
+            trigger = trigger_from_json(data)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # ConfigError is a ValueError
             raise ArtifactError(f"{where}: trigger {i} is malformed ({exc})") from exc
         if not 0 <= trigger.target_label < num_classes:
             raise ArtifactError(
