@@ -241,3 +241,19 @@ def test_the_quick_profile_starts_from_the_bundled_victim_and_trojannet(gtsrb):
     sample = gtsrb.test.subset(np.arange(0, len(gtsrb.test), 10))  # 595 test images the victim never trained on
     assert clean_accuracy(victim.module, sample) > 0.95
     assert load_model(BUNDLED_TROJANNET).spec["kind"] == "trojannet"
+
+
+def test_ray_runs_independent_stages_as_tasks_and_a_sequential_rerun_reuses_them(tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "run"
+    config = tiny_config("gtsrb.subnetwork.models=[]", "gtsrb.fine_pruning.models=[]")
+    run = run_pipeline(config, out, progress=False, executor="ray", workers=2)
+    assert run["status"] == "done" and run["executor"] == "ray"
+    assert {s["status"] for s in run["stages"]} == {"ran"}
+    assert [s["name"] for s in run["stages"]] == [s.name for s in build_stages(config, out)]  # in stage order
+    for stage in run["stages"]:
+        assert json.loads((out / stage["name"] / "stage.json").read_text())["status"] == "done"
+    again = run_pipeline(config, out, progress=False)  # the fingerprints do not depend on the executor
+    assert {s["status"] for s in again["stages"]} == {"reused"}
+    with pytest.raises(ConfigError, match="--executor must be one of"):
+        run_pipeline(config, tmp_path / "other", progress=False, executor="dask")

@@ -16,13 +16,12 @@ from ..config.training import ModelConfig, TrainConfig
 from .options import add_config, add_run_options, config_from, folder_flags
 from .show import print_json
 
-
 POISONING = {
     "badnets": ("poison the training data with a square trigger and train (Gu et al. 2017)", BadNetsConfig),
-    "blended": ("poison the training data by blending whole images with a pattern at a low opacity (Chen et al. "
-                "2017), then train", BlendedConfig),
-    "wanet": ("poison the training data with a smooth warping field, noise mode included (Nguyen & Tran 2021), "
-              "then train", WaNetConfig),
+    "blended": (("poison the training data by blending whole images with a pattern at a low opacity (Chen et al. "
+                 "2017), then train"), BlendedConfig),
+    "wanet": (("poison the training data with a smooth warping field, noise mode included (Nguyen & Tran 2021), "
+               "then train"), WaNetConfig),
 }  # fmt: skip
 """The data-poisoning attacks: poison the training split, then train from scratch or fine-tune ``--victim`` (their
 entry points are ``trojanlab.attacks.run.ATTACKS[name]``, options from their config class and BadNets' training)."""

@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -456,85 +457,194 @@ class StageRecord:
     command: str
 
 
+EXECUTORS = ("sequential", "ray")
+
+
+def _stage_task(stage: Stage, folder: Path, threads: int | None = None) -> float:
+    """Run one stage (in this process or a Ray worker) and return its seconds."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    _run_stage(stage, folder, folder / "stage.log")
+    return time.perf_counter() - t0
+
+
+class _Ledger:
+    """The driver's bookkeeping of a pipeline run: each stage's ``stage.json``, record and fingerprint."""
+
+    def __init__(self, out: Path, stages: list[Stage], bar: Any) -> None:
+        self.out, self.stages, self.bar = out, stages, bar
+        self.prints: dict[str, str] = {}
+        self.records: list[StageRecord] = []
+
+    def fingerprint(self, stage: Stage) -> str:
+        missing = [d for d in stage.deps if d not in self.prints]
+        if missing:
+            raise ConfigError(f"stage {stage.name} needs {', '.join(missing)}, which the configuration leaves out")
+        return fingerprint(stage, [self.prints[d] for d in stage.deps])
+
+    def reusable(self, stage: Stage, fp: str) -> bool:
+        folder = self.out / stage.name
+        state = read_json(folder / "stage.json") or {}
+        if state.get("fingerprint") == fp and state.get("status") == "done" and (folder / "result.json").is_file():
+            self.records.append(StageRecord(stage.name, stage.title, "reused", state.get("seconds", 0.0), fp,
+                                            stage.describe()))  # fmt: skip
+            self.bar.update(1)
+            return True
+        return False
+
+    def begin(self, stage: Stage, fp: str) -> Path:
+        folder = self.out / stage.name
+        state = read_json(folder / "stage.json") or {}
+        if state.get("fingerprint") != fp:
+            _clear(folder)  # another configuration (or a stranger's folder): nothing in it may be reused
+        folder.mkdir(parents=True, exist_ok=True)
+        command = stage.describe()
+        self.bar.set_description(f"reproduce: {stage.name}")
+        self.bar.write(f"[{len(self.records) + 1}/{len(self.stages)}] {stage.name}: {command}")
+        write_json(folder / "stage.json", {"stage": stage.name, "fingerprint": fp, "status": "running",
+                                           "command": command, "deps": stage.deps, "started": _now()})  # fmt: skip
+        return folder
+
+    def done(self, stage: Stage, fp: str, seconds: float) -> None:
+        command = stage.describe()
+        write_json(self.out / stage.name / "stage.json", {"stage": stage.name, "fingerprint": fp, "status": "done",
+                                                          "command": command, "deps": stage.deps, "seconds": seconds,
+                                                          "finished": _now()})  # fmt: skip
+        self.records.append(StageRecord(stage.name, stage.title, "ran", seconds, fp, command))
+        self.prints[stage.name] = fp
+        self.bar.update(1)
+
+    def failed(self, stage: Stage, fp: str, seconds: float, exc: BaseException) -> BaseException:
+        """Record the failure; return the exception to raise (a bad input or a crash named with its stage)."""
+        folder = self.out / stage.name
+        command = stage.describe()
+        self.records.append(StageRecord(stage.name, stage.title, "failed", seconds, fp, command))
+        write_json(folder / "stage.json", {"stage": stage.name, "fingerprint": fp, "status": "failed",
+                                           "command": command, "deps": stage.deps, "error": str(exc),
+                                           "seconds": seconds, "finished": _now()})  # fmt: skip
+        if isinstance(exc, (StageFailed, Interrupted, KeyboardInterrupt, SystemExit)):
+            return exc
+        if isinstance(exc, TrojanlabError):
+            return StageFailed(f"stage {stage.name}: {exc}")
+        return StageFailed(f"stage {stage.name} crashed: {type(exc).__name__}: {exc} (see {folder}/stage.log)")
+
+
+def _sequential(ledger: _Ledger, only_report: bool) -> None:
+    for stage in ledger.stages:
+        fp = ledger.fingerprint(stage)
+        if ledger.reusable(stage, fp):
+            ledger.prints[stage.name] = fp
+            continue
+        if only_report:
+            raise StageFailed(f"stage {stage.name} has not finished; run without --report-only first")
+        folder = ledger.begin(stage, fp)
+        t0 = time.perf_counter()
+        try:
+            seconds = _stage_task(stage, folder)
+        except BaseException as exc:
+            raise ledger.failed(stage, fp, time.perf_counter() - t0, exc) from exc
+        ledger.done(stage, fp, seconds)
+
+
+def _with_ray(ledger: _Ledger, only_report: bool, workers: int | None) -> None:
+    """Every stage whose inputs are finished is a Ray task (one CPU, one torch thread); the driver keeps the
+    books. The stage folders are on this machine's disk, which the local workers share. A failure stops the
+    run once the stages already running have finished (they are kept)."""
+    import ray
+
+    pending: list[Stage] = []
+    for stage in ledger.stages:  # fingerprints depend on settings only: every stage's is known before any runs
+        fp = ledger.fingerprint(stage)
+        ledger.prints[stage.name] = fp
+        if not ledger.reusable(stage, fp):
+            pending.append(stage)
+    if pending and only_report:
+        raise StageFailed(f"stage {pending[0].name} has not finished; run without --report-only first")
+    if not pending:
+        return
+    finished = {r.name for r in ledger.records}
+    ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)  # fmt: skip
+    task = ray.remote(num_cpus=1, max_retries=0)(_stage_task)
+    running: dict[Any, tuple[Stage, float]] = {}
+    failure: BaseException | None = None
+    try:
+        while pending or running:
+            if failure is None:
+                for stage in [s for s in pending if all(d in finished for d in s.deps)]:
+                    pending.remove(stage)
+                    folder = ledger.begin(stage, ledger.prints[stage.name])
+                    running[task.remote(stage, folder, threads=1)] = (stage, time.perf_counter())
+            if not running:
+                break
+            ready, _ = ray.wait(list(running), num_returns=1)
+            stage, t0 = running.pop(ready[0])
+            try:
+                seconds = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                error = ledger.failed(stage, ledger.prints[stage.name], time.perf_counter() - t0, cause)
+                failure = failure or error
+                continue
+            ledger.done(stage, ledger.prints[stage.name], seconds)
+            finished.add(stage.name)
+    finally:
+        ray.shutdown()
+    if failure is not None:
+        raise failure
+
+
 def run_pipeline(
     config: dict[str, Any],
     out: str | Path,
     progress: bool = True,
     only_report: bool = False,
+    executor: str = "sequential",
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Run (or reuse) every stage of ``config`` under ``out``, then write ``out/report``.
 
-    Raises :class:`StageFailed` naming the stage when one fails; every stage finished before it stays on disk
-    with its ``stage.json`` and is reused by the next run.
+    ``executor="ray"`` runs the stages whose inputs are finished side by side as Ray tasks (``workers`` CPUs,
+    default all) instead of one after another. Raises :class:`StageFailed` naming the stage when one fails; every
+    stage finished before it stays on disk with its ``stage.json`` and is reused by the next run.
     """
     from tqdm.auto import tqdm
 
     from .report import write_report
 
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("--executor ray: Ray is not installed (pip install 'trojanlab[ray]')") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_out(out)
     atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
     stages = build_stages(config, out)
-    prints: dict[str, str] = {}
-    records: list[StageRecord] = []
     started = time.perf_counter()
     bar = tqdm(total=len(stages), desc="reproduce", unit="stage", disable=not progress, position=0, leave=True)
+    ledger = _Ledger(out, stages, bar)
     failure: BaseException | None = None
     try:
-        for stage in stages:
-            missing = [d for d in stage.deps if d not in prints]
-            if missing:
-                raise ConfigError(f"stage {stage.name} needs {', '.join(missing)}, which the configuration leaves out")
-            fp = fingerprint(stage, [prints[d] for d in stage.deps])
-            folder = out / stage.name
-            state = read_json(folder / "stage.json") or {}
-            command = stage.describe()
-            bar.set_description(f"reproduce: {stage.name}")
-            if state.get("fingerprint") == fp and state.get("status") == "done" and (folder / "result.json").is_file():
-                records.append(StageRecord(stage.name, stage.title, "reused", state.get("seconds", 0.0), fp, command))
-                prints[stage.name] = fp
-                bar.update(1)
-                continue
-            if only_report:
-                raise StageFailed(f"stage {stage.name} has not finished; run without --report-only first")
-            if state.get("fingerprint") != fp:
-                _clear(folder)  # another configuration (or a stranger's folder): nothing in it may be reused
-            folder.mkdir(parents=True, exist_ok=True)
-            bar.write(f"[{len(records) + 1}/{len(stages)}] {stage.name}: {command}")
-            write_json(folder / "stage.json", {"stage": stage.name, "fingerprint": fp, "status": "running",
-                                               "command": command, "deps": stage.deps, "started": _now()})  # fmt: skip
-            t0 = time.perf_counter()
-            try:
-                _run_stage(stage, folder, folder / "stage.log")
-            except BaseException as exc:
-                seconds = time.perf_counter() - t0
-                records.append(StageRecord(stage.name, stage.title, "failed", seconds, fp, command))
-                write_json(folder / "stage.json", {"stage": stage.name, "fingerprint": fp, "status": "failed",
-                                                   "command": command, "deps": stage.deps, "error": str(exc),
-                                                   "seconds": seconds, "finished": _now()})  # fmt: skip
-                if isinstance(exc, (StageFailed, Interrupted)):
-                    raise
-                if isinstance(exc, TrojanlabError):  # a bad setting or input: named with its stage
-                    raise StageFailed(f"stage {stage.name}: {exc}") from exc
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                raise StageFailed(
-                    f"stage {stage.name} crashed: {type(exc).__name__}: {exc} (see {folder}/stage.log)"
-                ) from exc
-            seconds = time.perf_counter() - t0
-            write_json(folder / "stage.json", {"stage": stage.name, "fingerprint": fp, "status": "done",
-                                               "command": command, "deps": stage.deps, "seconds": seconds,
-                                               "finished": _now()})  # fmt: skip
-            records.append(StageRecord(stage.name, stage.title, "ran", seconds, fp, command))
-            prints[stage.name] = fp
-            bar.update(1)
+        if executor == "ray":
+            _with_ray(ledger, only_report, workers)
+        else:
+            _sequential(ledger, only_report)
     except BaseException as exc:
         failure = exc
         raise
     finally:
         bar.close()
+        order = {stage.name: i for i, stage in enumerate(stages)}
+        records = sorted(ledger.records, key=lambda r: order[r.name])
         run = _run_record(config, records, time.perf_counter() - started, failure)
+        run["executor"], run["workers"] = executor, workers
         run["stale_stages"] = _stale_stages(out, {stage.name for stage in stages})
         write_json(out / "run.json", run)
     report = write_report(out, config, run)
