@@ -27,14 +27,14 @@ COMMANDS = dict(_subparsers(build_parser()))
 CLASSES = {c.__name__: c for c in vars(cfg).values() if isinstance(c, type) and dataclasses.is_dataclass(c)}
 GROUPS = {"model": cfg.ModelConfig, "train": cfg.TrainConfig, "transfer": cfg.TransferConfig,
           "trojannet": cfg.TrojanNetTrainConfig, "inject": cfg.TrojanNetInjectConfig, "badnets": cfg.BadNetsConfig,
-          "blended": cfg.BlendedConfig,
+          "blended": cfg.BlendedConfig, "wanet": cfg.WaNetConfig,
           "trojannn": cfg.TrojanNNConfig, "nc": cfg.NCConfig, "defender": cfg.DefenderConfig, **CLASSES}  # fmt: skip
 
 
 def _expected(command: tuple[str, ...], group: str, name: str):
     """The default a dataclass states for ``group.name`` in ``command`` (a registry or attack may replace an
     instance's defaults: those are stated once too, beside the method)."""
-    if command in (("attack", "badnets"), ("attack", "blended")) and group == "train":
+    if command in (("attack", "badnets"), ("attack", "blended"), ("attack", "wanet")) and group == "train":
         return getattr(BADNETS_TRAINING, name)
     if command[0] == "defend" and group == "defender":
         return getattr(DEFENSES[command[1]].defender, name)

@@ -6,7 +6,14 @@ the default everywhere. A field's ``metadata`` carries its ``--help`` text and, 
 name, the flag.
 """
 
-from .attacks import BadNetsConfig, BlendedConfig, TrojanNetInjectConfig, TrojanNetTrainConfig, TrojanNNConfig
+from .attacks import (
+    BadNetsConfig,
+    BlendedConfig,
+    TrojanNetInjectConfig,
+    TrojanNetTrainConfig,
+    TrojanNNConfig,
+    WaNetConfig,
+)
 from .base import option, to_dict
 from .defenses import (
     ANPConfig,
@@ -39,6 +46,7 @@ __all__ = [
     "TrojanNNConfig",
     "TrojanNetInjectConfig",
     "TrojanNetTrainConfig",
+    "WaNetConfig",
     "option",
     "to_dict",
 ]

@@ -268,12 +268,16 @@ def build_zoo(
     _, height, width = splits.image_shape
     members = sample(cfg, splits.num_classes, height, width)
     run.start()
+    earlier = (read_json(run.path / MANIFEST) or {}) if run.resuming else {}
     zoo = ZooFolder(run.path, cfg, members)
     done = zoo.finished()
     pending = [m for m in members if m["id"] not in done]
     start = time.perf_counter()
     built = 0
-    extra = {"executor": executor, "workers": workers, "address": address}
+    before = float(earlier.get("wall_seconds_total") or 0.0)
+    calls = int(earlier.get("calls") or 0) + 1
+    extra: dict[str, Any] = {"executor": executor, "workers": workers, "address": address, "calls": calls,
+                             "wall_seconds_total": before}  # fmt: skip
     from tqdm.auto import tqdm
 
     outcomes = (_ray(zoo, pending, str(cfg.data), address, workers, local=address is None) if executor == "ray"
@@ -290,6 +294,7 @@ def build_zoo(
                 built += 1
             seconds = time.perf_counter() - start
             extra.update(session_seconds=round(seconds, 1), built_this_session=built,
+                         wall_seconds_total=round(before + seconds, 1),
                          members_per_hour=round(built * 3600 / seconds, 2) if built else None)  # fmt: skip
             zoo.write_manifest(extra)
             if on_member is not None:
