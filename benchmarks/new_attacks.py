@@ -67,8 +67,8 @@ def main() -> None:
               "victim": str(BUNDLED_VICTIM), "rows": rows}  # fmt: skip
     write_json(RESULTS / "new_attacks.json", record)
     lines = [
-        f"Fine-tuning the bundled GTSRB victim, measured by `trojanlab evaluate` on the test split (commit "
-        f"`{record['commit']}`, {record['wall_seconds']:.0f} s in all; `python benchmarks/new_attacks.py`).",
+        (f"Fine-tuning the bundled GTSRB victim, measured by `trojanlab evaluate` on the test split (commit "
+        f"`{record['commit']}`, {record['wall_seconds']:.0f} s in all; `python benchmarks/new_attacks.py`)."),
         "",
         "| attack | epochs | clean acc. | CA drop (goal <= 2 pp) | ASR | goal ASR | met | seconds |",
         "|---|---:|---:|---:|---:|---:|---|---:|",

@@ -49,10 +49,10 @@ def main() -> None:
     write_json(RESULTS / "evaluate_sample.json", checks)
     prov = run.get("provenance", {})
     lines = [
-        f"`{prov.get('command') or 'trojanlab zoo build'}` on commit `{prov.get('commit')}`: "
+        (f"`{prov.get('command') or 'trojanlab zoo build'}` on commit `{prov.get('commit')}`: "
         f"{manifest['members_built']} of {manifest['members_total']} members, executor {manifest.get('executor')} "
         f"({manifest.get('workers')} workers), wall time {manifest.get('wall_seconds_total', 0) / 3600:.2f} h over "
-        f"{manifest.get('calls')} call(s) of the command. ASR floor {100 * manifest['config']['asr_floor']:.0f} %.",
+        f"{manifest.get('calls')} call(s) of the command. ASR floor {100 * manifest['config']['asr_floor']:.0f} %."),
         "",
         "| family | members | backdoored | failed | clean acc. mean (min-max) | ASR mean (min-max) |",
         "|---|---:|---:|---:|---|---|",

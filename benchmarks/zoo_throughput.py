@@ -50,9 +50,9 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
     write_json(RESULTS / "zoo_throughput.json", record)
     lines = [
-        f"Members per hour on this machine ({record['cpus']} CPUs), the same {rows[0]['members']} GTSRB members "
+        (f"Members per hour on this machine ({record['cpus']} CPUs), the same {rows[0]['members']} GTSRB members "
         f"({args.config.name}) built both ways in one run on commit `{record['commit']}` "
-        "(`python benchmarks/zoo_throughput.py`).",
+        "(`python benchmarks/zoo_throughput.py`)."),
         "",
         "| executor | workers x threads | wall (s) | members/hour | member seconds min / median / max |",
         "|---|---|---:|---:|---|",
