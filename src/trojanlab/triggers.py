@@ -157,6 +157,8 @@ class WarpTrigger:
             "flow": self.flow.tolist(),
             "strength": self.strength,
             "rescale": self.rescale,
+            **({"noise": self.noise} if self.noise else {}),
+            **({"relabels": False} if not self.relabels else {}),
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -167,6 +169,8 @@ class WarpTrigger:
             strength=float(data["strength"]),
             target_label=data["target_label"],
             rescale=float(data.get("rescale", 1.0)),
+            noise=float(data.get("noise", 0.0)),
+            relabels=bool(data.get("relabels", True)),
             name=data.get("name", ""),
             extra=data.get("extra", {}),
         )

@@ -38,7 +38,7 @@ def test_a_warp_moves_many_pixels_slightly_and_travels_as_json():
     first, second = warp_triggers([2, 5], seed=3)
     warped = stamp(images, first).astype(int)
     changed = np.abs(warped - images)
-    assert (changed > 0).mean() > 0.5 and first.check_fits(32, 32) is None  # no patch: the whole image moves
+    assert (changed > 0).mean() > 0.5  # no patch: the whole image moves
     assert not np.array_equal(warped, stamp(images, second))  # one field per target
     again = trigger_from_json(json.loads(json.dumps(first.to_json())))
     assert isinstance(again, WarpTrigger) and np.array_equal(stamp(images, again), warped)
@@ -52,6 +52,8 @@ def test_noise_mode_draws_fresh_jitter_and_keeps_labels():
     noisy = noise_mode(trigger)
     image = torch.rand(2, 3, 32, 32)
     assert not torch.equal(stamp(image, noisy), stamp(image, noisy))  # fresh noise each time
+    again = trigger_from_json(json.loads(json.dumps(noisy.to_json())))
+    assert again.noise == 1.0 and again.relabels is False and trigger_from_json(trigger.to_json()).relabels
     data = ImageSet(np.zeros((200, 32, 32, 3), np.uint8), np.arange(200) % 4)
     view = poison_warped(data, [trigger], poison_rate=0.1, cross_ratio=2.0, num_classes=4, seed=0)
     summary = view.summary()

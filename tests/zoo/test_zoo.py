@@ -148,6 +148,46 @@ def test_ray_builds_members_as_tasks_that_return_their_files(tmp_path, make_brig
     assert report.details["built"] == 2 and report.details["errors"] == {} and report.details["executor"] == "ray"
     rows = json.loads((zoo / "zoo.json").read_text())["members"]
     assert [r["threads"] for r in rows] == [1, 1]  # one torch thread per task
-    assert {r["status"] for r in rows} <= {"clean", "backdoored", "failed"}
+    assert sorted(r["id"] for r in rows) == ["clean-000", "patch-000"] and rows[0]["status"] == "clean"
     for row in rows:
         assert load_model(zoo / row["path"]).spec["num_classes"] == 3
+
+
+def test_a_member_that_fails_is_recorded_its_dependants_wait_and_a_rerun_builds_them(
+    tmp_path, make_bright_thirds, monkeypatch, capsys
+):
+    from trojanlab.zoo import build
+
+    cfg = _tiny(tmp_path, make_bright_thirds, families=("trojannet",))
+    zoo = tmp_path / "zoo"
+    real = build.build_member
+
+    def broken(member, *args, **kwargs):
+        if member["role"] == "clean":
+            raise RuntimeError("disk on fire")
+        return real(member, *args, **kwargs)
+
+    monkeypatch.setattr(build, "build_member", broken)
+    report = build_zoo(cfg, out=zoo, executor="sequential", progress=False)
+    assert report.details["errors"] == {"clean-000": "RuntimeError: disk on fire",
+                                        "trojannet-000": "its base member clean-000 was not built"}  # fmt: skip
+    rows = {r["id"]: r for r in json.loads((zoo / "zoo.json").read_text())["members"]}
+    assert rows["clean-000"]["status"] == rows["trojannet-000"]["status"] == "error"
+    assert not (zoo / "members").exists()
+    monkeypatch.setattr(build, "build_member", real)
+    again = build_zoo(cfg, out=zoo, executor="sequential", progress=False)
+    assert again.details["built"] == 2 and again.details["errors"] == {}
+    # a member planted in other weights than its base's current ones (the base was rebuilt) is planted again
+    planted = zoo / "members" / "trojannet-000" / "member.json"
+    record = json.loads(planted.read_text())
+    assert record["base_weights"] and record["base"] == "clean-000"
+    planted.write_text(json.dumps({**record, "base_weights": "0" * 64}))
+    third = build_zoo(cfg, out=zoo, executor="sequential", progress=False)
+    assert third.details["built"] == 1 and third.details["reused"] == 1
+
+
+def test_a_wanet_zoo_whose_rate_leaves_no_clean_images_is_refused():
+    with pytest.raises(ConfigError, match="WaNet warps twice as many"):
+        ZooConfig(families=["wanet"], poison_rate=[0.1, 0.4])
+    with pytest.raises(ConfigError, match="does not fit 3x3 images"):
+        sample(ZooConfig(clean=1, backdoored=1, families=["trojannet"]), 10, 3, 3)

@@ -71,7 +71,7 @@ def poison_warped(
     poisoned = poison(data, triggers, poison_rate, num_classes, mode="replace", seed=seed)
     if cross_ratio < 0:
         raise ConfigError(f"cross ratio must be >= 0, got {cross_ratio}")
-    count = round(cross_ratio * poison_rate * len(data))
+    count = round(cross_ratio * round(poison_rate * len(data)))  # cross_ratio times as many as poisoned
     if count == 0:
         return poisoned
     trigger_id = poisoned.trigger_id.copy()

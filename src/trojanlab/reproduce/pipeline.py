@@ -545,7 +545,10 @@ def _sequential(ledger: _Ledger, only_report: bool) -> None:
         try:
             seconds = _stage_task(stage, folder)
         except BaseException as exc:
-            raise ledger.failed(stage, fp, time.perf_counter() - t0, exc) from exc
+            error = ledger.failed(stage, fp, time.perf_counter() - t0, exc)
+            if error is exc:
+                raise
+            raise error from exc
         ledger.done(stage, fp, seconds)
 
 
@@ -566,8 +569,10 @@ def _with_ray(ledger: _Ledger, only_report: bool, workers: int | None) -> None:
     if not pending:
         return
     finished = {r.name for r in ledger.records}
-    ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)  # fmt: skip
+    owned = not ray.is_initialized()  # a caller's own Ray session is used, and left running
+    if owned:
+        ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)  # fmt: skip
     task = ray.remote(num_cpus=1, max_retries=0)(_stage_task)
     running: dict[Any, tuple[Stage, float]] = {}
     failure: BaseException | None = None
@@ -579,12 +584,14 @@ def _with_ray(ledger: _Ledger, only_report: bool, workers: int | None) -> None:
                     folder = ledger.begin(stage, ledger.prints[stage.name])
                     running[task.remote(stage, folder, threads=1)] = (stage, time.perf_counter())
             if not running:
+                if failure is None and pending:  # cannot happen: build_stages orders every stage after its inputs
+                    raise StageFailed(f"stages {[s.name for s in pending]} wait for stages that never ran")
                 break
             ready, _ = ray.wait(list(running), num_returns=1)
             stage, t0 = running.pop(ready[0])
             try:
                 seconds = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as exc:
+            except ray.exceptions.RayError as exc:  # the task raised, or its worker died (memory, a crash)
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 error = ledger.failed(stage, ledger.prints[stage.name], time.perf_counter() - t0, cause)
                 failure = failure or error
@@ -592,7 +599,8 @@ def _with_ray(ledger: _Ledger, only_report: bool, workers: int | None) -> None:
             ledger.done(stage, ledger.prints[stage.name], seconds)
             finished.add(stage.name)
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
     if failure is not None:
         raise failure
 

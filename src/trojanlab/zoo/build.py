@@ -28,7 +28,8 @@ import numpy as np
 from ..config.base import to_dict
 from ..data import load_dataset
 from ..errors import ConfigError
-from ..io import atomic_write, read_json, write_json
+from ..io import atomic_write, file_digest, read_json, write_json
+from ..models.artifacts import WEIGHTS_FILE
 from ..reports import Report
 from ..runs import finish, prepare_run, provenance
 from .config import ZooConfig
@@ -102,7 +103,7 @@ def member_record(
         "target": target, "trigger": _trigger_text(member), "poison_rate": attack.get("poison_rate"),
         "clean_accuracy": report.get("clean_accuracy"), "attack_success_rate": asr, "seconds": round(seconds, 1),
         "base": member.get("base"), "path": f"members/{member['id']}/{MODEL_FOLDER}", "error": None,
-        "threads": threads, "member": member,
+        "threads": threads, "base_weights": report.get("base_weights"), "member": member,
     }  # fmt: skip
 
 
@@ -139,13 +140,21 @@ class ZooFolder:
 
     def finished(self) -> dict[str, dict[str, Any]]:
         """Records of the members already built with the settings sampled now (others are rebuilt)."""
-        done = {}
-        for member in self.members:
+        done: dict[str, dict[str, Any]] = {}
+        for member in self.members:  # bases come first
             record = read_json(self.member_folder(member["id"]) / RECORD)
-            if isinstance(record, dict) and record.get("member") == member and record.get("status") != "error":
-                done[member["id"]] = record
+            if not isinstance(record, dict) or record.get("member") != member or record.get("status") == "error":
+                continue
+            base = member.get("base")
+            if base and (base not in done or record.get("base_weights") != self.weights_digest(base)):
+                continue  # planted in a base that was rebuilt since: planted again
+            done[member["id"]] = record
         self.records.update(done)
         return done
+
+    def weights_digest(self, member_id: str) -> str | None:
+        weights = self.member_folder(member_id) / MODEL_FOLDER / WEIGHTS_FILE
+        return file_digest(weights) if weights.is_file() else None
 
     def model_files(self, member_id: str) -> dict[str, bytes]:
         return read_files(self.member_folder(member_id) / MODEL_FOLDER)
@@ -203,11 +212,14 @@ def _sequential(zoo: ZooFolder, pending: list[dict[str, Any]], data: str, thread
 def _ray(
     zoo: ZooFolder, pending: list[dict[str, Any]], data: str, address: str | None, workers: int | None, local: bool
 ) -> Iterator[Outcome]:
+    if not pending:
+        return
     import ray
 
-    if address:
+    owned = not ray.is_initialized()  # a caller's own Ray session is used, and left running
+    if owned and address:
         ray.init(address=address, log_to_driver=False)
-    else:
+    elif owned:
         ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)  # fmt: skip
     task = ray.remote(num_cpus=1, max_retries=0)(build_member)
@@ -235,11 +247,12 @@ def _ray(
             member = running.pop(ready[0])
             try:
                 yield member, ray.get(ready[0]), None
-            except ray.exceptions.RayTaskError as exc:
+            except ray.exceptions.RayError as exc:  # the task raised, or its worker died (memory, a crash)
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 yield member, None, f"{type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}"
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
 
 
 def running_ids(running: dict[Any, dict[str, Any]]) -> set[str]:
@@ -287,6 +300,8 @@ def build_zoo(
             if error is not None:
                 zoo.record_error(member, error)
             else:
+                if member.get("base"):
+                    result["report"]["base_weights"] = zoo.weights_digest(member["base"])
                 record = member_record(
                     member, result["report"], result["seconds"], cfg.asr_floor, result.get("threads")
                 )

@@ -19,6 +19,8 @@ right, target 33 on GTSRB); ``patch``: a random binary or colour square of rando
 plant their backdoor into one of the zoo's clean members."""
 
 ARCHITECTURES = ("gtsrb_cnn", "gtsrb_cnn_bn")
+MAX_MEMBERS = 100_000
+WANET_MAX_RATE = 0.3  # rate + 2 x rate (noise mode, cross ratio 2) of the images must leave some clean
 
 
 def _pair(owner: str, name: str, value: Any, low: float, high: float | None = None, integer: bool = False) -> None:
@@ -69,6 +71,8 @@ class ZooConfig:
         owner = "ZooConfig"
         check_int(owner, "clean", self.clean, 0)
         check_int(owner, "backdoored", self.backdoored, 0)
+        if self.clean + self.backdoored > MAX_MEMBERS:
+            raise ConfigError(f"ZooConfig: at most {MAX_MEMBERS} members, got {self.clean + self.backdoored}")
         if self.clean + self.backdoored == 0:
             raise ConfigError("ZooConfig: a zoo needs at least one member (clean + backdoored > 0)")
         _subset(owner, "families", self.families, FAMILIES)
@@ -84,6 +88,11 @@ class ZooConfig:
         _subset(owner, "normalize", self.normalize, NORMALIZATIONS)
         _pair(owner, "epochs", self.epochs, 1, integer=True)
         _pair(owner, "poison_rate", self.poison_rate, 0.001, 0.5)
+        if "wanet" in self.families and self.poison_rate[1] > WANET_MAX_RATE:
+            raise ConfigError(
+                f"ZooConfig.poison_rate: WaNet warps twice as many images again in noise mode, so its rate must stay "
+                f"<= {WANET_MAX_RATE}; got a high end of {self.poison_rate[1]}"
+            )
         _pair(owner, "patch_size", self.patch_size, 1, integer=True)
         _pair(owner, "patch_alpha", self.patch_alpha, 0.05, 1)
         _pair(owner, "blend_alpha", self.blend_alpha, 0.01, 1)
@@ -106,7 +115,7 @@ class ZooConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"--config {file}: expected a mapping of settings, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ConfigError(
                 f"--config {file}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"

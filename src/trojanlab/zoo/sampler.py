@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from .config import ZooConfig
 
 LEARNING_RATES = {"adam": 1e-3, "sgd": 1e-2}
@@ -74,6 +75,8 @@ def _attack(
 def sample(cfg: ZooConfig, num_classes: int, height: int, width: int) -> list[dict[str, Any]]:
     """Every member of the zoo ``cfg`` describes, for ``num_classes``-class ``height`` x ``width`` images: the clean
     ones first (``clean-000``...), then the backdoored ones (``<family>-000``...)."""
+    if "trojannet" in cfg.families and cfg.backdoored and (height < 4 or width < 4):
+        raise ConfigError(f"TrojanNet's trigger is 4x4 pixels: it does not fit {height}x{width} images")
     root = np.random.SeedSequence(cfg.seed)
     clean_seq, attack_seq, order_seq = root.spawn(3)
     members: list[dict[str, Any]] = []
