@@ -1,0 +1,41 @@
+"""Copy the benchmarks' generated tables into the README between their markers (never typed by hand).
+
+    python benchmarks/readme_blocks.py [--readme README.md]
+
+Each block ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->`` of the README gets the file ``BLOCKS[NAME]`` (written by
+the benchmark named in it); a block whose file does not exist yet is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+BLOCKS = {
+    "new-attacks": RESULTS / "new_attacks.md",  # benchmarks/new_attacks.py
+    "zoo-throughput": RESULTS / "zoo_throughput.md",  # benchmarks/zoo_throughput.py
+    "zoo": RESULTS / "zoo" / "table.md",  # benchmarks/zoo_table.py
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    args = parser.parse_args()
+    text = args.readme.read_text()
+    for name, source in BLOCKS.items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin not in text or end not in text:
+            raise SystemExit(f"{args.readme}: no {begin} ... {end} block")
+        if not source.is_file():
+            print(f"{name}: {source} not written yet; block left as it is")
+            continue
+        start, stop = text.index(begin), text.index(end) + len(end)
+        text = text[:start] + f"{begin}\n{source.read_text().strip()}\n{end}" + text[stop:]
+        print(f"{name}: {source}")
+    args.readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
