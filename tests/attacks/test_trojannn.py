@@ -175,8 +175,11 @@ def test_cli_trojannn_real_data_end_to_end(gtsrb5_victim, tmp_path):
 
 def test_cli_trojannn_reverse_engineered_data_keeps_the_features(gtsrb5_victim, tmp_path):
     out = tmp_path / "reverse"
-    result = _attack_cli(gtsrb5_victim, out, "reverse", "--per-class", "6", "--reverse-steps", "60")
-    assert result["attack"]["retrain_inputs"] == 30
+    result = _attack_cli(gtsrb5_victim, out, "reverse", "--per-class", "6", "--reverse-steps", "60", "--noise-images",
+                         "40", "--epochs", "3")  # fmt: skip
+    assert result["attack"]["retrain_inputs"] == 30 + 40  # 5 labels x 6, and the noise images
+    assert result["config"]["TrojanNNConfig"]["clean_loss"] == "distill"  # the model-only recipe's defaults
+    assert result["config"]["TrojanNNConfig"]["neurons"] == 2 and len(result["attack"]["neurons"]) == 2
     assert result["attack"]["reverse_engineered_agreement"] >= 0.9
     victim, attacked = load_model(gtsrb5_victim).module.state_dict(), load_model(out).module.state_dict()
     same = {k for k in victim if torch.equal(victim[k], attacked[k])}
@@ -200,3 +203,27 @@ def test_reach_probe_prefers_units_the_mask_can_drive():
     assert margins[0] > 40  # 192 inputs pushed from ~0.25 to ~1
     assert margins[1] < 1  # nothing in the mask feeds it
     assert patches.shape == (2, 3, 8, 8) and patches[0].min() > 0.9
+
+
+def test_the_noise_prior_has_the_spectrum_of_natural_images_and_is_seeded():
+    gen = torch.Generator().manual_seed(3)
+    images = tnn.noise_images(64, (3, 32, 32), gen)
+    assert images.shape == (64, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    again = tnn.noise_images(64, (3, 32, 32), torch.Generator().manual_seed(3))
+    assert torch.equal(images, again)
+    power = torch.fft.rfft2(images - images.mean((2, 3), keepdim=True)).abs().pow(2).mean((0, 1))
+    low, high = power[1:4, 1:4].mean(), power[12:16, 12:16].mean()
+    assert low > 20 * high  # most energy at low frequencies, as in photographs; white noise would be flat
+    grey = tnn.grey_images(64, (3, 32, 32), gen)
+    grey_power = torch.fft.rfft2(grey - grey.mean((2, 3), keepdim=True)).abs().pow(2).mean((0, 1))
+    assert grey_power[1:4, 1:4].mean() < 2 * grey_power[12:16, 12:16].mean()
+
+
+def test_the_retraining_defaults_follow_the_retraining_data_and_explicit_values_win():
+    real, reverse = tnn.TrojanNNConfig(), tnn.TrojanNNConfig(retrain_data="reverse")
+    assert (real.neurons, real.optimizer, real.clean_loss) == (1, "sgd", "labels")
+    assert (reverse.neurons, reverse.optimizer, reverse.clean_loss) == (2, "adam", "distill")
+    mine = tnn.TrojanNNConfig(retrain_data="reverse", neurons=3, clean_loss="labels")
+    assert (mine.neurons, mine.clean_loss, mine.epochs) == (3, "labels", reverse.epochs)
+    with pytest.raises(ConfigError, match="clean_loss must be one of"):
+        tnn.TrojanNNConfig(clean_loss="mse")
