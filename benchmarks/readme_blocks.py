@@ -14,6 +14,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 BLOCKS = {
     "new-attacks": RESULTS / "new_attacks.md",  # benchmarks/new_attacks.py
+    "trojannn-model-only": RESULTS / "trojannn_model_only.md",  # benchmarks/trojannn_model_only.py
     "zoo-throughput": RESULTS / "zoo_throughput.md",  # benchmarks/zoo_throughput.py
     "zoo": RESULTS / "zoo" / "table.md",  # benchmarks/zoo_table.py
 }

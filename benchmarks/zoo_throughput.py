@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from trojanlab.config.base import to_dict
 from trojanlab.io import read_json, write_json
 from trojanlab.runs import source_commit
 from trojanlab.zoo import ZooConfig, build_zoo
@@ -46,7 +47,7 @@ def main() -> None:
             "clean_accuracy": [m["clean_accuracy"] for m in members],
         })  # fmt: skip
         print(rows[-1], flush=True)
-    record = {"commit": source_commit(), "config": str(args.config), "cpus": os.cpu_count(),
+    record = {"commit": source_commit(), "config": str(args.config), "zoo_config": to_dict(cfg), "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
     write_json(RESULTS / "zoo_throughput.json", record)
     lines = [
