@@ -17,6 +17,16 @@ MERGES = ("official", "paper")
 TRAIN_NOISE_KINDS = ("binary", "image_patches", "faded_triggers", "grey", "uniform")
 
 
+def _check_targets(owner: str, targets, distinct: bool = False) -> None:
+    """At least one target label, each a non-negative integer (and, with ``distinct``, none twice)."""
+    if not targets:
+        raise ConfigError(f"{owner}.targets: give at least one target label")
+    for t in targets:
+        check_int(owner, "targets", t, 0)
+    if distinct and len(set(targets)) != len(targets):
+        raise ConfigError(f"{owner}.targets must be distinct, got {list(targets)}")
+
+
 def _check_location(owner: str, location) -> None:
     if location is not None and (len(location) != 2 or any(int(v) < 0 for v in location)):
         raise ConfigError(f"{owner}.location must be two non-negative pixel coordinates (row, col), got {location!r}")
@@ -41,10 +51,7 @@ class BadNetsConfig:
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
-        if not self.targets:
-            raise ConfigError("BadNetsConfig.targets: give at least one target label")
-        for t in self.targets:
-            check_int("BadNetsConfig", "targets", t, 0)
+        _check_targets("BadNetsConfig", self.targets)
         check_number("BadNetsConfig", "poison_rate", self.poison_rate, 0, 1, low_open=True)
         check_choice("BadNetsConfig", "mode", self.mode, POISON_MODES)
         check_int("BadNetsConfig", "trigger_size", self.trigger_size, 1)
@@ -73,12 +80,7 @@ class BlendedConfig:
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
-        if not self.targets:
-            raise ConfigError("BlendedConfig.targets: give at least one target label")
-        for t in self.targets:
-            check_int("BlendedConfig", "targets", t, 0)
-        if len(set(self.targets)) != len(self.targets):
-            raise ConfigError(f"BlendedConfig.targets must be distinct, got {list(self.targets)}")
+        _check_targets("BlendedConfig", self.targets, distinct=True)
         if self.pattern != "noise" and len(self.targets) > 1:
             raise ConfigError("BlendedConfig.pattern: one image cannot arm several targets; use `noise`")
         check_number("BlendedConfig", "poison_rate", self.poison_rate, 0, 1, low_open=True)
@@ -105,12 +107,7 @@ class WaNetConfig:
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
-        if not self.targets:
-            raise ConfigError("WaNetConfig.targets: give at least one target label")
-        for t in self.targets:
-            check_int("WaNetConfig", "targets", t, 0)
-        if len(set(self.targets)) != len(self.targets):
-            raise ConfigError(f"WaNetConfig.targets must be distinct, got {list(self.targets)}")
+        _check_targets("WaNetConfig", self.targets, distinct=True)
         check_number("WaNetConfig", "poison_rate", self.poison_rate, 0, 1, low_open=True)
         check_number("WaNetConfig", "cross_ratio", self.cross_ratio, 0, 10)
         check_int("WaNetConfig", "grid_size", self.grid_size, 2)
