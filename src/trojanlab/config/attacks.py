@@ -148,7 +148,9 @@ class TrojanNNConfig:
     model). Settings left at ``None`` take the value of :data:`TROJANNN_RETRAIN_DEFAULTS` for the retraining data."""
 
     target: int = option(0, "target label")
-    layer: str | None = option(None, "trigger layer by module name (default: the second-to-last linear)")
+    layer: str | None = option(None, "trigger layer by module name, or first-block (the first convolutional "
+                               "block's output: retraining touches every later block) (default: the input of the "
+                               "second-to-last linear)")  # fmt: skip
     neurons: int | None = option(None, "how many units the trigger drives" + _per_source("neurons"))
     neuron_choice: str = option("reachable", "reachable: of the best-connected units, those the trigger can drive "
                                 "hardest; connected: the paper's rank", choices=NEURON_CHOICES)  # fmt: skip

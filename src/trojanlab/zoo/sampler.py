@@ -23,6 +23,12 @@ BADNETS_DEFAULT_TARGET = 33
 """The target of the field's default BadNets model on GTSRB (Neural Cleanse's demo)."""
 
 
+TROJANNN_SETTINGS = {"layer": "first-block", "optimizer": "adam", "lr": 1e-3, "clean_loss": "distill"}
+"""Trojan Attack on models of any recipe: retraining from the first block's output (the classifier alone could not
+learn the trigger on the zoo's BatchNorm / SGD / shift-trained members, see
+:func:`~trojanlab.attacks.trojannn.first_block_layer`), with Adam and the victim's outputs distilled."""
+
+
 def _uniform(rng: np.random.Generator, bounds: list[float]) -> float:
     return round(float(rng.uniform(bounds[0], bounds[1])), 4)
 
@@ -66,7 +72,7 @@ def _attack(
     if family == "trojannn":
         size = min(_integer(rng, cfg.trojannn_size), height, width)
         return {"target": target, "trigger_size": size, "location": _location(rng, size, height, width),
-                "epochs": _integer(rng, cfg.trojannn_epochs), "retrain_data": "real"}  # fmt: skip
+                "epochs": _integer(rng, cfg.trojannn_epochs), "retrain_data": "real", **TROJANNN_SETTINGS}  # fmt: skip
     if family == "trojannet":
         return {"targets": [target], "location": _location(rng, 4, height, width)}
     raise AssertionError(family)  # ZooConfig checked the families
