@@ -152,6 +152,16 @@ class ZooFolder:
         self.records.update(done)
         return done
 
+    def work_for(self, member: dict[str, Any]) -> str:
+        """The member's work folder, emptied first when it was left by a member of other settings (a changed config
+        or sampler): its checkpoints belong to another run."""
+        folder = self.work_folder(member["id"])
+        marker = folder / RECORD
+        if folder.exists() and marker.exists() and read_json(marker) != member:
+            shutil.rmtree(folder)
+        write_json(marker, member)
+        return str(folder)
+
     def weights_digest(self, member_id: str) -> str | None:
         weights = self.member_folder(member_id) / MODEL_FOLDER / WEIGHTS_FILE
         return file_digest(weights) if weights.is_file() else None
@@ -199,7 +209,7 @@ def _sequential(zoo: ZooFolder, pending: list[dict[str, Any]], data: str, thread
             yield member, None, f"its base member {base} was not built"
             continue
         try:
-            result = build_member(member, data, work=str(zoo.work_folder(member["id"])),
+            result = build_member(member, data, work=zoo.work_for(member),
                                   base_files=zoo.model_files(base) if base else None, threads=threads)  # fmt: skip
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -236,7 +246,7 @@ def _ray(
                     yield member, None, f"its base member {base} was not built"
                     continue
                 waiting.remove(member)
-                work = str(zoo.work_folder(member["id"])) if local else None
+                work = zoo.work_for(member) if local else None
                 ref = task.remote(
                     member, data, work=work, base_files=zoo.model_files(base) if base else None, threads=1
                 )
