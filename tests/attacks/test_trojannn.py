@@ -227,3 +227,45 @@ def test_the_retraining_defaults_follow_the_retraining_data_and_explicit_values_
     assert (mine.neurons, mine.clean_loss, mine.epochs) == (3, "labels", reverse.epochs)
     with pytest.raises(ConfigError, match="clean_loss must be one of"):
         tnn.TrojanNNConfig(clean_loss="mse")
+
+
+def _gtsrb_cnn_bn(classes: int = 5, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    spec = classifier_spec("gtsrb_cnn_bn", [str(i) for i in range(classes)], (3, 32, 32), [0.5] * 3, [0.25] * 3)
+    return build_classifier(spec).eval()
+
+
+def test_first_block_names_the_output_of_the_first_convolutional_block_of_any_network():
+    import torchvision
+
+    assert tnn.resolve_trigger_layer(_gtsrb_cnn(), "first-block") == "net.features.5"  # the dropout after pool 1
+    assert tnn.resolve_trigger_layer(_gtsrb_cnn_bn(), "first-block") == "net.features.7"
+    assert tnn.first_block_layer(torchvision.models.resnet18()) == "maxpool"  # the stem's output feeds layer1
+    assert tnn.resolve_trigger_layer(_gtsrb_cnn(), None) == "net.classifier.0"
+    assert tnn.resolve_trigger_layer(_gtsrb_cnn(), "net.features.2") == "net.features.2"
+    with pytest.raises(ConfigError, match="no convolution after a pooling layer"):
+        tnn.first_block_layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)))
+    with pytest.raises(ConfigError, match="no layer named"):
+        tnn.resolve_trigger_layer(_gtsrb_cnn(), "net.nowhere")
+
+
+def test_retraining_from_the_first_block_trains_every_later_block_and_keeps_batchnorm_statistics():
+    model = _gtsrb_cnn_bn()
+    with torch.no_grad():  # statistics a fresh BatchNorm would not have, so any update shows
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.rand(32, 3, 32, 32, generator=gen), torch.randint(0, 5, (32,), generator=gen)
+    layer = tnn.resolve_trigger_layer(model, "first-block")
+    tnn.retrain_after_layer(model, layer, x, y, Trigger(np.ones((6, 6)), (2, 2), 1), epochs=1, batch_size=16)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    first_block = {k for k in before if k.startswith(("net.features.0.", "net.features.1.", "net.features.3.",
+                                                      "net.features.4."))}  # fmt: skip
+    assert not changed & first_block  # frozen up to the layer
+    assert {"net.features.8.weight", "net.classifier.5.weight", "net.features.9.weight"} <= changed  # BN scale trains
+    statistics = {k for k in before if k.endswith(("running_mean", "running_var"))}
+    assert not changed & statistics  # every BatchNorm, the one inside the classifier too, kept its statistics

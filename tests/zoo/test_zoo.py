@@ -191,3 +191,21 @@ def test_a_wanet_zoo_whose_rate_leaves_no_clean_images_is_refused():
         ZooConfig(families=["wanet"], poison_rate=[0.1, 0.4])
     with pytest.raises(ConfigError, match="does not fit 3x3 images"):
         sample(ZooConfig(clean=1, backdoored=1, families=["trojannet"]), 10, 3, 3)
+
+
+def test_a_work_folder_left_by_a_member_of_other_settings_is_emptied_and_one_of_the_same_is_kept(tmp_path):
+    from trojanlab.zoo.build import ZooFolder
+
+    cfg = ZooConfig(clean=1, backdoored=1, families=["patch"])
+    members = sample(cfg, 43, 32, 32)
+    zoo = ZooFolder(tmp_path, cfg, members)
+    member = members[1]
+    folder = tmp_path / "work" / member["id"]
+    checkpoint = folder / "model" / "checkpoint" / "train.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"epoch 3")
+    assert zoo.work_for(member) == str(folder) and checkpoint.exists()  # no record yet: an older build's, kept
+    assert zoo.work_for(member) == str(folder) and checkpoint.exists()  # the same settings: resumed
+    changed = {**member, "attack": {**member["attack"], "alpha": 0.5}}
+    zoo.work_for(changed)
+    assert not checkpoint.exists() and json.loads((folder / "member.json").read_text()) == changed
