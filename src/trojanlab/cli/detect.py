@@ -1,11 +1,11 @@
-"""``trojanlab detect nc``: scan a model for backdoors (detection only; ``trojanlab defend nc-unlearn|nc-prune``
+"""``trojanlab detect nc|mmbd``: scan a model for backdoors (detection only; ``trojanlab defend nc-unlearn|nc-prune``
 repair with the scan's reversed triggers)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..config.detection import NCConfig
+from ..config.detection import MMBDConfig, NCConfig
 from .options import add_config, add_run_options, config_from, folder_flags
 
 
@@ -18,6 +18,11 @@ def add_parser(subparsers) -> None:
     add_run_options(d)
     add_config(d, NCConfig, "nc")
     d.set_defaults(func=run_nc)
+    d = sub.add_parser("mmbd", help="MM-BD: the maximum achievable margin of every label, no data needed")
+    d.add_argument("--model", required=True, help="any model artefact (classifier or TrojanNet-injected)")
+    add_run_options(d, data=None)
+    add_config(d, MMBDConfig, "mmbd")
+    d.set_defaults(func=run_mmbd)
 
 
 def run_nc(args: argparse.Namespace) -> None:
@@ -33,4 +38,19 @@ def run_nc(args: argparse.Namespace) -> None:
     if report.anomaly_index is not None:
         print(f"anomaly index {report.anomaly_index:.3f} (median {d['median']:.1f}, MAD {d['mad']:.1f}); "
               f"flagged: {report.flagged_labels or 'none'}")  # fmt: skip
+    print(f"result: {args.out}/result.json")
+
+
+def run_mmbd(args: argparse.Namespace) -> None:
+    from ..detection.run import mmbd
+
+    cfg = config_from(args, MMBDConfig, "mmbd", seed=args.seed)
+    report = mmbd(args.model, cfg, out=args.out, device=args.device, seed=args.seed, progress=not args.quiet,
+                  **folder_flags(args))  # fmt: skip
+    d = report.details
+    top = sorted(((int(k), v) for k, v in d["max_margins"].items()), key=lambda item: -item[1])
+    print(f"scanned {len(top)} labels in {report.seconds:.0f} s ({d['images']:,} images, no data); largest margins: "
+          + ", ".join(f"{label}: {value:.1f}" for label, value in top[:5]))  # fmt: skip
+    verdict = f"flagged label {d['suspected_label']}" if report.infected else "nothing flagged"
+    print(f"p-value {d['p_value']:.3g} against {d['threshold']:g}: {verdict}")
     print(f"result: {args.out}/result.json")

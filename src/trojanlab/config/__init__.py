@@ -25,7 +25,7 @@ from .defenses import (
     PruneRule,
     SubnetworkConfig,
 )
-from .detection import NCConfig
+from .detection import MMBDConfig, NCConfig
 from .training import ModelConfig, TrainConfig, TransferConfig
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "BlendedConfig",
     "DefenderConfig",
     "FinePruningConfig",
+    "MMBDConfig",
     "ModelConfig",
     "NCConfig",
     "NCGuidedConfig",

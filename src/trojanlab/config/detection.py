@@ -1,4 +1,4 @@
-"""Settings of the detectors: Neural Cleanse."""
+"""Settings of the detectors: Neural Cleanse, MM-BD."""
 
 from __future__ import annotations
 
@@ -77,3 +77,47 @@ class NCConfig:
         """The settings that shape the optimisation (what a scan checkpoint must match to be resumed)."""
         skip = {"labels", "split", "images", "threshold"}
         return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+
+MMBD_PROFILES = ("fast", "official")
+MMBD_PROFILE_DEFAULTS = {  # random starts per label, steps, optimiser, learning rate
+    "official": {"starts": 30, "steps": 300, "optimizer": "sgd", "lr": 1e-2},
+    "fast": {"starts": 8, "steps": 100, "optimizer": "adam", "lr": 5e-2},
+}
+
+
+@dataclass
+class MMBDConfig:
+    """MM-BD (Wang et al., S&P 2024): the maximum achievable margin of every label, from random images (no clean
+    data), and a Gamma null fitted to the non-extreme labels; ``profile`` picks what ``None`` settings take."""
+
+    profile: str = option("fast", "fast: 8 starts, 100 Adam steps; official: 30 starts, 300 SGD steps at 0.01",
+                          choices=MMBD_PROFILES)  # fmt: skip
+    starts: int | None = option(None, "random images per label (profile default)")
+    steps: int | None = option(None, "gradient-ascent steps at most (profile default)")
+    optimizer: str | None = option(None, "sgd (plain ascent, as the official code) or adam (profile default)",
+                                   choices=("sgd", "adam"))  # fmt: skip
+    lr: float | None = option(None, "step size on the pixels (profile default)")
+    tolerance: float = option(1e-5, "a label stops once its loss changes by less than this, relatively", cli=False)
+    batch_size: int = option(512, "images per forward pass (all labels share the batch)")
+    labels: list[int] | None = option(None, "labels to scan (default: all)", nargs="+")
+    threshold: float = option(0.05, "p-value below which the model is flagged")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        check_choice("MMBDConfig", "profile", self.profile, MMBD_PROFILES)
+        for name, value in MMBD_PROFILE_DEFAULTS[self.profile].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ("starts", "steps", "batch_size"):
+            check_int("MMBDConfig", name, getattr(self, name), 1)
+        check_choice("MMBDConfig", "optimizer", self.optimizer, ("sgd", "adam"))
+        check_number("MMBDConfig", "lr", self.lr, 0, low_open=True)
+        check_number("MMBDConfig", "tolerance", self.tolerance, 0)
+        check_number("MMBDConfig", "threshold", self.threshold, 0, 1, low_open=True)
+        if self.labels is not None:
+            for label in self.labels:
+                check_int("MMBDConfig", "labels", label, 0)
+            if len(self.labels) < 3 or len(set(self.labels)) != len(self.labels):
+                raise ConfigError(f"MMBDConfig.labels must be at least 3 distinct labels (the null fit), got "
+                                  f"{list(self.labels)}")  # fmt: skip

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from ..config.base import to_dict
-from ..config.detection import NCConfig
+from ..config.detection import MMBDConfig, NCConfig
 from ..errors import TrojanlabError
+from ..io import save_png
 from ..reports import DetectionReport
 from ..runs import (
     check_device,
@@ -26,9 +27,11 @@ from ..runs import (
     seed_everything,
 )
 from ..triggers import Trigger
+from . import mmbd as mm
 from . import neural_cleanse as nc
 
 REVERSED_FILE = "reversed_triggers.safetensors"
+MARGIN_INPUTS_FILE = "max_margin_inputs.png"
 
 
 def neural_cleanse(
@@ -114,6 +117,56 @@ def read_reversed_triggers(scan_folder: str | os.PathLike, labels: list[int] | N
     return nc.load_reversed(Path(scan_folder) / REVERSED_FILE, labels)
 
 
+def mmbd(
+    model: str | os.PathLike,
+    config: MMBDConfig | None = None,
+    *,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
+) -> DetectionReport:
+    """MM-BD on the artefact ``model``, without data: the maximum achievable margin of every label (batched), the
+    Gamma null test, ``margins.png`` and the inputs that reached the largest margins (``max_margin_inputs.png``)."""
+    cfg = config or MMBDConfig(seed=seed)
+    device = check_device(device)
+    seed_everything(seed)
+    run = prepare_run(out, "detect mmbd", {"MMBDConfig": to_dict(cfg)}, seed, restart=restart, force=force,
+                      model=model)  # fmt: skip
+    out = run.path
+    loaded = load_artifact(model, device=device)
+    if cfg.labels is not None:
+        bad = [label for label in cfg.labels if not 0 <= label < loaded.num_classes]
+        if bad:
+            raise TrojanlabError(f"--labels {bad} are out of range for a {loaded.num_classes}-class model")
+    if len(cfg.labels or range(loaded.num_classes)) < 3:
+        raise TrojanlabError(f"MM-BD's null fit needs at least 3 labels; the model has {loaded.num_classes}")
+    shape = tuple(int(v) for v in loaded.spec["input_size"])
+    run.start()
+    search = mm.max_margins(loaded.module, loaded.num_classes, shape, cfg, device=device, progress=progress)
+    statistics = search.by_label()
+    test = mm.gamma_test(statistics)
+    infected = test.p_value < cfg.threshold
+    mm.plot_margins(statistics, test, cfg.threshold, out / "margins.png")
+    order = sorted(range(len(search.labels)), key=lambda i: -search.statistics[i])[:8]
+    save_png(out / MARGIN_INPUTS_FILE, np.concatenate([search.inputs[i].permute(1, 2, 0).numpy() for i in order], 1))
+    details: dict[str, Any] = {
+        **test.to_json(), "threshold": cfg.threshold, "max_margins": {str(k): v for k, v in statistics.items()},
+        "steps_per_label": dict(zip(map(str, search.labels), search.steps)), "images": search.images,
+        "margin_inputs_labels": [search.labels[i] for i in order], "input_size": list(shape), "device": device,
+    }  # fmt: skip
+    report = DetectionReport(
+        method="mm-bd", seconds=round(search.seconds, 2), config=to_dict(cfg),
+        provenance=provenance("mm-bd", to_dict(cfg), seed, model=str(model)), details=details,
+        files=["margins.png", MARGIN_INPUTS_FILE], model=str(model), data="none (data-free)", infected=infected,
+        flagged_labels=[test.suspected_label] if infected else [], anomaly_index=None,
+    )  # fmt: skip
+    return finish(run, report)
+
+
 DETECTORS: dict[str, tuple[type, Callable[..., DetectionReport]]] = {
     "nc": (NCConfig, neural_cleanse),
+    "mmbd": (MMBDConfig, mmbd),
 }
