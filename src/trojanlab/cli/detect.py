@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config.detection import MMBDConfig, NCConfig
-from .options import add_config, add_run_options, config_from, folder_flags
+from .options import add_config, add_model_source_options, add_run_options, config_from, folder_flags, model_source
 
 
 def add_parser(subparsers) -> None:
@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
     add_config(d, NCConfig, "nc")
     d.set_defaults(func=run_nc)
     d = sub.add_parser("mmbd", help="MM-BD: the maximum achievable margin of every label, no data needed")
-    d.add_argument("--model", required=True, help="any model artefact (classifier or TrojanNet-injected)")
+    add_model_source_options(d)
     add_run_options(d, data=None)
     add_config(d, MMBDConfig, "mmbd")
     d.set_defaults(func=run_mmbd)
@@ -45,7 +45,7 @@ def run_mmbd(args: argparse.Namespace) -> None:
     from ..detection.run import mmbd
 
     cfg = config_from(args, MMBDConfig, "mmbd", seed=args.seed)
-    report = mmbd(args.model, cfg, out=args.out, device=args.device, seed=args.seed, progress=not args.quiet,
+    report = mmbd(model_source(args), cfg, out=args.out, device=args.device, seed=args.seed, progress=not args.quiet,
                   **folder_flags(args))  # fmt: skip
     d = report.details
     top = sorted(((int(k), v) for k, v in d["max_margins"].items()), key=lambda item: -item[1])

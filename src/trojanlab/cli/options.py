@@ -143,3 +143,25 @@ def unused_options(args: argparse.Namespace, cls: type, group: str) -> list[str]
         if value != default:
             set_flags.append(f.metadata.get("flag", "--" + f.name.replace("_", "-")))
     return set_flags
+
+
+def add_model_source_options(parser: argparse.ArgumentParser) -> None:
+    """``--model`` as any model file: an artefact folder, an ONNX file or a state dict, and what it does not state."""
+    parser.add_argument("--model", required=True,
+                        help="a trojanlab artefact folder, an .onnx file, or a state dict (.safetensors, or .pt/.pth "
+                        "read with weights_only) with --arch")  # fmt: skip
+    parser.add_argument("--arch", help="the architecture a state dict fills (gtsrb_cnn, any torchvision classifier)")
+    parser.add_argument("--num-classes", type=int, help="classes of a state dict's model, or of an ONNX graph that "
+                        "does not state them")  # fmt: skip
+    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                        help="input size where the file does not state it")  # fmt: skip
+    parser.add_argument("--mean", type=float, nargs="+", help="the input normalisation the model expects (with "
+                        "--std; default: none, it takes [0, 1] images)")  # fmt: skip
+    parser.add_argument("--std", type=float, nargs="+", help="see --mean")
+
+
+def model_source(args: argparse.Namespace):
+    """The :class:`~trojanlab.models.external.ModelSource` of ``add_model_source_options``."""
+    from ..models.external import ModelSource
+
+    return ModelSource(args.model, args.arch, args.num_classes, args.input_size, args.mean, args.std)

@@ -15,6 +15,7 @@ from ..config.base import to_dict
 from ..config.detection import MMBDConfig, NCConfig
 from ..errors import TrojanlabError
 from ..io import save_png
+from ..models.external import ModelSource, load_any
 from ..reports import DetectionReport
 from ..runs import (
     check_device,
@@ -118,7 +119,7 @@ def read_reversed_triggers(scan_folder: str | os.PathLike, labels: list[int] | N
 
 
 def mmbd(
-    model: str | os.PathLike,
+    model: str | os.PathLike | ModelSource,
     config: MMBDConfig | None = None,
     *,
     out: str | os.PathLike,
@@ -128,15 +129,16 @@ def mmbd(
     restart: bool = False,
     force: bool = False,
 ) -> DetectionReport:
-    """MM-BD on the artefact ``model``, without data: the maximum achievable margin of every label (batched), the
+    """MM-BD on ``model`` (an artefact folder, an ONNX file, or a :class:`ModelSource`), without data: the maximum achievable margin of every label (batched), the
     Gamma null test, ``margins.png`` and the inputs that reached the largest margins (``max_margin_inputs.png``)."""
     cfg = config or MMBDConfig(seed=seed)
     device = check_device(device)
     seed_everything(seed)
-    run = prepare_run(out, "detect mmbd", {"MMBDConfig": to_dict(cfg)}, seed, restart=restart, force=force,
-                      model=model)  # fmt: skip
+    source = model if isinstance(model, ModelSource) else ModelSource(str(model))
+    run = prepare_run(out, "detect mmbd", {"MMBDConfig": to_dict(cfg), "ModelSource": to_dict(source)}, seed,
+                      restart=restart, force=force, model=source.path)  # fmt: skip
     out = run.path
-    loaded = load_artifact(model, device=device)
+    loaded = load_any(source, device=device)
     if cfg.labels is not None:
         bad = [label for label in cfg.labels if not 0 <= label < loaded.num_classes]
         if bad:
@@ -156,11 +158,12 @@ def mmbd(
         **test.to_json(), "threshold": cfg.threshold, "max_margins": {str(k): v for k, v in statistics.items()},
         "steps_per_label": dict(zip(map(str, search.labels), search.steps)), "images": search.images,
         "margin_inputs_labels": [search.labels[i] for i in order], "input_size": list(shape), "device": device,
+        "assumed": loaded.spec.get("assumed"), "normalization": loaded.spec.get("normalization"),
     }  # fmt: skip
     report = DetectionReport(
         method="mm-bd", seconds=round(search.seconds, 2), config=to_dict(cfg),
-        provenance=provenance("mm-bd", to_dict(cfg), seed, model=str(model)), details=details,
-        files=["margins.png", MARGIN_INPUTS_FILE], model=str(model), data="none (data-free)", infected=infected,
+        provenance=provenance("mm-bd", to_dict(cfg), seed, model=source.path), details=details,
+        files=["margins.png", MARGIN_INPUTS_FILE], model=source.path, data="none (data-free)", infected=infected,
         flagged_labels=[test.suspected_label] if infected else [], anomaly_index=None,
     )  # fmt: skip
     return finish(run, report)
