@@ -1,11 +1,11 @@
-"""``trojanlab detect nc|mmbd``: scan a model for backdoors (detection only; ``trojanlab defend nc-unlearn|nc-prune``
+"""``trojanlab detect nc|mmbd|structure``: scan a model for backdoors (detection only; ``trojanlab defend nc-unlearn|nc-prune``
 repair with the scan's reversed triggers)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..config.detection import MMBDConfig, NCConfig
+from ..config.detection import MMBDConfig, NCConfig, StructureConfig
 from .options import add_config, add_model_source_options, add_run_options, config_from, folder_flags, model_source
 
 
@@ -23,6 +23,11 @@ def add_parser(subparsers) -> None:
     add_run_options(d, data=None)
     add_config(d, MMBDConfig, "mmbd")
     d.set_defaults(func=run_mmbd)
+    d = sub.add_parser("structure", help="the graph: a branch reading a small input window merged into the output")
+    add_model_source_options(d)
+    add_run_options(d, data=None, device=False)
+    add_config(d, StructureConfig, "structure")
+    d.set_defaults(func=run_structure)
 
 
 def run_nc(args: argparse.Namespace) -> None:
@@ -53,4 +58,15 @@ def run_mmbd(args: argparse.Namespace) -> None:
           + ", ".join(f"{label}: {value:.1f}" for label, value in top[:5]))  # fmt: skip
     verdict = f"flagged label {d['suspected_label']}" if report.infected else "nothing flagged"
     print(f"p-value {d['p_value']:.3g} against {d['threshold']:g}: {verdict}")
+    print(f"result: {args.out}/result.json")
+
+
+def run_structure(args: argparse.Namespace) -> None:
+    from ..detection.run import structure
+
+    cfg = config_from(args, StructureConfig, "structure")
+    report = structure(model_source(args), cfg, out=args.out, seed=args.seed, **folder_flags(args))
+    d = report.details
+    print(f"{d['operations']} operations read ({d['source']}); "
+          + (d["evidence"] if report.infected else "no branch reads a small window of the input on its own"))  # fmt: skip
     print(f"result: {args.out}/result.json")

@@ -1,4 +1,4 @@
-"""Settings of the detectors: Neural Cleanse, MM-BD."""
+"""Settings of the detectors: Neural Cleanse, MM-BD, the structure check."""
 
 from __future__ import annotations
 
@@ -121,3 +121,15 @@ class MMBDConfig:
             if len(self.labels) < 3 or len(set(self.labels)) != len(self.labels):
                 raise ConfigError(f"MMBDConfig.labels must be at least 3 distinct labels (the null fit), got "
                                   f"{list(self.labels)}")  # fmt: skip
+
+
+@dataclass
+class StructureConfig:
+    """The structure check: a branch that reads a small window of the input and is merged with the rest."""
+
+    small_fraction: float = option(0.25, "largest share of the image a window may cover to count as small")
+
+    def __post_init__(self) -> None:
+        check_number("StructureConfig", "small_fraction", self.small_fraction, 0, 1, low_open=True)
+        if self.small_fraction >= 1:
+            raise ConfigError(f"StructureConfig.small_fraction must be below 1, got {self.small_fraction}")

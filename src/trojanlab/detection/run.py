@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..config.base import to_dict
-from ..config.detection import MMBDConfig, NCConfig
+from ..config.detection import MMBDConfig, NCConfig, StructureConfig
 from ..errors import TrojanlabError
 from ..io import save_png
 from ..models.external import ModelSource, load_any
@@ -30,6 +31,7 @@ from ..runs import (
 from ..triggers import Trigger
 from . import mmbd as mm
 from . import neural_cleanse as nc
+from . import structure as st
 
 REVERSED_FILE = "reversed_triggers.safetensors"
 MARGIN_INPUTS_FILE = "max_margin_inputs.png"
@@ -169,7 +171,43 @@ def mmbd(
     return finish(run, report)
 
 
+def structure(
+    model: str | os.PathLike | ModelSource,
+    config: StructureConfig | None = None,
+    *,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
+) -> DetectionReport:
+    """The structure check of ``model`` (an artefact folder, an ONNX file, or a :class:`ModelSource`): branches that
+    read a small window of the input and merge with the rest (evidence of a TrojanNet-style injection)."""
+    cfg = config or StructureConfig()
+    source = model if isinstance(model, ModelSource) else ModelSource(str(model))
+    run = prepare_run(out, "detect structure", {"StructureConfig": to_dict(cfg), "ModelSource": to_dict(source)},
+                      seed, restart=restart, force=force, model=source.path)  # fmt: skip
+    loaded = load_any(source, device="cpu")
+    run.start()
+    began = time.perf_counter()
+    found = st.check_model(loaded, cfg.small_fraction)
+    branch = next((b for b in found.branches if b.parameters > 0), None)
+    report = DetectionReport(
+        method="structure", seconds=round(time.perf_counter() - began, 2), config=to_dict(cfg),
+        provenance=provenance("structure", to_dict(cfg), seed, model=source.path), details=found.to_json(),
+        files=[], model=source.path, data="none (the graph only)", infected=found.suspicious,
+        flagged_labels=[], anomaly_index=None,
+    )  # fmt: skip
+    if branch is not None:
+        report.details["evidence"] = (f"a branch with {branch.parameters:,} weights reads only rows {branch.window[0]}-"
+                                      f"{branch.window[1] - 1}, columns {branch.window[2]}-{branch.window[3] - 1} of the "
+                                      f"input and is merged by {branch.merge_op}")  # fmt: skip
+    return finish(run, report)
+
+
 DETECTORS: dict[str, tuple[type, Callable[..., DetectionReport]]] = {
     "nc": (NCConfig, neural_cleanse),
     "mmbd": (MMBDConfig, mmbd),
+    "structure": (StructureConfig, structure),
 }

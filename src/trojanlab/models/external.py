@@ -142,6 +142,7 @@ def _onnx(path: Path, source: ModelSource) -> tuple[nn.Module, list[int], int]:
         num_classes = int(out_dims[-1])
     else:
         raise ConfigError(f"{path}: the graph's output shape {out_dims} does not state the classes; give --num-classes")
+    _constants_as_initializers(graph)
     opset = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=ONNX_OPSET)
     try:
         if opset > ONNX_OPSET:
@@ -151,6 +152,37 @@ def _onnx(path: Path, source: ModelSource) -> tuple[nn.Module, list[int], int]:
         raise ArtifactError(f"{path}: cannot rebuild the ONNX graph in PyTorch ({type(exc).__name__}: {exc})") from exc
     _check_runs(net, input_size, num_classes, path)
     return net, input_size, num_classes
+
+
+def _constants_as_initializers(model_proto) -> None:
+    """The same graph written the one way onnx2torch reads: ``Constant`` nodes moved into the initializers, empty
+    trailing inputs dropped (a ``Clip`` with a lower bound only), and the ``Identity`` aliases of a weight (how the
+    exporter shares equal tensors) replaced by the weight itself (a convolution's bias must be a weight)."""
+    graph = model_proto.graph
+    kept = []
+    for node in graph.node:
+        while node.input and not node.input[-1]:  # a trailing optional input left empty ("" names no tensor), which
+            node.input.pop()  # onnx2torch looks up as a name; omitting it means the same in ONNX
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None:
+            kept.append(node)
+            continue
+        tensor = type(value)()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+    # an Identity of a weight (how the exporter shares one tensor between two names): its readers read the weight
+    weights = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in kept
+             if n.op_type == "Identity" and n.input[0] in weights and n.output[0] not in outputs}  # fmt: skip
+    kept = [n for n in kept if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _check_runs(net: nn.Module, input_size: list[int], num_classes: int, path: Path) -> None:

@@ -1,0 +1,201 @@
+"""The structure check: does the model's graph hold a second branch that reads a small window of the input and is
+merged with the rest on its way to the output? That is how TrojanNet enters a model (a 4x4 patch cut from the
+image, an MLP, its probabilities added to the victim's), and no statistical detector sees it when the pattern is
+absent (Neural Cleanse is blind to it by design; the thesis's point).
+
+The check reads the ONNX graph (a trojanlab artefact or any PyTorch module is exported first, with the legacy
+TorchScript exporter: nothing is executed but tracing one forward pass of our own module). Every tensor gets the box
+of input pixels it depends on: the graph input covers the whole image; elementwise operations with constants (the
+normalisation) keep the image's layout; a ``Slice`` of an image-layout tensor along its spatial axes narrows the box;
+any other operation depends on the union of its inputs' boxes. A **branch** is found where a tensor that depends on
+a small window (at most ``small_fraction`` of the image) meets one that depends on a larger region: the window, the
+merging operation, and the weights on the branch (the parameters of the operations that read only that window) are
+reported as evidence beside the statistical detectors, not as a verdict of its own.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ArtifactError, ConfigError
+
+Box = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
+
+LAYOUT_OPS = {
+    "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Clip", "Identity", "Cast", "Sigmoid", "Tanh", "Abs", "Neg",
+    "Pow", "Sqrt", "Exp", "Log", "Min", "Max", "Dropout", "HardSigmoid", "HardSwish", "Elu", "Selu",
+}  # fmt: skip
+"""Operations that, applied to one image-layout tensor and constants, keep its layout (pixel i stays pixel i)."""
+
+
+@dataclass
+class Branch:
+    """A part of the graph that reads only ``window`` of the input and is merged with a part that reads more."""
+
+    window: Box  # rows [r0, r1), columns [c0, c1) of the input
+    merge_op: str  # the operation where it meets the rest
+    merge_node: str
+    parameters: int  # weights of the operations that read only the window
+    operations: int  # operations that read only the window
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.window[1] - self.window[0], self.window[3] - self.window[2]
+
+
+@dataclass
+class StructureReport:
+    """What the structure check found: the branches (evidence), the graph's size and where the graph came from."""
+
+    branches: list[Branch] = field(default_factory=list)
+    operations: int = 0
+    input_size: list[int] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def suspicious(self) -> bool:
+        """A branch with weights of its own reads a small window: the shape of a TrojanNet-style injection."""
+        return any(b.parameters > 0 for b in self.branches)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"suspicious": self.suspicious, "operations": self.operations, "input_size": self.input_size,
+                "source": self.source, "branches": [asdict(b) | {"size": list(b.size)} for b in self.branches]}  # fmt: skip
+
+
+def export_onnx(model: nn.Module, input_size: list[int] | tuple[int, ...]):
+    """``model`` traced into an ONNX graph in memory (the legacy exporter; constant folding turns the slice bounds
+    into constants the check reads)."""
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.rand(1, *input_size),), buffer, dynamo=False, input_names=["image"],
+                          output_names=["output"])  # fmt: skip
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _constants(graph) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+                elif attr.name in ("value_int", "value_ints"):
+                    values[node.output[0]] = np.array(attr.i if attr.name == "value_int" else list(attr.ints))
+    return values
+
+
+def _slice_box(node, values: dict[str, np.ndarray], box: Box, rank: int) -> Box | None:
+    """The box after a ``Slice`` of an image-layout tensor (None when its bounds are not constants)."""
+    attrs = {a.name: a for a in node.attribute}
+    if len(node.input) >= 3:  # opset >= 10: starts, ends, axes, steps are inputs
+        parts = [
+            values.get(name) if name else None for name in list(node.input[1:5]) + [""] * (4 - len(node.input[1:5]))
+        ]
+        starts, ends, axes, steps = parts
+        if starts is None or ends is None:
+            return None
+    else:  # opset < 10: attributes
+        starts, ends = np.array(attrs["starts"].ints), np.array(attrs["ends"].ints)
+        axes = np.array(attrs["axes"].ints) if "axes" in attrs else None
+        steps = None
+    axes = np.arange(len(starts)) if axes is None else axes
+    steps = np.ones(len(starts), np.int64) if steps is None else steps
+    r0, r1, c0, c1 = box
+    for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
+        axis = axis + rank if axis < 0 else axis
+        if axis not in (rank - 2, rank - 1):
+            continue
+        if step != 1:
+            return None
+        low, high = (r0, r1) if axis == rank - 2 else (c0, c1)
+        length = high - low
+        start = max(0, start + length if start < 0 else min(start, length))
+        end = max(0, end + length if end < 0 else min(end, length))
+        if axis == rank - 2:
+            r0, r1 = low + start, low + max(start, end)
+        else:
+            c0, c1 = low + start, low + max(start, end)
+    return r0, r1, c0, c1
+
+
+def _union(boxes: list[Box]) -> Box:
+    return min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes)
+
+
+def _area(box: Box) -> int:
+    return max(0, box[1] - box[0]) * max(0, box[3] - box[2])
+
+
+def analyse(model_proto, small_fraction: float = 0.25, source: str = "onnx graph") -> StructureReport:
+    """The branches of an ONNX ``ModelProto`` (see the module docstring)."""
+    if not 0 < small_fraction < 1:
+        raise ConfigError(f"small_fraction must be in (0, 1), got {small_fraction}")
+    graph = model_proto.graph
+    values = _constants(graph)
+    floats = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights, not slice bounds or shapes
+    weights = {t.name: int(np.prod(t.dims)) for t in graph.initializer if t.data_type in floats}
+    inits = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ArtifactError(f"the structure check reads graphs with one image input, got {len(inputs)}")
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or not dims[2] or not dims[3]:
+        raise ArtifactError(f"the graph's input shape {dims} is not N C H W with a known H and W")
+    height, width = dims[2], dims[3]
+    full: Box = (0, height, 0, width)
+    box: dict[str, Box] = {inputs[0].name: full}
+    layout: dict[str, bool] = {inputs[0].name: True}
+    reads: dict[Box, list[Any]] = {}  # window -> the operations that read only it
+    branches: dict[Box, Branch] = {}
+    small = small_fraction * height * width
+    for node in graph.node:
+        live = [name for name in node.input if name in box]
+        if not live:
+            continue
+        boxes = [box[name] for name in live]
+        if node.op_type == "Slice" and layout.get(live[0]) and node.input[0] == live[0]:
+            narrowed = _slice_box(node, values, boxes[0], 4)
+            out_box, out_layout = (narrowed, True) if narrowed is not None else (boxes[0], False)
+        elif node.op_type in LAYOUT_OPS and len(live) == 1:
+            out_box, out_layout = boxes[0], layout.get(live[0], False)
+        else:
+            out_box, out_layout = _union(boxes), False
+            if len(set(boxes)) > 1:  # parts that read different regions meet here
+                for b in set(boxes):
+                    if _area(b) <= small and _area(out_box) >= 4 * _area(b) and b not in branches:
+                        ops = reads.get(b, [])
+                        params = sum(weights.get(name, 0) for op in ops for name in op.input)
+                        branches[b] = Branch(b, node.op_type, node.name or node.output[0], params, len(ops))
+        if _area(out_box) <= small and out_box != full:
+            reads.setdefault(out_box, []).append(node)
+        for name in node.output:
+            box[name], layout[name] = out_box, out_layout
+    return StructureReport(list(branches.values()), len(graph.node), [int(v) for v in dims[1:]], source)
+
+
+def check_model(loaded, small_fraction: float = 0.25) -> StructureReport:
+    """The structure check of a loaded model: its ONNX graph when it came from one, else its module exported."""
+    import onnx
+
+    path = getattr(loaded, "path", None)
+    if path is not None and str(path).lower().endswith(".onnx"):
+        return analyse(onnx.load(str(path), load_external_data=False), small_fraction, "the ONNX file's graph")
+    shape = [int(v) for v in loaded.spec["input_size"]]
+    try:
+        proto = export_onnx(loaded.module, shape)
+    except Exception as exc:  # a module the tracer cannot export: say so instead of guessing
+        raise ArtifactError(f"the structure check could not trace the model into a graph ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc  # fmt: skip
+    return analyse(proto, small_fraction, "the module traced into ONNX")
