@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import Interrupted, TrojanlabError
-from . import attack, defend, demo, detect, evaluate, reproduce, train, trojannet, zoo
+from . import attack, defend, demo, detect, evaluate, reproduce, scan, train, trojannet, zoo
 
-COMMANDS = (train, trojannet, attack, detect, defend, evaluate, demo, reproduce, zoo)
+COMMANDS = (train, trojannet, attack, detect, scan, defend, evaluate, demo, reproduce, zoo)
 
 
 def build_parser() -> argparse.ArgumentParser:

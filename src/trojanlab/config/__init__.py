@@ -25,7 +25,7 @@ from .defenses import (
     PruneRule,
     SubnetworkConfig,
 )
-from .detection import MMBDConfig, NCConfig, StructureConfig
+from .detection import MMBDConfig, NCConfig, ScanConfig, StructureConfig
 from .training import ModelConfig, TrainConfig, TransferConfig
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "NCPruneConfig",
     "NCUnlearnConfig",
     "PruneRule",
+    "ScanConfig",
     "StructureConfig",
     "SubnetworkConfig",
     "TrainConfig",

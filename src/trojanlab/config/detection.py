@@ -1,4 +1,4 @@
-"""Settings of the detectors: Neural Cleanse, MM-BD, the structure check."""
+"""Settings of the detectors: Neural Cleanse, MM-BD, the structure check, and the scan that combines them."""
 
 from __future__ import annotations
 
@@ -133,3 +133,40 @@ class StructureConfig:
         check_number("StructureConfig", "small_fraction", self.small_fraction, 0, 1, low_open=True)
         if self.small_fraction >= 1:
             raise ConfigError(f"StructureConfig.small_fraction must be below 1, got {self.small_fraction}")
+
+
+SCAN_DETECTORS = ("structure", "mmbd", "nc")
+
+
+@dataclass
+class ScanConfig:
+    """The scan: which detectors run (cheapest first) and their budgets; the probability comes from a calibration."""
+
+    detectors: list[str] = option(factory=lambda: list(SCAN_DETECTORS), help="detectors to run: structure (the "
+                                  "graph), mmbd (no data), nc (needs --examples)", nargs="+")  # fmt: skip
+    mmbd_profile: str = option("fast", "MM-BD's profile", choices=MMBD_PROFILES)
+    mmbd_starts: int | None = option(None, "MM-BD's random images per label (default: its profile's)")
+    mmbd_steps: int | None = option(None, "MM-BD's ascent steps at most (default: its profile's)")
+    nc_profile: str = option("fast", "Neural Cleanse's profile", choices=NC_PROFILES)
+    nc_images: int | None = option(200, "clean example images Neural Cleanse uses at most")
+    small_fraction: float = option(0.25, "the structure check's largest share of the image for a small window")
+    threshold: float = option(0.5, "probability at or above which the verdict is 'backdoored'")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        self.detectors = list(self.detectors)
+        unknown = [d for d in self.detectors if d not in SCAN_DETECTORS]
+        if unknown or not self.detectors or len(set(self.detectors)) != len(self.detectors):
+            raise ConfigError(f"ScanConfig.detectors must be distinct ones of {', '.join(SCAN_DETECTORS)}, got "
+                              f"{self.detectors}")  # fmt: skip
+        check_choice("ScanConfig", "mmbd_profile", self.mmbd_profile, MMBD_PROFILES)
+        check_choice("ScanConfig", "nc_profile", self.nc_profile, NC_PROFILES)
+        if self.nc_images is not None:
+            check_int("ScanConfig", "nc_images", self.nc_images, 1)
+        StructureConfig(self.small_fraction)
+        self.mmbd()  # its own checks
+        check_number("ScanConfig", "threshold", self.threshold, 0, 1)
+
+    def mmbd(self) -> MMBDConfig:
+        """MM-BD's settings in this scan."""
+        return MMBDConfig(profile=self.mmbd_profile, starts=self.mmbd_starts, steps=self.mmbd_steps, seed=self.seed)

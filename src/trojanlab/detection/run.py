@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from ..config.base import to_dict
-from ..config.detection import MMBDConfig, NCConfig, StructureConfig
+from ..config.detection import MMBDConfig, NCConfig, ScanConfig, StructureConfig
 from ..errors import TrojanlabError
-from ..io import save_png
+from ..io import atomic_write, save_png, write_json
 from ..models.external import ModelSource, load_any
 from ..reports import DetectionReport
 from ..runs import (
@@ -32,6 +32,8 @@ from ..triggers import Trigger
 from . import mmbd as mm
 from . import neural_cleanse as nc
 from . import structure as st
+from .calibration import Calibration
+from .scan import scan_model
 
 REVERSED_FILE = "reversed_triggers.safetensors"
 MARGIN_INPUTS_FILE = "max_margin_inputs.png"
@@ -204,6 +206,146 @@ def structure(
                                       f"{branch.window[1] - 1}, columns {branch.window[2]}-{branch.window[3] - 1} of the "
                                       f"input and is merged by {branch.merge_op}")  # fmt: skip
     return finish(run, report)
+
+
+SHIPPED_CALIBRATION = Path(__file__).with_name("calibration.json")
+"""The calibration that ships with the package (fitted on the zoo by ``benchmarks/scan_zoo.py``), when present."""
+
+
+def default_calibration() -> Calibration | None:
+    return Calibration.load(SHIPPED_CALIBRATION) if SHIPPED_CALIBRATION.is_file() else None
+
+
+def examples_of(examples: str | os.PathLike, spec: dict[str, Any], seed: int = 0):
+    """The auditor's clean images: every image of ``examples`` (a folder with a sub-folder per class, an ``.npz``
+    or a data name), both splits, checked against the model."""
+    from ..data import DataSplits, ImageSet
+
+    splits = model_data(examples, spec, seed)
+    parts = [s for s in (splits.train, splits.test) if s is not None]
+    every = ImageSet(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
+    return DataSplits(splits.name, None, every, splits.classes)
+
+
+def scan(
+    model: str | os.PathLike | ModelSource,
+    config: ScanConfig | None = None,
+    *,
+    examples: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    result: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | Calibration | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
+) -> DetectionReport:
+    """Every detector of ``config`` on ``model``, combined by ``calibration`` (default: the shipped one) into the
+    probability that it is backdoored. ``out``: ``scan.json``, ``scan.html`` and the detectors' plots; ``result``: a
+    file holding just the probability (TrojAI's containers' interface)."""
+    cfg = config or ScanConfig(seed=seed)
+    source = model if isinstance(model, ModelSource) else ModelSource(str(model))
+    device = check_device(device)
+    fitted = (
+        calibration if isinstance(calibration, Calibration) or calibration is None else Calibration.load(calibration)
+    )
+    fitted = fitted or default_calibration()
+    if result is not None and fitted is None:
+        raise TrojanlabError("--result needs a probability, and no calibration ships yet: give --calibration FILE "
+                             "(benchmarks/scan_zoo.py fits one on a zoo)")  # fmt: skip
+    if fitted is not None:
+        missing = [f for f in fitted.features if not _detector_gives(f, cfg.detectors)]
+        if missing:
+            raise TrojanlabError(f"the calibration reads {missing}, which --detectors {' '.join(cfg.detectors)} do "
+                                 "not give")  # fmt: skip
+    if out is None and result is None:
+        raise TrojanlabError("give --out (the scan's files) or --result (the probability alone), or both")
+    seed_everything(seed)
+    run = None
+    if out is not None:
+        run = prepare_run(out, "scan", {"ScanConfig": to_dict(cfg), "ModelSource": to_dict(source)}, seed,
+                          restart=restart, force=force, model=source.path, examples=examples)  # fmt: skip
+    loaded = load_any(source, device=device)
+    data = None
+    if "nc" in cfg.detectors:
+        if examples is None:
+            raise TrojanlabError("Neural Cleanse needs clean images: give --examples DIR, or --detectors without nc")
+        data = examples_of(examples, loaded.spec, seed)
+        data = check_fits(loaded, data, source.path)
+    shape = tuple(int(v) for v in loaded.spec["input_size"])
+    if run is not None:
+        run.start()
+    began = time.perf_counter()
+    found = scan_model(loaded.module, loaded.num_classes, shape, cfg, examples=data.test if data else None,
+                       calibration=fitted, loaded=loaded, device=device, progress=progress)  # fmt: skip
+    verdict = None if found.probability is None else found.probability >= cfg.threshold
+    details: dict[str, Any] = {**found.to_json(), "threshold": cfg.threshold, "verdict": verdict,
+                               "assumed": loaded.spec.get("assumed"), "input_size": list(shape),
+                               "normalization": loaded.spec.get("normalization")}  # fmt: skip
+    files: list[str] = []
+    if run is not None:
+        files = _scan_files(run.path, found, details, data.test if data else None, loaded)
+    if result is not None:
+        atomic_write(result, lambda tmp: tmp.write_text(f"{found.probability:.6f}\n"))
+    report = DetectionReport(
+        method="scan", seconds=round(time.perf_counter() - began, 2), config=to_dict(cfg),
+        provenance=provenance("scan", to_dict(cfg), seed, model=source.path, examples=str(examples)),
+        details=details, files=files, model=source.path, data=str(examples), infected=verdict,
+        flagged_labels=found.suspected_labels if verdict else [], anomaly_index=None,
+    )  # fmt: skip
+    return finish(run, report) if run is not None else report
+
+
+def _detector_gives(feature: str, detectors: list[str]) -> bool:
+    prefix = feature.split("_", 1)[0]
+    return {"structure": "structure", "mmbd": "mmbd", "nc": "nc"}.get(prefix) in detectors
+
+
+def _scan_files(out: Path, found, details: dict[str, Any], examples, loaded) -> list[str]:
+    """scan.json, the detectors' plots, the suspected label's reversed trigger on clean images, scan.html."""
+    import html
+
+    import torch
+
+    files = ["scan.json"]
+    if found.mmbd is not None:
+        test = mm.gamma_test(found.mmbd.by_label())
+        mm.plot_margins(found.mmbd.by_label(), test, details["detectors"]["mmbd"]["threshold"], out / "margins.png")
+        files.append("margins.png")
+    answers: list[str] = []
+    if found.nc is not None:
+        outliers = nc.mad_outlier_test(found.nc.norms(), details["detectors"]["nc"]["threshold"])
+        nc.plot_norms(found.nc.norms(), outliers, out / "norms.png")
+        files.append("norms.png")
+        label = details["suspected_labels"][0] if details["suspected_labels"] else details["detectors"]["nc"][
+            "smallest_norm_label"]  # fmt: skip
+        trigger = found.nc.trigger(label)
+        x = torch.as_tensor(examples.x[:8]).permute(0, 3, 1, 2).float() / 255
+        from ..triggers import stamp
+
+        stamped = stamp(x, trigger)
+        with torch.no_grad():
+            answers = [str(int(v)) for v in loaded.module(stamped).argmax(1)]
+        save_png(
+            out / "suspected_trigger_on_examples.png", np.concatenate(list(stamped.permute(0, 2, 3, 1).numpy()), 1)
+        )
+        files.append("suspected_trigger_on_examples.png")
+        details["suspected_trigger_answers"] = {"label": int(label), "answers": [int(a) for a in answers]}
+    write_json(out / "scan.json", details)
+    probability = details["probability"]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in details["features"].items())
+    images = "".join(f'<p><img src="{f}" alt="{f}"></p>' for f in files if f.endswith(".png"))
+    verdict = ("no calibration: no probability" if probability is None else
+               f"probability backdoored {probability:.3f} ({'backdoored' if details['verdict'] else 'clean'} at "
+               f"{details['threshold']:g})")  # fmt: skip
+    page = (f"<!doctype html><meta charset=utf-8><title>trojanlab scan</title><h1>{html.escape(verdict)}</h1>"
+            f"<p>suspected labels: {details['suspected_labels']}; assumed: {html.escape(str(details['assumed']))}</p>"
+            f"<table><tr><th>feature</th><th>value</th></tr>{rows}</table>"
+            + (f"<p>the model's answers on the stamped images: {' '.join(answers)}</p>" if answers else "")
+            + images)  # fmt: skip
+    atomic_write(out / "scan.html", lambda tmp: tmp.write_text(page))
+    return [*files, "scan.html"]
 
 
 DETECTORS: dict[str, tuple[type, Callable[..., DetectionReport]]] = {

@@ -44,6 +44,7 @@ class Branch:
     merge_node: str
     parameters: int  # weights of the operations that read only the window
     operations: int  # operations that read only the window
+    tensor: str = ""  # the graph's tensor that carries the branch into the merge
 
     @property
     def size(self) -> tuple[int, int]:
@@ -58,6 +59,8 @@ class StructureReport:
     operations: int = 0
     input_size: list[int] = field(default_factory=list)
     source: str = ""
+    graph: Any = field(default=None, repr=False)  # the ONNX ModelProto read
+    input_name: str = ""
 
     @property
     def suspicious(self) -> bool:
@@ -66,7 +69,7 @@ class StructureReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"suspicious": self.suspicious, "operations": self.operations, "input_size": self.input_size,
-                "source": self.source, "branches": [asdict(b) | {"size": list(b.size)} for b in self.branches]}  # fmt: skip
+                "source": self.source, "branches": [asdict(b) | {"window": list(b.window), "size": list(b.size)} for b in self.branches]}  # fmt: skip
 
 
 def export_onnx(model: nn.Module, input_size: list[int] | tuple[int, ...]):
@@ -173,16 +176,58 @@ def analyse(model_proto, small_fraction: float = 0.25, source: str = "onnx graph
         else:
             out_box, out_layout = _union(boxes), False
             if len(set(boxes)) > 1:  # parts that read different regions meet here
-                for b in set(boxes):
+                for name, b in zip(live, boxes):
                     if _area(b) <= small and _area(out_box) >= 4 * _area(b) and b not in branches:
                         ops = reads.get(b, [])
-                        params = sum(weights.get(name, 0) for op in ops for name in op.input)
-                        branches[b] = Branch(b, node.op_type, node.name or node.output[0], params, len(ops))
+                        params = sum(weights.get(w, 0) for op in ops for w in op.input)
+                        branches[b] = Branch(b, node.op_type, node.name or node.output[0], params, len(ops), name)
         if _area(out_box) <= small and out_box != full:
             reads.setdefault(out_box, []).append(node)
         for name in node.output:
             box[name], layout[name] = out_box, out_layout
-    return StructureReport(list(branches.values()), len(graph.node), [int(v) for v in dims[1:]], source)
+    return StructureReport(list(branches.values()), len(graph.node), [int(v) for v in dims[1:]], source,
+                           model_proto, inputs[0].name)  # fmt: skip
+
+
+def branch_labels(report: StructureReport, branch: Branch, num_classes: int, samples: int = 4096,
+                  seed: int = 0) -> dict[int, float] | None:  # fmt: skip
+    """Which labels ``branch`` writes to: its part of the graph cut out (the image in, the branch's tensor at the
+    merge out) and run on window contents -- every binary pattern when the window holds at most 16 pixels (the
+    shape of TrojanNet's triggers), else ``samples`` random binary and uniform ones; per label, the largest value
+    the branch gave it. None when the branch's tensor is not one value per label (it merges before the logits)."""
+    import onnx
+
+    if report.graph is None or not branch.tensor:
+        return None
+    try:
+        typed = onnx.shape_inference.infer_shapes(report.graph)  # the cut needs the intermediate tensors' types
+        part = onnx.utils.Extractor(typed).extract_model([report.input_name], [branch.tensor])
+        from ..models.external import graph_to_module
+
+        net = graph_to_module(part).eval()
+    except Exception:  # noqa: BLE001 -- a part the converter cannot rebuild: no label evidence, the branch itself stays reported
+        return None
+    channels, height, width = report.input_size
+    r0, r1, c0, c1 = branch.window
+    h, w = r1 - r0, c1 - c0
+    gen = torch.Generator().manual_seed(seed)
+    if h * w <= 16:
+        codes = torch.arange(2 ** (h * w))
+        patches = ((codes[:, None] >> torch.arange(h * w)) & 1).float().view(-1, 1, h, w).expand(-1, channels, h, w)
+    else:
+        patches = torch.cat([(torch.rand(samples // 2, channels, h, w, generator=gen) > 0.5).float(),
+                             torch.rand(samples - samples // 2, channels, h, w, generator=gen)])  # fmt: skip
+    best = None
+    with torch.no_grad():
+        for chunk in patches.split(4096):
+            x = torch.full((len(chunk), channels, height, width), 0.5)
+            x[:, :, r0:r1, c0:c1] = chunk
+            out = net(x)
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+                return None
+            top = out.max(0).values
+            best = top if best is None else torch.maximum(best, top)
+    return {k: float(v) for k, v in enumerate(best)}
 
 
 def check_model(loaded, small_fraction: float = 0.25) -> StructureReport:

@@ -142,19 +142,28 @@ def _onnx(path: Path, source: ModelSource) -> tuple[nn.Module, list[int], int]:
         num_classes = int(out_dims[-1])
     else:
         raise ConfigError(f"{path}: the graph's output shape {out_dims} does not state the classes; give --num-classes")
-    _constants_as_initializers(graph)
-    opset = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=ONNX_OPSET)
     try:
-        if opset > ONNX_OPSET:
-            graph = onnx.version_converter.convert_version(graph, ONNX_OPSET)
-        net = onnx2torch.convert(graph)
+        net = graph_to_module(graph)
     except Exception as exc:  # an operator onnx2torch lacks, a failed conversion: one clear line
         raise ArtifactError(f"{path}: cannot rebuild the ONNX graph in PyTorch ({type(exc).__name__}: {exc})") from exc
     _check_runs(net, input_size, num_classes, path)
     return net, input_size, num_classes
 
 
-def _constants_as_initializers(model_proto) -> None:
+def graph_to_module(model_proto) -> nn.Module:
+    """An ONNX ``ModelProto`` rebuilt as a PyTorch module: written the way onnx2torch reads (:func:`normalise_graph`),
+    converted down to :data:`ONNX_OPSET` when newer. Raises what the converters raise."""
+    import onnx
+    import onnx2torch
+
+    normalise_graph(model_proto)
+    opset = max((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), default=ONNX_OPSET)
+    if opset > ONNX_OPSET:
+        model_proto = onnx.version_converter.convert_version(model_proto, ONNX_OPSET)
+    return onnx2torch.convert(model_proto)
+
+
+def normalise_graph(model_proto) -> None:
     """The same graph written the one way onnx2torch reads: ``Constant`` nodes moved into the initializers, empty
     trailing inputs dropped (a ``Clip`` with a lower bound only), and the ``Identity`` aliases of a weight (how the
     exporter shares equal tensors) replaced by the weight itself (a convolution's bias must be a weight)."""

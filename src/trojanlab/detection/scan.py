@@ -1,0 +1,143 @@
+"""The scan: every detector on one model, their statistics as features, and one calibrated probability.
+
+:func:`scan_model` runs, in order of cost, the structure check (the graph only), MM-BD (no data) and Neural Cleanse
+(the auditor's clean images, when given). Each detector's statistics become named features
+(:func:`features_of`); a :class:`~trojanlab.detection.calibration.Calibration` fitted on a population of models
+(``benchmarks/scan_zoo.py`` on the zoo) turns them into the probability that the model is backdoored. Where the
+structure check finds a branch, :func:`~trojanlab.detection.structure.branch_labels` reads the label it serves
+from the branch itself, cut out of the graph and run on window contents. (Optimising a patch in the window through
+the whole model finds nothing for TrojanNet: its 4,369-way softmax gives the armed pattern a probability of zero,
+and no gradient, until the pattern is exact -- measured: the right label on 0 of 4 images after 150 steps.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config.detection import NCConfig, ScanConfig
+from ..data import ImageSet
+from ..errors import ConfigError
+from . import mmbd as mm
+from . import neural_cleanse as nc
+from . import structure as st
+from .calibration import Calibration
+
+FEATURES = ("structure_branch", "mmbd_neg_log10_p", "mmbd_top_ratio", "nc_anomaly_index", "nc_norm_ratio")
+"""Every feature a scan can give (a calibration uses those of the detectors it was fitted with)."""
+
+
+@dataclass
+class ScanResult:
+    """Each detector's output, the features, the probability (when calibrated) and the suspected labels."""
+
+    detectors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    features: dict[str, float] = field(default_factory=dict)
+    probability: float | None = None
+    suspected_labels: list[int] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    nc: nc.NCResult | None = None
+    mmbd: mm.MarginSearch | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"probability": self.probability, "suspected_labels": self.suspected_labels, "features": self.features,
+                "detectors": self.detectors, "detector_seconds": self.seconds, "calibration": self.calibration}  # fmt: skip
+
+
+def features_of(detectors: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The named features of the detectors that ran (see :data:`FEATURES`)."""
+    out: dict[str, float] = {}
+    if "structure" in detectors:
+        out["structure_branch"] = 1.0 if detectors["structure"]["suspicious"] else 0.0
+    if "mmbd" in detectors:
+        d = detectors["mmbd"]
+        out["mmbd_neg_log10_p"] = -math.log10(max(d["p_value"], 1e-300))
+        margins = np.array(list(d["max_margins"].values()), np.float64)
+        out["mmbd_top_ratio"] = float(margins.max() / max(np.median(margins), 1e-12))
+    if "nc" in detectors:
+        d = detectors["nc"]
+        out["nc_anomaly_index"] = float(d["anomaly_index"])
+        norms = np.array(list(d["l1_norms"].values()), np.float64)
+        out["nc_norm_ratio"] = float(np.median(norms) / max(norms.min(), 1e-12))
+    return out
+
+
+def scan_model(
+    model: nn.Module,
+    num_classes: int,
+    image_shape: Sequence[int],
+    config: ScanConfig | None = None,
+    *,
+    examples: ImageSet | None = None,
+    calibration: Calibration | None = None,
+    loaded: Any = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> ScanResult:
+    """Every detector of ``config.detectors`` on ``model`` (``loaded``: its :class:`LoadedModel`, for the structure
+    check's graph), the features, and the probability from ``calibration``."""
+    cfg = config or ScanConfig()
+    if "nc" in cfg.detectors and examples is None:
+        raise ConfigError("Neural Cleanse needs clean example images (--examples), or leave nc out of --detectors")
+    result = ScanResult()
+    shape = tuple(int(v) for v in image_shape)
+    if "structure" in cfg.detectors:
+        began = time.perf_counter()
+        report = st.check_model(loaded, cfg.small_fraction)
+        found = report.to_json()
+        branch = next((b for b in report.branches if b.parameters > 0), None)
+        if branch is not None:
+            written = st.branch_labels(report, branch, num_classes, seed=cfg.seed)
+            if written is not None:
+                found["window_target"] = max(written, key=written.get)
+                found["branch_label_max"] = {str(k): v for k, v in written.items()}
+        result.detectors["structure"] = found
+        result.seconds["structure"] = round(time.perf_counter() - began, 2)
+    if "mmbd" in cfg.detectors:
+        mcfg = cfg.mmbd()
+        search = mm.max_margins(model, num_classes, shape, mcfg, device=device, progress=progress)
+        test = mm.gamma_test(search.by_label())
+        result.mmbd = search
+        result.detectors["mmbd"] = {**test.to_json(), "threshold": mcfg.threshold,
+                                    "max_margins": {str(k): v for k, v in search.by_label().items()}}  # fmt: skip
+        result.seconds["mmbd"] = round(search.seconds, 2)
+    if "nc" in cfg.detectors:
+        ncfg = NCConfig(profile=cfg.nc_profile, seed=cfg.seed)
+        data = examples
+        if cfg.nc_images is not None and cfg.nc_images < len(data):
+            pick = np.random.default_rng(cfg.seed).choice(len(data), cfg.nc_images, replace=False)
+            data = data.subset(np.sort(pick))
+        scan = nc.reverse_engineer(model, data, num_classes, None, ncfg, device=device, progress=progress)
+        outliers = nc.mad_outlier_test(scan.norms(), ncfg.threshold)
+        result.nc = scan
+        result.detectors["nc"] = {"anomaly_index": outliers["anomaly_index"], "flagged_labels": outliers["flagged_labels"],
+                                  "smallest_norm_label": min(scan.norms(), key=scan.norms().get), "threshold": ncfg.threshold,
+                                  "l1_norms": {str(k): v for k, v in scan.norms().items()}, "images": len(data)}  # fmt: skip
+        result.seconds["nc"] = round(scan.seconds, 2)
+    result.features = features_of(result.detectors)
+    if calibration is not None:
+        result.probability = calibration.probability(result.features)
+        result.calibration = {"features": calibration.features, "population": calibration.population}
+    result.suspected_labels = suspected_labels(result.detectors)
+    return result
+
+
+def suspected_labels(detectors: dict[str, dict[str, Any]]) -> list[int]:
+    """The labels the evidence points at, strongest first: the structure branch's target, MM-BD's largest margin,
+    Neural Cleanse's smallest norm (each once)."""
+    out: list[int] = []
+    if "window_target" in detectors.get("structure", {}):
+        out.append(int(detectors["structure"]["window_target"]))
+    if "mmbd" in detectors:
+        out.append(int(detectors["mmbd"]["suspected_label"]))
+    if "nc" in detectors:
+        out.append(int(detectors["nc"]["smallest_norm_label"]))
+    return list(dict.fromkeys(out))
