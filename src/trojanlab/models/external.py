@@ -108,7 +108,7 @@ def load_any(source: ModelSource | str, device: str | torch.device = "cpu") -> L
 def _onnx(path: Path, source: ModelSource) -> tuple[nn.Module, list[int], int]:
     try:
         import onnx
-        import onnx2torch
+        import onnx2torch  # noqa: F401 -- checked here, used by graph_to_module
     except ImportError as exc:
         raise ConfigError("reading ONNX models needs the onnx extra: pip install 'trojanlab[onnx]'") from exc
     try:
