@@ -234,23 +234,25 @@ def scan(
     examples: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     result: str | os.PathLike | None = None,
-    calibration: str | os.PathLike | Calibration | None = None,
+    calibration: str | os.PathLike | Calibration | bool | None = None,
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
     restart: bool = False,
     force: bool = False,
 ) -> DetectionReport:
-    """Every detector of ``config`` on ``model``, combined by ``calibration`` (default: the shipped one) into the
-    probability that it is backdoored. ``out``: ``scan.json``, ``scan.html`` and the detectors' plots; ``result``: a
+    """Every detector of ``config`` on ``model``, combined by ``calibration`` (default: the shipped one; ``False``:
+    none, the statistics alone) into the probability that it is backdoored. ``out``: ``scan.json``, ``scan.html`` and the detectors' plots; ``result``: a
     file holding just the probability (TrojAI's containers' interface)."""
     cfg = config or ScanConfig(seed=seed)
     source = model if isinstance(model, ModelSource) else ModelSource(str(model))
     device = check_device(device)
-    fitted = (
-        calibration if isinstance(calibration, Calibration) or calibration is None else Calibration.load(calibration)
-    )
-    fitted = fitted or default_calibration()
+    if calibration is False:  # the statistics alone (what a calibration is fitted on)
+        fitted = None
+    elif calibration is None or calibration is True:
+        fitted = default_calibration()
+    else:
+        fitted = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
     if result is not None and fitted is None:
         raise TrojanlabError("--result needs a probability, and no calibration ships yet: give --calibration FILE "
                              "(benchmarks/scan_zoo.py fits one on a zoo)")  # fmt: skip

@@ -1,0 +1,161 @@
+"""`trojanlab scan` over a zoo (or any folder of models with a zoo manifest): each detector alone and combined, in
+sample and leave-one-family-out, with the TrojAI scores; and the calibration the package ships, fitted on the zoo.
+
+    python benchmarks/scan_zoo.py --zoo ZOO --out RUN [--ship] [--detectors structure mmbd nc]
+
+Every clean and backdoored member (failed attacks are left out: their backdoor is not there) is scanned once by the
+library's ``scan`` entry point into ``RUN/members/<id>/`` (a finished scan is reused, so the run resumes), with 5
+clean test-split images per label as the auditor's examples (``RUN/examples.npz``, seeded). Then, per feature set
+(each detector alone, and all together), a logistic regression gives probabilities two ways: fitted on every member
+(in sample) and leave-one-family-out (each family scored by a fit that never saw it); the table reports ROC-AUC, the
+false-positive rate at 95 % TPR, TrojAI's cross-entropy, the Brier score, the detection rate per family and on
+clean members at probability 0.5, the right target named among detected models, and seconds per model. The
+detectors' own rules (Neural Cleanse's anomaly index > 2, MM-BD's p < 0.05) are reported beside them.
+
+``--ship`` writes the combined calibration fitted on every member to ``src/trojanlab/detection/calibration.json``,
+with the population it was fitted on. Results: ``benchmarks/results/scan_zoo.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _runs import run_once
+from trojanlab.config.detection import ScanConfig
+from trojanlab.data import load_dataset
+from trojanlab.detection import calibration as cal
+from trojanlab.detection.run import SHIPPED_CALIBRATION, scan
+from trojanlab.io import read_json, write_json
+from trojanlab.runs import source_commit
+
+RESULTS = Path(__file__).parent / "results"
+FEATURE_SETS = {
+    "structure": ["structure_branch"],
+    "mmbd": ["mmbd_neg_log10_p", "mmbd_top_ratio"],
+    "nc": ["nc_anomaly_index", "nc_norm_ratio"],
+}
+
+
+def examples(zoo_data: str, out: Path, per_label: int, seed: int) -> Path:
+    """``per_label`` test-split images of every label, as an ``.npz`` the scan reads."""
+    path = out / "examples.npz"
+    if not path.is_file():
+        test = load_dataset(zoo_data).test
+        rng = np.random.default_rng(seed)
+        pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(test.y == k), per_label, replace=False)
+                                       for k in range(int(test.y.max()) + 1)]))  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x_test=test.x[pick], y_test=test.y[pick])
+    return path
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None or np.isnan(v) else f"{100 * v:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", required=True, type=Path, help="a zoo folder (zoo.json)")
+    parser.add_argument("--out", required=True, type=Path, help="run folder (resumable)")
+    parser.add_argument("--detectors", nargs="+", default=list(ScanConfig().detectors))
+    parser.add_argument("--per-label", type=int, default=5, help="clean example images per label")
+    parser.add_argument("--l2", type=float, default=1.0, help="the logistic regression's L2 penalty")
+    parser.add_argument("--ship", action="store_true", help="write the combined calibration into the package")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    began = time.perf_counter()
+    manifest = read_json(args.zoo / "zoo.json")
+    if manifest is None:
+        raise SystemExit(f"{args.zoo}: no zoo.json")
+    members = [m for m in manifest["members"] if m["status"] in ("clean", "backdoored")]
+    left_out = [m["id"] for m in manifest["members"] if m["status"] not in ("clean", "backdoored")]
+    cfg = ScanConfig(detectors=args.detectors, seed=args.seed)
+    example_file = examples(manifest["config"]["data"], args.out, args.per_label, args.seed)
+    rows = []
+    for i, m in enumerate(members):
+        print(f"[{i + 1}/{len(members)}] {m['id']}", flush=True)
+        result = run_once(args.out / "members" / m["id"], scan, str(args.zoo / m["path"]), cfg,
+                          examples=str(example_file) if "nc" in cfg.detectors else None, seed=args.seed,
+                          progress=False, calibration=False)  # fmt: skip
+        rows.append({"id": m["id"], "family": m["family"], "backdoored": int(m["status"] == "backdoored"),
+                     "target": m["target"], "features": result["features"],
+                     "suspected": result["suspected_labels"], "seconds": sum(result["detector_seconds"].values()),
+                     "detectors": result["detectors"]})  # fmt: skip
+    y = np.array([r["backdoored"] for r in rows])
+    families = [r["family"] for r in rows]
+    sets = {k: v for k, v in FEATURE_SETS.items() if k in cfg.detectors}
+    sets["combined"] = [f for k in cfg.detectors for f in FEATURE_SETS[k]]
+    table = {}
+    for name, features in sets.items():
+        x = np.array([[r["features"][f] for f in features] for r in rows])
+        fitted = cal.fit_logistic(x, y, features, args.l2)
+        inside = np.array([fitted.probability(dict(zip(features, row))) for row in x])
+        lofo = cal.leave_one_family_out(x, y, families, features, args.l2)
+        entry = {"features": features, "in_sample": cal.scores(y, inside), "lofo": cal.scores(y, lofo)}
+        flagged = lofo >= 0.5
+        entry["lofo_detection_per_family"] = {f: float(flagged[[g == f for g in families]].mean())
+                                              for f in sorted(set(families))}  # fmt: skip
+        detected = [r for r, hit in zip(rows, flagged) if hit and r["backdoored"]]
+        entry["target_accuracy_lofo_detected"] = (
+            float(np.mean([bool(r["suspected"]) and r["suspected"][0] == r["target"] for r in detected]))
+            if detected else None)  # fmt: skip
+        table[name] = entry
+    rules = {}
+    if "nc" in cfg.detectors:
+        rules["nc: anomaly index > 2"] = np.array([r["detectors"]["nc"]["anomaly_index"] > 2 for r in rows])
+    if "mmbd" in cfg.detectors:
+        rules["mmbd: p < 0.05"] = np.array([r["detectors"]["mmbd"]["p_value"] < 0.05 for r in rows])
+    if "structure" in cfg.detectors:
+        rules["structure: a weighted branch"] = np.array([r["features"]["structure_branch"] > 0 for r in rows])
+    rule_table = {name: {"detection_rate": float(flags[y == 1].mean()), "false_positive_rate": float(flags[y == 0].mean()),
+                         "per_family": {f: float(flags[[g == f for g in families]].mean()) for f in sorted(set(families))}}
+                  for name, flags in rules.items()}  # fmt: skip
+    seconds = np.array([r["seconds"] for r in rows])
+    combined = sets["combined"]
+    final = cal.fit_logistic(np.array([[r["features"][f] for f in combined] for r in rows]), y, combined, args.l2,
+                             population={"zoo": str(args.zoo), "zoo_config": manifest["config"],
+                                         "models": len(rows), "clean": int((y == 0).sum()),
+                                         "backdoored_per_family": {f: families.count(f) for f in sorted(set(families))
+                                                                   if f != "clean"},
+                                         "fitted_by": "python benchmarks/scan_zoo.py", "commit": source_commit(),
+                                         "scan": cfg.__dict__})  # fmt: skip
+    write_json(args.out / "calibration.json", final.to_json())
+    if args.ship:
+        write_json(SHIPPED_CALIBRATION, final.to_json())
+    record = {"commit": source_commit(), "zoo": str(args.zoo), "members": len(rows), "left_out": left_out,
+              "scan_config": cfg.__dict__, "l2": args.l2, "wall_seconds": round(time.perf_counter() - began, 1),
+              "seconds_per_model": {"mean": float(seconds.mean()), "max": float(seconds.max())},
+              "feature_sets": table, "rules": rule_table, "rows": rows, "shipped": bool(args.ship)}  # fmt: skip
+    write_json(args.out / "scan_zoo.json", record)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "scan_zoo.json", {k: v for k, v in record.items() if k != "rows"} | {
+        "rows": [{k: v for k, v in r.items() if k != "detectors"} for r in rows]})  # fmt: skip
+    head = (f"`python benchmarks/scan_zoo.py --zoo {args.zoo}` on commit `{record['commit']}`: {len(rows)} models "
+            f"({int((y == 0).sum())} clean), {record['wall_seconds']:.0f} s; scan seconds per model mean "
+            f"{seconds.mean():.0f}, max {seconds.max():.0f}. Probabilities at 0.5; LOFO: leave one family out.")  # fmt: skip
+    columns = ("| features | ROC-AUC in / LOFO | FPR@95%TPR LOFO | cross-entropy in / LOFO | Brier LOFO | detected LOFO "
+               "| clean flagged LOFO | right target (LOFO detected) |")  # fmt: skip
+    lines = [head, "", columns, "|---|---|---:|---|---:|---:|---:|---:|"]
+    for name, e in table.items():
+        i, o = e["in_sample"], e["lofo"]
+        lines.append(f"| {name} | {i['roc_auc']:.3f} / {o['roc_auc']:.3f} | {pct(o['fpr_at_95_tpr'])} % | "
+                     f"{i['cross_entropy']:.3f} / {o['cross_entropy']:.3f} | {o['brier']:.3f} | "
+                     f"{pct(o['detection_rate'])} % | {pct(o['false_positive_rate'])} % | "
+                     f"{pct(e['target_accuracy_lofo_detected'])} % |")  # fmt: skip
+    fams = sorted(set(families))
+    lines += ["", "Detection rate per family (LOFO, probability >= 0.5; `clean`: false positives):", "",
+              "| features | " + " | ".join(fams) + " |", "|---|" + "---:|" * len(fams)]  # fmt: skip
+    for name, e in table.items():
+        lines.append(f"| {name} | " + " | ".join(pct(e["lofo_detection_per_family"][f]) for f in fams) + " |")
+    for name, r in rule_table.items():
+        lines.append(f"| {name} (its own rule) | " + " | ".join(pct(r["per_family"][f]) for f in fams) + " |")
+    (RESULTS / "scan_zoo.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
