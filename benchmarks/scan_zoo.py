@@ -5,7 +5,7 @@ sample and leave-one-family-out, with the TrojAI scores; and the calibration the
 
 Every clean and backdoored member (failed attacks are left out: their backdoor is not there) is scanned once by the
 library's ``scan`` entry point into ``RUN/members/<id>/`` (a finished scan is reused, so the run resumes), with 5
-clean test-split images per label as the auditor's examples (``RUN/examples.npz``, seeded). Then, per feature set
+clean test-split images per label as the auditor's examples (``RUN/examples-*.npz``, seeded). Then, per feature set
 (each detector alone, and all together), a logistic regression gives probabilities two ways: fitted on every member
 (in sample) and leave-one-family-out (each family scored by a fit that never saw it); the table reports ROC-AUC, the
 false-positive rate at 95 % TPR, TrojAI's cross-entropy, the Brier score, the detection rate per family and on
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from _runs import run_once
+from trojanlab.config.base import to_dict
 from trojanlab.config.detection import ScanConfig
 from trojanlab.data import load_dataset
 from trojanlab.detection import calibration as cal
@@ -35,14 +36,14 @@ from trojanlab.runs import source_commit
 RESULTS = Path(__file__).parent / "results"
 FEATURE_SETS = {
     "structure": ["structure_branch"],
-    "mmbd": ["mmbd_neg_log10_p", "mmbd_top_ratio"],
+    "mmbd": ["mmbd_neg_log10_p", "mmbd_top_z"],
     "nc": ["nc_anomaly_index", "nc_norm_ratio"],
 }
 
 
 def examples(zoo_data: str, out: Path, per_label: int, seed: int) -> Path:
     """``per_label`` test-split images of every label, as an ``.npz`` the scan reads."""
-    path = out / "examples.npz"
+    path = out / f"examples-{per_label}-per-label-seed{seed}.npz"
     if not path.is_file():
         test = load_dataset(zoo_data).test
         rng = np.random.default_rng(seed)
@@ -81,6 +82,8 @@ def main() -> None:
         result = run_once(args.out / "members" / m["id"], scan, str(args.zoo / m["path"]), cfg,
                           examples=str(example_file) if "nc" in cfg.detectors else None, seed=args.seed,
                           progress=False, calibration=False)  # fmt: skip
+        if result["config"] != to_dict(cfg):
+            raise SystemExit(f"{args.out}/members/{m['id']}: scanned with other settings; use another --out")
         rows.append({"id": m["id"], "family": m["family"], "backdoored": int(m["status"] == "backdoored"),
                      "target": m["target"], "features": result["features"],
                      "suspected": result["suspected_labels"], "seconds": sum(result["detector_seconds"].values()),

@@ -56,6 +56,12 @@ def test_leave_one_family_out_scores_a_family_with_a_fit_that_never_saw_it():
     assert cal.roc_auc(np.r_[np.zeros(clean.sum()), np.ones(c.sum())], np.r_[p[clean], p[c]]) < 0.75
     ab = np.array([f in ("a", "b") for f in families])  # a and b teach each other: still found
     assert cal.roc_auc(np.r_[np.zeros(clean.sum()), np.ones(ab.sum())], np.r_[p[clean], p[ab]]) > 0.9
+    # a clean model is one labelled clean, whatever family name its row carries
+    renamed = ["badnets-clean-twin" if label == 0 else f for f, label in zip(families, y)]
+    assert np.allclose(cal.leave_one_family_out(x, y, renamed, ["f0", "f1"], l2=0.1), p)
+    with pytest.raises(ConfigError, match="no clean model is left"):
+        one_clean = np.r_[np.flatnonzero(y == 0)[:1], np.flatnonzero(y == 1)]
+        cal.leave_one_family_out(x[one_clean], y[one_clean], [families[i] for i in one_clean], ["f0", "f1"])
     with pytest.raises(ConfigError, match="two attack families"):
         cal.leave_one_family_out(x[:24], y[:24], families[:24], ["f0", "f1"])
 

@@ -12,7 +12,7 @@ from torch import nn
 from trojanlab.cli import main
 from trojanlab.config.detection import MMBDConfig
 from trojanlab.detection import mmbd as mm
-from trojanlab.errors import ConfigError
+from trojanlab.errors import ArtifactError, ConfigError
 from trojanlab.models import classifier_spec, save_model
 from trojanlab.models.registry import build_network
 
@@ -53,9 +53,9 @@ def test_labels_batch_and_converge_like_one_at_a_time():
     model = _linear(planted=3)
     cfg = MMBDConfig(profile="official", starts=3, steps=50)
     together = mm.max_margins(model, 10, (3, 6, 6), cfg).by_label()
-    # a label's starts are the same random images whichever batch they sit in, when drawn alone with its offset
+    # a label's starts are its own random images whichever labels share the batch
     subset = mm.max_margins(model, 10, (3, 6, 6), MMBDConfig(profile="official", starts=3, steps=50,
-                                                                labels=[0, 1, 2]))  # fmt: skip
+                                                                labels=[7, 5, 6]))  # fmt: skip
     for label, value in subset.by_label().items():
         assert value == pytest.approx(together[label], rel=1e-5)
     adam = mm.max_margins(model, 10, (3, 6, 6), MMBDConfig(starts=3, steps=50))
@@ -70,6 +70,10 @@ def test_the_gamma_test_on_hand_made_statistics():
     test = mm.gamma_test(outlier)
     assert test.suspected_label == 20 and test.p_value < 1e-3 and test.statistic == 400.0
     assert mm.gamma_test({0: 1.0, 1: 1.0, 2: 5.0}).p_value == 0.0  # a flat null: the largest is out of it
+    far = mm.gamma_test({**null, 20: 600.0})  # F(600) rounds to 1.0: 1 - F^K would be 0, the survival function is not
+    assert 0 < far.p_value < 1e-30
+    with pytest.raises(ArtifactError, match="not finite"):
+        mm.gamma_test({**null, 20: float("nan")})
     with pytest.raises(ConfigError, match="at least 3"):
         mm.gamma_test({0: 1.0, 1: 2.0})
 

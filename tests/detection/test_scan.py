@@ -53,8 +53,9 @@ def test_features_come_from_every_detector_that_ran():
         "mmbd": {"p_value": 1e-4, "suspected_label": 2, "max_margins": {"0": 10.0, "1": 20.0, "2": 90.0}},
         "nc": {"anomaly_index": 2.5, "smallest_norm_label": 1, "l1_norms": {"0": 40.0, "1": 5.0, "2": 30.0}},
     }
+    # median margin 20, MAD 10: the largest, 90, is 70 / (1.4826 * 10) robust deviations out
     assert sc.features_of(detectors) == pytest.approx({"structure_branch": 0.0, "mmbd_neg_log10_p": 4.0,
-                                                       "mmbd_top_ratio": 4.5, "nc_anomaly_index": 2.5,
+                                                       "mmbd_top_z": 70 / 14.826, "nc_anomaly_index": 2.5,
                                                        "nc_norm_ratio": 6.0})  # fmt: skip
     assert sc.suspected_labels(detectors) == [2, 1]
     with pytest.raises(ConfigError, match="needs clean example images"):
@@ -79,7 +80,7 @@ def test_the_cli_writes_the_probability_alone_and_the_evidence(tmp_path, capsys)
     record = json.loads((tmp_path / "scan" / "scan.json").read_text())
     assert probability == pytest.approx(record["probability"], abs=1e-6) and probability > 0.5  # the branch
     assert record["verdict"] is True and record["suspected_labels"][0] == 2
-    assert set(record["features"]) == {"structure_branch", "mmbd_neg_log10_p", "mmbd_top_ratio"}
+    assert set(record["features"]) == {"structure_branch", "mmbd_neg_log10_p", "mmbd_top_z"}
     assert (tmp_path / "scan" / "scan.html").read_text().startswith("<!doctype html>")
     assert (tmp_path / "scan" / "margins.png").is_file()
     capsys.readouterr()

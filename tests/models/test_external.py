@@ -110,3 +110,39 @@ def test_mmbd_gives_an_onnx_export_the_verdict_of_its_artefact(artefact, tmp_pat
     assert main([*args, "--model", str(tmp_path / "junk.onnx"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "not a valid ONNX model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tensors_stored_outside_the_graph_are_refused_wherever_they_sit(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    (tmp_path / "secret.txt").write_bytes(b"SECRET-BYTES-HERE")
+    value = helper.make_tensor("c", TensorProto.FLOAT, [1], [0.0])
+    value.ClearField("float_data")
+    value.data_location = TensorProto.EXTERNAL
+    value.external_data.add(key="location", value="secret.txt")
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Add", ["x", "c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+    )  # fmt: skip
+    path = tmp_path / "leaky.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ArtifactError, match="external files"):
+        load_any(str(path))
+
+
+def test_an_onnx_graph_without_fixed_height_and_width_takes_the_given_input_size(artefact, tmp_path):
+    from trojanlab.detection.structure import check_model
+
+    _, model = artefact
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.rand(1, 3, 32, 32),), str(tmp_path / "any.onnx"), dynamo=False,
+                          input_names=["image"], dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}})  # fmt: skip
+    with pytest.raises(ConfigError, match="give --input-size"):
+        load_any(str(tmp_path / "any.onnx"))
+    loaded = load_any(ModelSource(str(tmp_path / "any.onnx"), input_size=[3, 32, 32], num_classes=5))
+    assert loaded.spec["input_size"] == [3, 32, 32]
+    found = check_model(loaded)  # the structure check reads the size from the options too
+    assert found.input_size == [3, 32, 32] and not found.suspicious

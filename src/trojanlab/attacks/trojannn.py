@@ -96,7 +96,8 @@ def first_block_layer(model: nn.Module) -> str:
     output the same member kept 97.1 % at ASR 100 % (Adam 1e-3 and the victim's outputs distilled: 93.8 % at ASR
     100 % on a model without BatchNorm, where SGD 1e-2 fell to 78 %).
     """
-    modules = list(model.named_modules())
+    modules = list(model.named_modules())  # registration order: a network that reuses one pooling module, or
+    # registers it before its first convolution, needs --layer by name
     pools = [i for i, (_, m) in enumerate(modules) if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))]
     if pools:
         later_convs = [i for i, (_, m) in enumerate(modules) if i > pools[0] and isinstance(m, nn.Conv2d)]

@@ -43,6 +43,8 @@ class Calibration:
         if missing:
             raise ConfigError(f"the calibration needs the features {missing}")
         x = np.array([float(values[name]) for name in self.features])
+        if not np.isfinite(x).all():
+            raise ConfigError(f"features must be finite, got {dict(zip(self.features, x.tolist()))}")
         return float(_sigmoid(self.bias + ((x - self.mean) / self.std) @ np.array(self.weights)))
 
     def to_json(self) -> dict[str, Any]:
@@ -105,11 +107,11 @@ def fit_logistic(
 def leave_one_family_out(
     x: np.ndarray, y: np.ndarray, families: Sequence[str | None], features: Sequence[str], l2: float = 1.0
 ) -> np.ndarray:
-    """Out-of-fold probabilities: each backdoored model is scored by a fit without its family's models; clean
-    models (family ``None`` or ``"clean"``) are dealt round-robin into as many folds as there are families, so each
-    is scored by a fit that did not see it."""
+    """Out-of-fold probabilities: each backdoored model is scored by a fit without its family's models; clean models
+    (label 0, whatever their family says) are dealt round-robin into as many folds as there are families, so each is
+    scored by a fit that did not see it."""
     x, y = np.asarray(x, np.float64), np.asarray(y)
-    fams = ["clean" if f in (None, "clean") else str(f) for f in families]
+    fams = ["clean" if label == 0 else str(f) for f, label in zip(families, y)]  # the label decides, not the name
     attack_families = sorted({f for f, label in zip(fams, y) if label == 1})
     if len(attack_families) < 2:
         raise ConfigError("leave-one-family-out needs at least two attack families")
@@ -123,6 +125,8 @@ def leave_one_family_out(
     out = np.empty(len(y))
     for k in range(len(attack_families)):
         test = fold == k
+        if len(set(y[~test].tolist())) != 2:
+            raise ConfigError(f"leave-one-family-out: without {attack_families[k]} no clean model is left to fit on")
         out[test] = [fit_logistic(x[~test], y[~test], features, l2).probability(dict(zip(features, row)))
                      for row in x[test]]  # fmt: skip
     return out

@@ -22,6 +22,7 @@ the steps is kept (the official code keeps the last step's, which ascent makes n
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config.detection import MMBDConfig
-from ..errors import ConfigError
+from ..errors import ArtifactError, ConfigError
 
 
 def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -77,11 +78,13 @@ def max_margins(
     if bad:
         raise ConfigError(f"labels {bad} are out of range for a {num_classes}-class model")
     model = model.to(device).eval()
+    flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(cfg.seed)
     starts = cfg.starts
-    x = torch.rand(len(labels) * starts, *image_shape, generator=gen).to(device)
+    # each label's starts from its own generator: a label's statistic does not depend on which others are scanned
+    x = torch.cat([torch.rand(starts, *image_shape, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + k))
+                   for k in labels]).to(device)  # fmt: skip
     y = torch.as_tensor(labels).repeat_interleave(starts).to(device)
     best = torch.full((len(x),), float("-inf"), device=device)
     best_x = x.clone()
@@ -119,8 +122,8 @@ def max_margins(
             active[ids[still]] = False
             last_loss[ids] = loss
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
     per_label = best.view(len(labels), starts)
     top = per_label.argmax(1)
     inputs = best_x.view(len(labels), starts, *image_shape)[torch.arange(len(labels)), top.cpu()]
@@ -169,6 +172,9 @@ def gamma_test(statistics: dict[int, float]) -> MMBDTest:
         raise ConfigError(f"MM-BD's null fit needs at least 3 labels, got {len(statistics)}")
     labels = list(statistics)
     values = np.array([statistics[k] for k in labels], dtype=np.float64)
+    if not np.isfinite(values).all():
+        bad = [k for k, v in zip(labels, values) if not np.isfinite(v)]
+        raise ArtifactError(f"the model's margins are not finite for labels {bad[:5]} (NaN or infinite logits)")
     top = int(np.argmax(values))
     null = np.delete(values, top)
     if np.ptp(null) == 0:  # a degenerate null: the largest is an outlier exactly when it exceeds it
@@ -178,8 +184,9 @@ def gamma_test(statistics: dict[int, float]) -> MMBDTest:
         )
     with np.errstate(all="ignore"):
         shape, loc, scale = stats.gamma.fit(null)
-    cdf = float(stats.gamma.cdf(values[top], a=shape, loc=loc, scale=scale))
-    p = 1.0 - cdf ** len(values)
+    # 1 - F^K computed from the survival function, so a far outlier keeps a p-value above 0 (not 1 - 1.0)
+    survival = float(stats.gamma.sf(values[top], a=shape, loc=loc, scale=scale))
+    p = -math.expm1(len(values) * math.log1p(-survival)) if survival < 1 else 1.0
     return MMBDTest(float(min(max(p, 0.0), 1.0)), labels[top], float(values[top]),
                     {"shape": float(shape), "loc": float(loc), "scale": float(scale)})  # fmt: skip
 

@@ -263,12 +263,16 @@ def scan(
                                  "not give")  # fmt: skip
     if out is None and result is None:
         raise TrojanlabError("give --out (the scan's files) or --result (the probability alone), or both")
+    if result is not None and (Path(result).is_dir() or not Path(result).resolve().parent.is_dir()):
+        raise TrojanlabError(f"--result {result}: must be a file in an existing folder")
     seed_everything(seed)
     run = None
     if out is not None:
         run = prepare_run(out, "scan", {"ScanConfig": to_dict(cfg), "ModelSource": to_dict(source)}, seed,
                           restart=restart, force=force, model=source.path, examples=examples)  # fmt: skip
     loaded = load_any(source, device=device)
+    if "mmbd" in cfg.detectors and loaded.num_classes < 3:
+        raise TrojanlabError(f"MM-BD's null fit needs at least 3 labels; the model has {loaded.num_classes}")
     data = None
     if "nc" in cfg.detectors:
         if examples is None:

@@ -30,7 +30,10 @@ from . import neural_cleanse as nc
 from . import structure as st
 from .calibration import Calibration
 
-FEATURES = ("structure_branch", "mmbd_neg_log10_p", "mmbd_top_ratio", "nc_anomaly_index", "nc_norm_ratio")
+FEATURES = ("structure_branch", "mmbd_neg_log10_p", "mmbd_top_z", "nc_anomaly_index", "nc_norm_ratio")
+MAX_NEG_LOG10_P = 50.0
+"""MM-BD's p-value enters as -log10(p), capped: beyond 1e-50 nothing is more certain, and the standardised fit
+would be dragged by a few extreme models."""
 """Every feature a scan can give (a calibration uses those of the detectors it was fitted with)."""
 
 
@@ -59,9 +62,11 @@ def features_of(detectors: dict[str, dict[str, Any]]) -> dict[str, float]:
         out["structure_branch"] = 1.0 if detectors["structure"]["suspicious"] else 0.0
     if "mmbd" in detectors:
         d = detectors["mmbd"]
-        out["mmbd_neg_log10_p"] = -math.log10(max(d["p_value"], 1e-300))
+        out["mmbd_neg_log10_p"] = min(MAX_NEG_LOG10_P, -math.log10(max(d["p_value"], 1e-300)))
         margins = np.array(list(d["max_margins"].values()), np.float64)
-        out["mmbd_top_ratio"] = float(margins.max() / max(np.median(margins), 1e-12))
+        median = np.median(margins)
+        spread = 1.4826 * np.median(np.abs(margins - median))  # the largest margin's robust z-score
+        out["mmbd_top_z"] = float((margins.max() - median) / max(spread, 1e-6 * max(abs(median), 1.0)))
     if "nc" in detectors:
         d = detectors["nc"]
         out["nc_anomaly_index"] = float(d["anomaly_index"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,6 +62,7 @@ class StructureReport:
     source: str = ""
     graph: Any = field(default=None, repr=False)  # the ONNX ModelProto read
     input_name: str = ""
+    normalization: dict[str, list[float]] | None = None  # applied to [0, 1] images before the graph
 
     @property
     def suspicious(self) -> bool:
@@ -103,10 +105,10 @@ def _slice_box(node, values: dict[str, np.ndarray], box: Box, rank: int) -> Box 
     """The box after a ``Slice`` of an image-layout tensor (None when its bounds are not constants)."""
     attrs = {a.name: a for a in node.attribute}
     if len(node.input) >= 3:  # opset >= 10: starts, ends, axes, steps are inputs
-        parts = [
-            values.get(name) if name else None for name in list(node.input[1:5]) + [""] * (4 - len(node.input[1:5]))
-        ]
-        starts, ends, axes, steps = parts
+        names = list(node.input[1:5]) + [""] * (4 - len(node.input[1:5]))
+        if any(name and name not in values for name in names):
+            return None  # a bound computed at run time: the box cannot be narrowed (never a default in its place)
+        starts, ends, axes, steps = (values[name] if name else None for name in names)
         if starts is None or ends is None:
             return None
     else:  # opset < 10: attributes
@@ -141,10 +143,24 @@ def _area(box: Box) -> int:
     return max(0, box[1] - box[0]) * max(0, box[3] - box[2])
 
 
-def analyse(model_proto, small_fraction: float = 0.25, source: str = "onnx graph") -> StructureReport:
-    """The branches of an ONNX ``ModelProto`` (see the module docstring)."""
+def analyse(
+    model_proto, small_fraction: float = 0.25, source: str = "onnx graph", input_size: Sequence[int] | None = None,
+    normalization: dict[str, list[float]] | None = None,
+) -> StructureReport:  # fmt: skip
+    """The branches of an ONNX ``ModelProto`` (see the module docstring). ``input_size`` ``[C, H, W]`` stands in
+    for a graph input whose height or width is not fixed; ``normalization`` is what the graph expects applied to
+    [0, 1] images (an ONNX file given with ``--mean``/``--std``)."""
+    import onnx
+
+    from ..models.external import check_no_external_data, normalise_graph
+
     if not 0 < small_fraction < 1:
         raise ConfigError(f"small_fraction must be in (0, 1), got {small_fraction}")
+    check_no_external_data(model_proto, "the graph")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model_proto)
+    normalise_graph(copy)  # constants and Identity-aliased weights become initializers: every weight is counted
+    model_proto = copy
     graph = model_proto.graph
     values = _constants(graph)
     floats = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights, not slice bounds or shapes
@@ -154,8 +170,12 @@ def analyse(model_proto, small_fraction: float = 0.25, source: str = "onnx graph
     if len(inputs) != 1:
         raise ArtifactError(f"the structure check reads graphs with one image input, got {len(inputs)}")
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or not dims[2] or not dims[3]:
-        raise ArtifactError(f"the graph's input shape {dims} is not N C H W with a known H and W")
+    if len(dims) != 4:
+        raise ArtifactError(f"the graph's input has {len(dims)} axes, not N C H W")
+    if input_size is not None and not (dims[1] and dims[2] and dims[3]):
+        dims = [dims[0], *(int(v) for v in input_size)]
+    if not dims[2] or not dims[3]:
+        raise ArtifactError(f"the graph's input shape {dims} does not fix H and W; give the input size")
     height, width = dims[2], dims[3]
     full: Box = (0, height, 0, width)
     box: dict[str, Box] = {inputs[0].name: full}
@@ -186,7 +206,7 @@ def analyse(model_proto, small_fraction: float = 0.25, source: str = "onnx graph
         for name in node.output:
             box[name], layout[name] = out_box, out_layout
     return StructureReport(list(branches.values()), len(graph.node), [int(v) for v in dims[1:]], source,
-                           model_proto, inputs[0].name)  # fmt: skip
+                           model_proto, inputs[0].name, normalization)  # fmt: skip
 
 
 def branch_labels(report: StructureReport, branch: Branch, num_classes: int, samples: int = 4096,
@@ -218,11 +238,16 @@ def branch_labels(report: StructureReport, branch: Branch, num_classes: int, sam
         patches = torch.cat([(torch.rand(samples // 2, channels, h, w, generator=gen) > 0.5).float(),
                              torch.rand(samples - samples // 2, channels, h, w, generator=gen)])  # fmt: skip
     best = None
+    mean = std = None
+    if report.normalization:
+        mean = torch.tensor(report.normalization["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(report.normalization["std"]).view(1, -1, 1, 1)
+    per_chunk = max(1, min(4096, 2**26 // (channels * height * width)))  # at most 256 MB of images at once
     with torch.no_grad():
-        for chunk in patches.split(4096):
+        for chunk in patches.split(per_chunk):
             x = torch.full((len(chunk), channels, height, width), 0.5)
             x[:, :, r0:r1, c0:c1] = chunk
-            out = net(x)
+            out = net(x if mean is None else (x - mean) / std)
             if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
                 return None
             top = out.max(0).values
@@ -235,9 +260,12 @@ def check_model(loaded, small_fraction: float = 0.25) -> StructureReport:
     import onnx
 
     path = getattr(loaded, "path", None)
-    if path is not None and str(path).lower().endswith(".onnx"):
-        return analyse(onnx.load(str(path), load_external_data=False), small_fraction, "the ONNX file's graph")
     shape = [int(v) for v in loaded.spec["input_size"]]
+    if path is not None and str(path).lower().endswith(".onnx"):
+        norm = loaded.spec.get("normalization")
+        plain = norm is None or (all(v == 0 for v in norm["mean"]) and all(v == 1 for v in norm["std"]))
+        return analyse(onnx.load(str(path), load_external_data=False), small_fraction, "the ONNX file's graph",
+                       input_size=shape, normalization=None if plain else norm)  # fmt: skip
     try:
         proto = export_onnx(loaded.module, shape)
     except Exception as exc:  # a module the tracer cannot export: say so instead of guessing

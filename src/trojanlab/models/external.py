@@ -113,14 +113,13 @@ def _onnx(path: Path, source: ModelSource) -> tuple[nn.Module, list[int], int]:
         raise ConfigError("reading ONNX models needs the onnx extra: pip install 'trojanlab[onnx]'") from exc
     try:
         graph = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # any parse failure of a stranger's file is one clear line
+        raise ArtifactError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)})") from exc
+    check_no_external_data(graph, path)  # before the checker, which would open the files they name
+    try:
         onnx.checker.check_model(graph)
-    except Exception as exc:  # any parse or check failure of a stranger's file is one clear line
-        raise ArtifactError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {exc})") from exc
-    external = [t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        raise ArtifactError(
-            f"{path}: weights in external files ({external[0]}...) are refused; embed them in the graph"
-        )
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)})") from exc
     weights = {t.name for t in graph.graph.initializer}
     inputs = [i for i in graph.graph.input if i.name not in weights]
     if len(inputs) != 1 or len(graph.graph.output) != 1:
@@ -145,7 +144,9 @@ def _onnx(path: Path, source: ModelSource) -> tuple[nn.Module, list[int], int]:
     try:
         net = graph_to_module(graph)
     except Exception as exc:  # an operator onnx2torch lacks, a failed conversion: one clear line
-        raise ArtifactError(f"{path}: cannot rebuild the ONNX graph in PyTorch ({type(exc).__name__}: {exc})") from exc
+        raise ArtifactError(
+            f"{path}: cannot rebuild the ONNX graph in PyTorch ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
     _check_runs(net, input_size, num_classes, path)
     return net, input_size, num_classes
 
@@ -194,6 +195,22 @@ def normalise_graph(model_proto) -> None:
     graph.node.extend(kept)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def check_no_external_data(model_proto, where: Path | str) -> None:
+    """Refuse a graph with any tensor stored outside it (weights, ``Constant`` values, subgraphs): its location could
+    name any file the reader can open."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    external = [t.name or "(unnamed)" for t in _get_all_tensors(model_proto) if uses_external_data(t)]
+    external += [t.values.name for t in model_proto.graph.sparse_initializer if uses_external_data(t.values)]
+    if external:
+        raise ArtifactError(f"{where}: tensors stored in external files ({external[0]}...) are refused; embed them")
+
+
 def _check_runs(net: nn.Module, input_size: list[int], num_classes: int, path: Path) -> None:
     """One forward pass of two blank images: the graph takes the stated input and returns one logit per class."""
     try:
@@ -201,7 +218,7 @@ def _check_runs(net: nn.Module, input_size: list[int], num_classes: int, path: P
             out = net.eval()(torch.zeros(2, *input_size))
     except Exception as exc:  # whatever the graph raises
         raise ArtifactError(
-            f"{path}: the model does not run on {input_size} images ({type(exc).__name__}: {exc})"
+            f"{path}: the model does not run on {input_size} images ({type(exc).__name__}: {_first_line(exc)})"
         ) from exc
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
