@@ -90,6 +90,24 @@ def test_trigger_generation_raises_the_selected_units_activation():
     assert triggered.mean() == pytest.approx(search.activation_best, rel=1e-4)
 
 
+def test_the_min_objective_raises_the_weakest_unit_at_least_as_far_as_the_mean_objective():
+    model = _gtsrb_cnn()
+    layer = "net.classifier.1"
+    neurons = tnn.select_neurons(model, layer, 3)
+    backgrounds = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    from trojanlab.triggers import stamp
+
+    weakest = {}
+    for objective in ("mean", "min"):
+        search = tnn.generate_trigger(model, layer, neurons, (22, 22), (8, 8), backgrounds, steps=25,
+                                      objective=objective)  # fmt: skip
+        driven = tnn.mean_activation(model, layer, neurons, stamp(backgrounds, Trigger(search.pattern, (22, 22), 0)))
+        weakest[objective] = float(driven.min())
+        if objective == "min":  # its record is the weakest unit's mean
+            assert search.activation_best == pytest.approx(weakest["min"], rel=1e-4)
+    assert weakest["min"] >= weakest["mean"] * 0.99
+
+
 def test_reverse_engineered_inputs_are_classified_as_intended():
     model = _gtsrb_cnn(classes=4)
     x, y = tnn.reverse_engineer_inputs(model, 4, (3, 32, 32), per_class=3, steps=40, batch_size=5)

@@ -330,8 +330,10 @@ def generate_trigger(
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
     start: torch.Tensor | None = None,
+    objective: str = "mean",
 ) -> TriggerSearch:
-    """Masked gradient ascent that maximises the mean activation of ``neurons`` in ``layer`` (see module doc).
+    """Masked gradient ascent that maximises the mean activation of ``neurons`` in ``layer`` (see module doc), or
+    with ``objective="min"`` the weakest unit's mean over the backgrounds (every unit driven, none left behind).
 
     ``backgrounds`` ``(N, C, H, W)`` in [0, 1] are the images the trigger is pasted on (the whole batch shares the
     trigger). Step size and TV weight follow cosine schedules from their first to their second value. The patch
@@ -352,7 +354,8 @@ def generate_trigger(
             x = backgrounds.clone()
             x[..., r : r + h, c : c + w] = patch
             model(x)
-            act = unit_activations(store["out"], neurons).mean()
+            units = unit_activations(store["out"], neurons).mean(0)
+            act = units.min() if objective == "min" else units.mean()
             value = float(act.detach())
             history.append(value)
             if value > best:
@@ -623,7 +626,16 @@ def trojannn_attack(
 
     began = time.perf_counter()
     search = generate_trigger(
-        model, layer, neurons, location, size, backgrounds, cfg.trigger_steps, seed=cfg.seed, start=start
+        model,
+        layer,
+        neurons,
+        location,
+        size,
+        backgrounds,
+        cfg.trigger_steps,
+        seed=cfg.seed,
+        start=start,
+        objective=cfg.trigger_objective,
     )
     seconds["trigger"] = time.perf_counter() - began
     say(f"trigger: activation {search.activation_start:.2f} -> {search.activation_best:.2f}")

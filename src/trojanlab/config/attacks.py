@@ -123,6 +123,8 @@ class WaNetConfig:
 REVERSE_STARTS = ("noise", "grey")
 CLEAN_LOSSES = ("labels", "distill")
 
+TRIGGER_OBJECTIVES = ("mean", "min")
+
 TROJANNN_RETRAIN_DEFAULTS = {
     # the TrojanNet paper's time-saving variant: 10 % of the real training split, the official optimiser
     "real": {"neurons": 1, "epochs": 10, "lr": 1e-2, "optimizer": "sgd", "trojan_weight": 1.0,
@@ -161,6 +163,8 @@ class TrojanNNConfig:
                                               metavar=("ROW", "COL"))  # fmt: skip
     alpha: float = option(1.0, "trigger opacity in (0, 1]")
     trigger_steps: int = option(300, "optimisation steps of the trigger")
+    trigger_objective: str = option("mean", "what the trigger maximises: the units' mean activation (the paper), or "
+                                    "min, the weakest unit's", choices=TRIGGER_OBJECTIVES)  # fmt: skip
     trigger_background: str | None = option(None, "images the trigger is optimised on: grey, or the retraining "
                                             "inputs (data)" + _per_source("trigger_background"),
                                             choices=TRIGGER_BACKGROUNDS)  # fmt: skip
@@ -199,6 +203,7 @@ class TrojanNNConfig:
         check_choice("TrojanNNConfig", "optimizer", self.optimizer, ("sgd", "adam"))
         check_choice("TrojanNNConfig", "reverse_start", self.reverse_start, REVERSE_STARTS)
         check_choice("TrojanNNConfig", "clean_loss", self.clean_loss, CLEAN_LOSSES)
+        check_choice("TrojanNNConfig", "trigger_objective", self.trigger_objective, TRIGGER_OBJECTIVES)
         check_number("TrojanNNConfig", "real_fraction", self.real_fraction, 0, 1, low_open=True)
         for name in ("trigger_size", "neurons", "epochs", "trigger_steps", "candidates", "per_class", "batch_size"):
             check_int("TrojanNNConfig", name, getattr(self, name), 1)
