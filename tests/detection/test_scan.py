@@ -91,3 +91,28 @@ def test_the_cli_writes_the_probability_alone_and_the_evidence(tmp_path, capsys)
     assert "cannot read the calibration" in capsys.readouterr().err and not (tmp_path / "q.txt").exists()
     assert main([*argv, "--detectors", "mmbd", "--out", str(tmp_path / "y")]) == 2
     assert "structure_branch" in capsys.readouterr().err
+
+
+def test_a_scan_with_neural_cleanse_reads_the_auditors_images_and_shows_the_suspected_trigger(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from trojanlab.detection import run
+
+    monkeypatch.setattr(run, "SHIPPED_CALIBRATION", tmp_path / "none.json")  # as before a calibration ships
+
+    gtsrb5 = Path(__file__).parents[1] / "data" / "gtsrb5"
+    torch.manual_seed(0)
+    spec = classifier_spec("gtsrb_cnn", [str(i) for i in range(5)], (3, 32, 32), [0.5] * 3, [0.25] * 3)
+    save_model(build_classifier(spec).eval(), tmp_path / "model", spec)
+    argv = ["scan", "--model", str(tmp_path / "model"), "--examples", str(gtsrb5), "--out", str(tmp_path / "scan"),
+            "--quiet", "--mmbd-starts", "2", "--mmbd-steps", "3", "--nc-steps", "3", "--nc-images", "20"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert record["probability"] is None and record["verdict"] is None  # without a calibration: statistics only
+    assert set(record["features"]) == {"structure_branch", "mmbd_neg_log10_p", "mmbd_top_z", "nc_anomaly_index",
+                                       "nc_norm_ratio"}  # fmt: skip
+    assert record["detectors"]["nc"]["images"] == 20 and len(record["detectors"]["nc"]["l1_norms"]) == 5
+    shown = record["suspected_trigger_answers"]
+    assert shown["label"] == record["suspected_labels"][0] and len(shown["answers"]) == 8
+    for name in ("norms.png", "margins.png", "suspected_trigger_on_examples.png", "scan.html"):
+        assert (tmp_path / "scan" / name).stat().st_size > 0

@@ -148,6 +148,7 @@ class ScanConfig:
     mmbd_starts: int | None = option(None, "MM-BD's random images per label (default: its profile's)")
     mmbd_steps: int | None = option(None, "MM-BD's ascent steps at most (default: its profile's)")
     nc_profile: str = option("fast", "Neural Cleanse's profile", choices=NC_PROFILES)
+    nc_steps: int | None = option(None, "Neural Cleanse's schedule steps at most (default: its profile's)")
     nc_images: int | None = option(200, "clean example images Neural Cleanse uses at most")
     small_fraction: float = option(0.25, "the structure check's largest share of the image for a small window")
     threshold: float = option(0.5, "probability at or above which the verdict is 'backdoored'")
@@ -164,9 +165,14 @@ class ScanConfig:
         if self.nc_images is not None:
             check_int("ScanConfig", "nc_images", self.nc_images, 1)
         StructureConfig(self.small_fraction)
-        self.mmbd()  # its own checks
+        self.mmbd()  # their own checks
+        self.nc()
         check_number("ScanConfig", "threshold", self.threshold, 0, 1)
 
     def mmbd(self) -> MMBDConfig:
         """MM-BD's settings in this scan."""
         return MMBDConfig(profile=self.mmbd_profile, starts=self.mmbd_starts, steps=self.mmbd_steps, seed=self.seed)
+
+    def nc(self) -> NCConfig:
+        """Neural Cleanse's settings in this scan."""
+        return NCConfig(profile=self.nc_profile, steps=self.nc_steps, seed=self.seed)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config.detection import NCConfig, ScanConfig
+from ..config.detection import ScanConfig
 from ..data import ImageSet
 from ..errors import ConfigError
 from . import mmbd as mm
@@ -115,7 +115,7 @@ def scan_model(
                                     "max_margins": {str(k): v for k, v in search.by_label().items()}}  # fmt: skip
         result.seconds["mmbd"] = round(search.seconds, 2)
     if "nc" in cfg.detectors:
-        ncfg = NCConfig(profile=cfg.nc_profile, seed=cfg.seed)
+        ncfg = cfg.nc()
         data = examples
         if cfg.nc_images is not None and cfg.nc_images < len(data):
             pick = np.random.default_rng(cfg.seed).choice(len(data), cfg.nc_images, replace=False)
