@@ -267,6 +267,11 @@ def run_identity(command: str, config: dict[str, Any], seed: int, **inputs: Any)
     }
 
 
+def fingerprint(identity: dict[str, Any]) -> str:
+    """The short hash of a :func:`run_identity` that a run folder is known by."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def prepare_run(
     out: str | os.PathLike,
     command: str,
@@ -284,7 +289,7 @@ def prepare_run(
     path = _check_writable(Path(out))
     checkpoint_interval()  # a bad TROJANLAB_CHECKPOINT_MINUTES is named now, not after the folder is cleared
     identity = run_identity(command, config, seed, **inputs)
-    fp = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    fp = fingerprint(identity)
     given = {k: (None if v is None else str(v)) for k, v in inputs.items()}
     run = RunFolder(path, command, identity, fp, given, resuming=False, replace=False)
     if not path.is_dir():

@@ -209,3 +209,27 @@ def test_a_work_folder_left_by_a_member_of_other_settings_is_emptied_and_one_of_
     changed = {**member, "attack": {**member["attack"], "alpha": 0.5}}
     zoo.work_for(changed)
     assert not checkpoint.exists() and json.loads((folder / "member.json").read_text()) == changed
+
+
+def test_a_zoo_grows_when_its_counts_rise_and_keeps_what_it_built(tmp_path, make_bright_thirds):
+    from trojanlab.config.base import to_dict
+    from trojanlab.io import read_json, write_json
+    from trojanlab.runs import fingerprint
+
+    cfg = _tiny(tmp_path, make_bright_thirds, families=("patch",))
+    zoo = tmp_path / "zoo"
+    build_zoo(cfg, out=zoo, executor="sequential", progress=False)
+    # a folder written when the counts were part of the identity (the rule before zoos could grow)
+    record = read_json(zoo / "trojanlab-run.json")
+    record["identity"]["config"]["ZooConfig"] = to_dict(cfg)
+    record["fingerprint"] = fingerprint(record["identity"])
+    write_json(zoo / "trojanlab-run.json", record)
+    stamps = {p: p.stat().st_mtime_ns for p in (zoo / "members").rglob("*") if p.is_file()}
+    bigger = ZooConfig(**{**cfg.__dict__, "backdoored": 2})
+    grown = build_zoo(bigger, out=zoo, executor="sequential", progress=False)
+    assert grown.details["reused"] == 2 and grown.details["built"] == 1  # patch-001 added, the rest kept
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+    assert json.loads((zoo / "zoo.json").read_text())["members_total"] == 3
+    # other sampling settings are still another zoo
+    with pytest.raises(Exception, match="other settings"):
+        build_zoo(ZooConfig(**{**bigger.__dict__, "asr_floor": 0.5}), out=zoo, executor="sequential", progress=False)

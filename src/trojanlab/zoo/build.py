@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import time
@@ -269,6 +270,40 @@ def running_ids(running: dict[Any, dict[str, Any]]) -> set[str]:
     return {m["id"] for m in running.values()}
 
 
+COUNTS = ("clean", "backdoored")
+"""How far a zoo goes. They are not part of its folder's identity: member ``i`` of either role is drawn from its own
+seed, so raising ``backdoored`` adds members and keeps every member already built (``sample``'s prefix property);
+raising ``clean`` also draws the bases of the Trojan Attack and TrojanNet members anew (they are planted again)."""
+
+
+def sampling_settings(cfg: ZooConfig) -> dict[str, Any]:
+    """The settings that decide what each member is (the zoo folder's identity): all but :data:`COUNTS`."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in COUNTS}
+
+
+def _migrate_counted_identity(out: Path, cfg: ZooConfig) -> None:
+    """A zoo folder written when the counts were part of its identity gets the identity of today's rule, so a
+    larger zoo of the same sampling settings grows it instead of being refused. Nothing else is touched."""
+    from ..runs import MANIFEST as RUN_RECORD
+    from ..runs import fingerprint, run_identity
+
+    record = read_json(out / RUN_RECORD)
+    if not isinstance(record, dict) or record.get("command") != "zoo build":
+        return
+    identity = record.get("identity") or {}
+    stored = (identity.get("config") or {}).get("ZooConfig")
+    if not isinstance(stored, dict) or not set(COUNTS) & set(stored):
+        return
+    if {k: v for k, v in stored.items() if k not in COUNTS} != json.loads(json.dumps(sampling_settings(cfg))):
+        return  # other sampling settings: prepare_run refuses it as before
+    fresh = run_identity("zoo build", {"ZooConfig": sampling_settings(cfg)}, cfg.seed, data=cfg.data)
+    if {k: v for k, v in identity.items() if k != "config"} != {k: v for k, v in fresh.items() if k != "config"}:
+        return
+    record["identity"] = fresh
+    record["fingerprint"] = fingerprint(fresh)
+    write_json(out / RUN_RECORD, record)
+
+
 def build_zoo(
     cfg: ZooConfig,
     *,
@@ -285,8 +320,9 @@ def build_zoo(
     executor = resolve_executor(executor, address)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"--workers must be a positive integer, got {workers!r}")
-    run = prepare_run(out, "zoo build", {"ZooConfig": to_dict(cfg)}, cfg.seed, restart=restart, force=force,
-                      data=cfg.data)  # fmt: skip
+    _migrate_counted_identity(Path(out), cfg)
+    run = prepare_run(out, "zoo build", {"ZooConfig": sampling_settings(cfg)}, cfg.seed, restart=restart,
+                      force=force, data=cfg.data)  # fmt: skip
     splits = load_dataset(cfg.data)
     _, height, width = splits.image_shape
     members = sample(cfg, splits.num_classes, height, width)
