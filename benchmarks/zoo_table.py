@@ -48,11 +48,19 @@ def main() -> None:
                        "evaluate_asr": measured.get("attack_success_rate")})  # fmt: skip
     write_json(RESULTS / "evaluate_sample.json", checks)
     prov = run.get("provenance", {})
+    commits: dict[str, list[str]] = {}  # the code each member was built by (a zoo grows over calls)
+    for m in members:
+        record = read_json(args.zoo / m["path"] / "result.json") or {}
+        commits.setdefault(str((record.get("provenance") or {}).get("commit"))[:7], []).append(m["id"])
+    built_by = "; ".join(f"`{c}`: {len(ids)}" for c, ids in commits.items())
     lines = [
-        (f"`{prov.get('command') or 'trojanlab zoo build'}` on commit `{prov.get('commit')}`: "
-        f"{manifest['members_built']} of {manifest['members_total']} members, executor {manifest.get('executor')} "
-        f"({manifest.get('workers')} workers), wall time {manifest.get('wall_seconds_total', 0) / 3600:.2f} h over "
-        f"{manifest.get('calls')} call(s) of the command. ASR floor {100 * manifest['config']['asr_floor']:.0f} %."),
+        (
+            f"`{prov.get('command') or 'trojanlab zoo build'}`, last call on commit `{prov.get('commit')}`: "
+            f"{manifest['members_built']} of {manifest['members_total']} members, executor {manifest.get('executor')} "
+            f"({manifest.get('workers')} workers), wall time {manifest.get('wall_seconds_total', 0) / 3600:.2f} h over "
+            f"{manifest.get('calls')} call(s) of the command. ASR floor {100 * manifest['config']['asr_floor']:.0f} %. "
+            f"Not one run: the calls ran on different commits; members per commit (each member's own record): {built_by}."
+        ),
         "",
         "| family | members | backdoored | failed | clean acc. mean (min-max) | ASR mean (min-max) |",
         "|---|---:|---:|---:|---|---|",
