@@ -138,7 +138,7 @@ def mmbd(
     cfg = config or MMBDConfig(seed=seed)
     device = check_device(device)
     seed_everything(seed)
-    source = model if isinstance(model, ModelSource) else ModelSource(str(model))
+    source = _source(model)
     run = prepare_run(out, "detect mmbd", {"MMBDConfig": to_dict(cfg), "ModelSource": to_dict(source)}, seed,
                       restart=restart, force=force, model=source.path)  # fmt: skip
     out = run.path
@@ -187,7 +187,7 @@ def structure(
     """The structure check of ``model`` (an artefact folder, an ONNX file, or a :class:`ModelSource`): branches that
     read a small window of the input and merge with the rest (evidence of a TrojanNet-style injection)."""
     cfg = config or StructureConfig()
-    source = model if isinstance(model, ModelSource) else ModelSource(str(model))
+    source = _source(model)
     run = prepare_run(out, "detect structure", {"StructureConfig": to_dict(cfg), "ModelSource": to_dict(source)},
                       seed, restart=restart, force=force, model=source.path)  # fmt: skip
     loaded = load_any(source, device="cpu")
@@ -245,7 +245,7 @@ def scan(
     none, the statistics alone) into the probability that it is backdoored. ``out``: ``scan.json``, ``scan.html`` and the detectors' plots; ``result``: a
     file holding just the probability (TrojAI's containers' interface)."""
     cfg = config or ScanConfig(seed=seed)
-    source = model if isinstance(model, ModelSource) else ModelSource(str(model))
+    source = _source(model)
     device = check_device(device)
     if calibration is False:  # the statistics alone (what a calibration is fitted on)
         fitted = None
@@ -303,9 +303,13 @@ def scan(
     return finish(run, report) if run is not None else report
 
 
+def _source(model: str | os.PathLike | ModelSource) -> ModelSource:
+    return model if isinstance(model, ModelSource) else ModelSource(str(model))
+
+
 def _detector_gives(feature: str, detectors: list[str]) -> bool:
-    prefix = feature.split("_", 1)[0]
-    return {"structure": "structure", "mmbd": "mmbd", "nc": "nc"}.get(prefix) in detectors
+    """Whether a feature (named ``<detector>_...``) comes from one of ``detectors``."""
+    return feature.split("_", 1)[0] in detectors
 
 
 def _scan_files(out: Path, found, details: dict[str, Any], examples, loaded) -> list[str]:
@@ -316,8 +320,9 @@ def _scan_files(out: Path, found, details: dict[str, Any], examples, loaded) -> 
 
     files = ["scan.json"]
     if found.mmbd is not None:
-        test = mm.gamma_test(found.mmbd.by_label())
-        mm.plot_margins(found.mmbd.by_label(), test, details["detectors"]["mmbd"]["threshold"], out / "margins.png")
+        mm.plot_margins(
+            found.mmbd.by_label(), found.mmbd_test, details["detectors"]["mmbd"]["threshold"], out / "margins.png"
+        )
         files.append("margins.png")
     answers: list[str] = []
     if found.nc is not None:

@@ -49,6 +49,7 @@ class ScanResult:
     calibration: dict[str, Any] | None = None
     nc: nc.NCResult | None = None
     mmbd: mm.MarginSearch | None = None
+    mmbd_test: mm.MMBDTest | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"probability": self.probability, "suspected_labels": self.suspected_labels, "features": self.features,
@@ -110,7 +111,7 @@ def scan_model(
         mcfg = cfg.mmbd()
         search = mm.max_margins(model, num_classes, shape, mcfg, device=device, progress=progress)
         test = mm.gamma_test(search.by_label())
-        result.mmbd = search
+        result.mmbd, result.mmbd_test = search, test
         result.detectors["mmbd"] = {**test.to_json(), "threshold": mcfg.threshold,
                                     "max_margins": {str(k): v for k, v in search.by_label().items()}}  # fmt: skip
         result.seconds["mmbd"] = round(search.seconds, 2)
