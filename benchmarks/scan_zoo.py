@@ -1,7 +1,7 @@
 """`trojanlab scan` over a zoo (or any folder of models with a zoo manifest): each detector alone and combined, in
 sample and leave-one-family-out, with the TrojAI scores; and the calibration the package ships, fitted on the zoo.
 
-    python benchmarks/scan_zoo.py --zoo ZOO --out RUN [--ship] [--detectors structure mmbd nc]
+    python benchmarks/scan_zoo.py --zoo ZOO --out RUN [--workers 2] [--mntd] [--ship] [--detectors structure mmbd nc]
 
 Every clean and backdoored member (failed attacks are left out: their backdoor is not there) is scanned once by the
 library's ``scan`` entry point into ``RUN/members/<id>/`` (a finished scan is reused, so the run resumes), with 5
@@ -12,25 +12,34 @@ false-positive rate at 95 % TPR, TrojAI's cross-entropy, the Brier score, the de
 clean members at probability 0.5, the right target named among detected models, and seconds per model. The
 detectors' own rules (Neural Cleanse's anomaly index > 2, MM-BD's p < 0.05) are reported beside them.
 
-``--ship`` writes the combined calibration fitted on every member to ``src/trojanlab/detection/calibration.json``,
-with the population it was fitted on. Results: ``benchmarks/results/scan_zoo.{json,md}``.
+``--mntd`` fits MNTD's meta-classifier on the members too, cross-fitted: each member's ``mntd_score`` comes from a
+meta-classifier fitted without its leave-one-family-out fold. ``--ship`` writes the calibrations fitted on every
+member (all detectors, then the subsets a scan may be left with: no MNTD, no Neural Cleanse) to
+``src/trojanlab/detection/calibration.json`` and the meta-classifier fitted on every member to
+``src/trojanlab/detection/mntd.safetensors``, with the population they were fitted on. ``--workers 2`` scans two
+members at once, each in its own process with one torch thread. Results: ``benchmarks/results/scan_zoo.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from _runs import run_once
 from trojanlab.config.base import to_dict
-from trojanlab.config.detection import ScanConfig
+from trojanlab.config.detection import SCAN_DETECTORS, MNTDConfig, ScanConfig
 from trojanlab.data import load_dataset
 from trojanlab.detection import calibration as cal
-from trojanlab.detection.run import SHIPPED_CALIBRATION, scan
+from trojanlab.detection import mntd
+from trojanlab.detection.run import SHIPPED_CALIBRATION, SHIPPED_MNTD, scan
 from trojanlab.io import read_json, write_json
+from trojanlab.models.external import load_any
 from trojanlab.runs import source_commit
 
 RESULTS = Path(__file__).parent / "results"
@@ -38,7 +47,16 @@ FEATURE_SETS = {
     "structure": ["structure_branch"],
     "mmbd": ["mmbd_neg_log10_p", "mmbd_top_z"],
     "nc": ["nc_anomaly_index", "nc_norm_ratio"],
+    "mntd": ["mntd_score"],
 }
+SHIPPED_SETS = (
+    ("structure", "mmbd", "nc", "mntd"),
+    ("structure", "mmbd", "nc"),
+    ("structure", "mmbd", "mntd"),
+    ("structure", "mmbd"),
+)
+"""The calibrations shipped, fullest first: a scan takes the first whose detectors it ran (MNTD is skipped on a
+model unlike the zoo's, Neural Cleanse without clean examples)."""
 
 
 def examples(zoo_data: str, out: Path, per_label: int, seed: int) -> Path:
@@ -54,6 +72,40 @@ def examples(zoo_data: str, out: Path, per_label: int, seed: int) -> Path:
     return path
 
 
+def scan_member(job: tuple) -> dict:
+    """One member's scan (statistics alone, no calibration), reused when already in its folder."""
+    folder, model, cfg, example_file, seed = job
+    return run_once(folder, scan, model, cfg, examples=example_file, seed=seed, progress=False, calibration=False)
+
+
+def cross_fitted_mntd(args: argparse.Namespace, members: list[dict], rows: list[dict], manifest: dict) -> dict:
+    """MNTD's score of every member from a meta-classifier fitted without its leave-one-family-out fold (the
+    ``mntd_score`` feature each row gets: a stacked feature, so the calibration never reads a score the
+    meta-classifier was fitted on); then the meta-classifier fitted on every member (``RUN/mntd.safetensors``)."""
+    began = time.perf_counter()
+    loaded = [load_any(str(args.zoo / m["path"])) for m in members]
+    models = [lm.module for lm in loaded]
+    shape = tuple(int(v) for v in loaded[0].spec["input_size"])
+    num_classes = loaded[0].num_classes
+    y = np.array([r["backdoored"] for r in rows])
+    fold, names = cal.family_folds(y, [r["family"] for r in rows])
+    mcfg = MNTDConfig(seed=args.seed)
+    for k, name in enumerate(names):
+        train = np.flatnonzero(fold != k)
+        meta = mntd.fit([models[i] for i in train], y[train], num_classes, shape, mcfg)
+        for i in np.flatnonzero(fold == k):
+            rows[i]["features"]["mntd_score"] = meta.score(models[i])
+        print(f"mntd without {name}: fitted in {meta.seconds:.0f} s", flush=True)
+    population = {"zoo": str(args.zoo), "zoo_config": manifest["config"], "models": len(rows),
+                  "clean": int((y == 0).sum()), "fitted_by": "python benchmarks/scan_zoo.py --mntd",
+                  "commit": source_commit(), "config": to_dict(mcfg)}  # fmt: skip
+    final = mntd.fit(models, y, num_classes, shape, mcfg, population=population)
+    final.save(args.out / "mntd.safetensors")
+    if args.ship:
+        final.save(SHIPPED_MNTD)
+    return {"config": to_dict(mcfg), "seconds": round(time.perf_counter() - began, 1), "fit_seconds": final.seconds}
+
+
 def pct(v: float | None) -> str:
     return "-" if v is None or np.isnan(v) else f"{100 * v:.1f}"
 
@@ -62,10 +114,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", required=True, type=Path, help="a zoo folder (zoo.json)")
     parser.add_argument("--out", required=True, type=Path, help="run folder (resumable)")
-    parser.add_argument("--detectors", nargs="+", default=list(ScanConfig().detectors))
+    parser.add_argument(
+        "--detectors",
+        nargs="+",
+        default=[d for d in SCAN_DETECTORS if d != "mntd"],
+        help="detectors each member's scan runs (MNTD is fitted here instead: --mntd)",
+    )
     parser.add_argument("--per-label", type=int, default=5, help="clean example images per label")
     parser.add_argument("--l2", type=float, default=1.0, help="the logistic regression's L2 penalty")
     parser.add_argument("--ship", action="store_true", help="write the combined calibration into the package")
+    parser.add_argument("--workers", type=int, default=1, help="scans at once, one process and torch thread each")
+    parser.add_argument("--mntd", action="store_true", help="fit MNTD's meta-classifier (cross-fitted scores)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     began = time.perf_counter()
@@ -76,22 +135,31 @@ def main() -> None:
     left_out = [m["id"] for m in manifest["members"] if m["status"] not in ("clean", "backdoored")]
     cfg = ScanConfig(detectors=args.detectors, seed=args.seed)
     example_file = examples(manifest["config"]["data"], args.out, args.per_label, args.seed)
+    jobs = [(args.out / "members" / m["id"], str(args.zoo / m["path"]), cfg,
+             str(example_file) if "nc" in cfg.detectors else None, args.seed) for m in members]  # fmt: skip
+    if args.workers == 1:
+        results = map(scan_member, jobs)
+    else:  # one torch thread per worker process: two 1-thread scans beat one 2-thread scan on 2 cores
+        pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=torch.set_num_threads, initargs=(1,))  # fmt: skip
+        results = pool.map(scan_member, jobs)
     rows = []
-    for i, m in enumerate(members):
-        print(f"[{i + 1}/{len(members)}] {m['id']}", flush=True)
-        result = run_once(args.out / "members" / m["id"], scan, str(args.zoo / m["path"]), cfg,
-                          examples=str(example_file) if "nc" in cfg.detectors else None, seed=args.seed,
-                          progress=False, calibration=False)  # fmt: skip
+    for i, (m, result) in enumerate(zip(members, results)):
+        print(f"[{i + 1}/{len(members)}] {m['id']}: {sum(result['detector_seconds'].values()):.0f} s", flush=True)
         if result["config"] != to_dict(cfg):
             raise SystemExit(f"{args.out}/members/{m['id']}: scanned with other settings; use another --out")
         rows.append({"id": m["id"], "family": m["family"], "backdoored": int(m["status"] == "backdoored"),
                      "target": m["target"], "features": result["features"],
                      "suspected": result["suspected_labels"], "seconds": sum(result["detector_seconds"].values()),
                      "detectors": result["detectors"]})  # fmt: skip
+    mntd_record = None
+    if args.mntd:
+        mntd_record = cross_fitted_mntd(args, members, rows, manifest)
     y = np.array([r["backdoored"] for r in rows])
     families = [r["family"] for r in rows]
-    sets = {k: v for k, v in FEATURE_SETS.items() if k in cfg.detectors}
-    sets["combined"] = [f for k in cfg.detectors for f in FEATURE_SETS[k]]
+    ran = [*cfg.detectors, *(["mntd"] if args.mntd else [])]
+    sets = {k: v for k, v in FEATURE_SETS.items() if k in ran}
+    sets["combined"] = [f for k in ran for f in FEATURE_SETS[k]]
     table = {}
     for name, features in sets.items():
         x = np.array([[r["features"][f] for f in features] for r in rows])
@@ -118,19 +186,21 @@ def main() -> None:
                          "per_family": {f: float(flags[[g == f for g in families]].mean()) for f in sorted(set(families))}}
                   for name, flags in rules.items()}  # fmt: skip
     seconds = np.array([r["seconds"] for r in rows])
-    combined = sets["combined"]
-    final = cal.fit_logistic(np.array([[r["features"][f] for f in combined] for r in rows]), y, combined, args.l2,
-                             population={"zoo": str(args.zoo), "zoo_config": manifest["config"],
-                                         "models": len(rows), "clean": int((y == 0).sum()),
-                                         "backdoored_per_family": {f: families.count(f) for f in sorted(set(families))
-                                                                   if f != "clean"},
-                                         "fitted_by": "python benchmarks/scan_zoo.py", "commit": source_commit(),
-                                         "scan": cfg.__dict__})  # fmt: skip
-    write_json(args.out / "calibration.json", final.to_json())
+    population = {"zoo": str(args.zoo), "zoo_config": manifest["config"], "models": len(rows),
+                  "clean": int((y == 0).sum()), "backdoored_per_family": {f: families.count(f) for f in
+                                                                          sorted(set(families)) if f != "clean"},
+                  "fitted_by": "python benchmarks/scan_zoo.py", "commit": source_commit(), "scan": to_dict(cfg)}  # fmt: skip
+    shipped = []
+    for detectors in SHIPPED_SETS:
+        if set(detectors) <= set(ran):
+            features = [f for d in detectors for f in FEATURE_SETS[d]]
+            x = np.array([[r["features"][f] for f in features] for r in rows])
+            shipped.append(cal.fit_logistic(x, y, features, args.l2, population=population).to_json())
+    write_json(args.out / "calibration.json", {"calibrations": shipped})
     if args.ship:
-        write_json(SHIPPED_CALIBRATION, final.to_json())
+        write_json(SHIPPED_CALIBRATION, {"calibrations": shipped})
     record = {"commit": source_commit(), "zoo": str(args.zoo), "members": len(rows), "left_out": left_out,
-              "scan_config": cfg.__dict__, "l2": args.l2, "wall_seconds": round(time.perf_counter() - began, 1),
+              "scan_config": to_dict(cfg), "mntd": mntd_record, "l2": args.l2, "wall_seconds": round(time.perf_counter() - began, 1),
               "seconds_per_model": {"mean": float(seconds.mean()), "max": float(seconds.max())},
               "feature_sets": table, "rules": rule_table, "rows": rows, "shipped": bool(args.ship)}  # fmt: skip
     write_json(args.out / "scan_zoo.json", record)

@@ -64,10 +64,21 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: cannot read the calibration ({exc})") from exc
+        """The first calibration of the file (see :func:`load_calibrations`)."""
+        return load_calibrations(path)[0]
+
+
+def load_calibrations(path: str | Path) -> list[Calibration]:
+    """The calibrations in ``path``: one calibration's JSON, or ``{"calibrations": [...]}`` (the fullest first; a
+    scan takes the first whose features it gave)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the calibration ({exc})") from exc
+    items = data.get("calibrations") if isinstance(data, dict) and "calibrations" in data else [data]
+    if not isinstance(items, list) or not items or not all(isinstance(c, dict) for c in items):
+        raise ConfigError(f"{path}: not a calibration")
+    return [Calibration.from_json(c) for c in items]
 
 
 def _sigmoid(z: np.ndarray | float) -> np.ndarray | float:
@@ -104,13 +115,10 @@ def fit_logistic(
                        dict(population or {}))  # fmt: skip
 
 
-def leave_one_family_out(
-    x: np.ndarray, y: np.ndarray, families: Sequence[str | None], features: Sequence[str], l2: float = 1.0
-) -> np.ndarray:
-    """Out-of-fold probabilities: each backdoored model is scored by a fit without its family's models; clean models
-    (label 0, whatever their family says) are dealt round-robin into as many folds as there are families, so each is
-    scored by a fit that did not see it."""
-    x, y = np.asarray(x, np.float64), np.asarray(y)
+def family_folds(y: Sequence[int], families: Sequence[str | None]) -> tuple[np.ndarray, list[str]]:
+    """Leave-one-family-out folds: fold ``k`` holds the backdoored models of the ``k``-th attack family (sorted) and
+    every ``len(families)``-th clean model (label 0, whatever its family says), dealt round-robin."""
+    y = np.asarray(y)
     fams = ["clean" if label == 0 else str(f) for f, label in zip(families, y)]  # the label decides, not the name
     attack_families = sorted({f for f, label in zip(fams, y) if label == 1})
     if len(attack_families) < 2:
@@ -122,6 +130,17 @@ def leave_one_family_out(
     for i, f in enumerate(fams):
         if f != "clean":
             fold[i] = attack_families.index(f)
+    return fold, attack_families
+
+
+def leave_one_family_out(
+    x: np.ndarray, y: np.ndarray, families: Sequence[str | None], features: Sequence[str], l2: float = 1.0
+) -> np.ndarray:
+    """Out-of-fold probabilities: each backdoored model is scored by a fit without its family's models; clean models
+    (label 0, whatever their family says) are dealt round-robin into as many folds as there are families, so each is
+    scored by a fit that did not see it."""
+    x, y = np.asarray(x, np.float64), np.asarray(y)
+    fold, attack_families = family_folds(y, families)
     out = np.empty(len(y))
     for k in range(len(attack_families)):
         test = fold == k

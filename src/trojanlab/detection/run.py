@@ -32,7 +32,8 @@ from ..triggers import Trigger
 from . import mmbd as mm
 from . import neural_cleanse as nc
 from . import structure as st
-from .calibration import Calibration
+from .calibration import Calibration, load_calibrations
+from .mntd import MetaClassifier
 from .scan import scan_model
 
 REVERSED_FILE = "reversed_triggers.safetensors"
@@ -209,11 +210,20 @@ def structure(
 
 
 SHIPPED_CALIBRATION = Path(__file__).with_name("calibration.json")
-"""The calibration that ships with the package (fitted on the zoo by ``benchmarks/scan_zoo.py``), when present."""
+"""The calibrations that ship with the package (fitted on the zoo by ``benchmarks/scan_zoo.py``), when present."""
+SHIPPED_MNTD = Path(__file__).with_name("mntd.safetensors")
+"""MNTD's meta-classifier that ships with the package (fitted on the zoo by ``benchmarks/scan_zoo.py``)."""
 
 
-def default_calibration() -> Calibration | None:
-    return Calibration.load(SHIPPED_CALIBRATION) if SHIPPED_CALIBRATION.is_file() else None
+def default_calibrations() -> list[Calibration]:
+    return load_calibrations(SHIPPED_CALIBRATION) if SHIPPED_CALIBRATION.is_file() else []
+
+
+def meta_classifier(cfg: ScanConfig) -> MetaClassifier | None:
+    """The scan's MNTD meta-classifier: ``cfg.mntd_file``, else the shipped one, else None."""
+    if cfg.mntd_file is not None:
+        return MetaClassifier.load(cfg.mntd_file)
+    return MetaClassifier.load(SHIPPED_MNTD) if SHIPPED_MNTD.is_file() else None
 
 
 def examples_of(examples: str | os.PathLike, spec: dict[str, Any], seed: int = 0):
@@ -248,19 +258,19 @@ def scan(
     source = _source(model)
     device = check_device(device)
     if calibration is False:  # the statistics alone (what a calibration is fitted on)
-        fitted = None
+        fitted: list[Calibration] = []
     elif calibration is None or calibration is True:
-        fitted = default_calibration()
+        fitted = default_calibrations()
     else:
-        fitted = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
-    if result is not None and fitted is None:
+        fitted = [calibration] if isinstance(calibration, Calibration) else load_calibrations(calibration)
+    if result is not None and not fitted:
         raise TrojanlabError("--result needs a probability, and no calibration ships yet: give --calibration FILE "
                              "(benchmarks/scan_zoo.py fits one on a zoo)")  # fmt: skip
-    if fitted is not None:
-        missing = [f for f in fitted.features if not _detector_gives(f, cfg.detectors)]
-        if missing:
-            raise TrojanlabError(f"the calibration reads {missing}, which --detectors {' '.join(cfg.detectors)} do "
-                                 "not give")  # fmt: skip
+    usable = [c for c in fitted if all(_detector_gives(f, cfg.detectors) for f in c.features)]
+    if fitted and not usable:
+        raise TrojanlabError(f"the calibration reads {fitted[-1].features}, which --detectors "
+                             f"{' '.join(cfg.detectors)} do not give")  # fmt: skip
+    meta = meta_classifier(cfg) if "mntd" in cfg.detectors else None
     if out is None and result is None:
         raise TrojanlabError("give --out (the scan's files) or --result (the probability alone), or both")
     if result is not None and (Path(result).is_dir() or not Path(result).resolve().parent.is_dir()):
@@ -284,7 +294,7 @@ def scan(
         run.start()
     began = time.perf_counter()
     found = scan_model(loaded.module, loaded.num_classes, shape, cfg, examples=data.test if data else None,
-                       calibration=fitted, loaded=loaded, device=device, progress=progress)  # fmt: skip
+                       calibration=usable, meta=meta, loaded=loaded, device=device, progress=progress)  # fmt: skip
     verdict = None if found.probability is None else found.probability >= cfg.threshold
     details: dict[str, Any] = {**found.to_json(), "threshold": cfg.threshold, "verdict": verdict,
                                "assumed": loaded.spec.get("assumed"), "input_size": list(shape),

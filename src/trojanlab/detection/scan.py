@@ -29,12 +29,13 @@ from . import mmbd as mm
 from . import neural_cleanse as nc
 from . import structure as st
 from .calibration import Calibration
+from .mntd import MetaClassifier
 
-FEATURES = ("structure_branch", "mmbd_neg_log10_p", "mmbd_top_z", "nc_anomaly_index", "nc_norm_ratio")
+FEATURES = ("structure_branch", "mmbd_neg_log10_p", "mmbd_top_z", "nc_anomaly_index", "nc_norm_ratio", "mntd_score")
+"""Every feature a scan can give (a calibration uses those of the detectors it was fitted with)."""
 MAX_NEG_LOG10_P = 50.0
 """MM-BD's p-value enters as -log10(p), capped: beyond 1e-50 nothing is more certain, and the standardised fit
 would be dragged by a few extreme models."""
-"""Every feature a scan can give (a calibration uses those of the detectors it was fitted with)."""
 
 
 @dataclass
@@ -73,7 +74,14 @@ def features_of(detectors: dict[str, dict[str, Any]]) -> dict[str, float]:
         out["nc_anomaly_index"] = float(d["anomaly_index"])
         norms = np.array(list(d["l1_norms"].values()), np.float64)
         out["nc_norm_ratio"] = float(np.median(norms) / max(norms.min(), 1e-12))
+    if "score" in detectors.get("mntd", {}):
+        out["mntd_score"] = float(detectors["mntd"]["score"])
     return out
+
+
+def pick_calibration(calibrations: Sequence[Calibration], features: dict[str, float]) -> Calibration | None:
+    """The first of ``calibrations`` whose features the scan gave (a shipped file lists the fullest first)."""
+    return next((c for c in calibrations if all(f in features for f in c.features)), None)
 
 
 def scan_model(
@@ -83,13 +91,16 @@ def scan_model(
     config: ScanConfig | None = None,
     *,
     examples: ImageSet | None = None,
-    calibration: Calibration | None = None,
+    calibration: Calibration | Sequence[Calibration] | None = None,
+    meta: MetaClassifier | None = None,
     loaded: Any = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> ScanResult:
     """Every detector of ``config.detectors`` on ``model`` (``loaded``: its :class:`LoadedModel`, for the structure
-    check's graph), the features, and the probability from ``calibration``."""
+    check's graph), the features, and the probability from ``calibration`` (of several, the first whose features
+    the scan gave). ``meta``: MNTD's meta-classifier; where it is missing or was fitted on models of another shape,
+    MNTD is skipped and the reason recorded."""
     cfg = config or ScanConfig()
     if "nc" in cfg.detectors and examples is None:
         raise ConfigError("Neural Cleanse needs clean example images (--examples), or leave nc out of --detectors")
@@ -128,10 +139,19 @@ def scan_model(
                                   "smallest_norm_label": min(scan.norms(), key=scan.norms().get), "threshold": ncfg.threshold,
                                   "l1_norms": {str(k): v for k, v in scan.norms().items()}, "images": len(data)}  # fmt: skip
         result.seconds["nc"] = round(scan.seconds, 2)
+    if "mntd" in cfg.detectors:
+        began = time.perf_counter()
+        why = "no meta-classifier was given, and none ships" if meta is None else meta.applicable(num_classes, shape)
+        result.detectors["mntd"] = {"skipped": why} if why else {"score": meta.score(model), "threshold": 0.0}
+        result.seconds["mntd"] = round(time.perf_counter() - began, 2)
     result.features = features_of(result.detectors)
-    if calibration is not None:
-        result.probability = calibration.probability(result.features)
-        result.calibration = {"features": calibration.features, "population": calibration.population}
+    calibrations = [calibration] if isinstance(calibration, Calibration) else list(calibration or [])
+    chosen = pick_calibration(calibrations, result.features)
+    if calibrations and chosen is None:
+        raise ConfigError(f"no calibration reads only the features this scan gave ({sorted(result.features)})")
+    if chosen is not None:
+        result.probability = chosen.probability(result.features)
+        result.calibration = {"features": chosen.features, "population": chosen.population}
     result.suspected_labels = suspected_labels(result.detectors)
     return result
 
