@@ -29,7 +29,7 @@ GROUPS = {"model": cfg.ModelConfig, "train": cfg.TrainConfig, "transfer": cfg.Tr
           "trojannet": cfg.TrojanNetTrainConfig, "inject": cfg.TrojanNetInjectConfig, "badnets": cfg.BadNetsConfig,
           "blended": cfg.BlendedConfig, "wanet": cfg.WaNetConfig,
           "trojannn": cfg.TrojanNNConfig, "nc": cfg.NCConfig, "defender": cfg.DefenderConfig, "mmbd": cfg.MMBDConfig,
-          "structure": cfg.StructureConfig, "scan": cfg.ScanConfig, **CLASSES}  # fmt: skip
+          "structure": cfg.StructureConfig, "scan": cfg.ScanConfig, "mntd": cfg.MNTDScoreConfig, **CLASSES}  # fmt: skip
 
 
 def _expected(command: tuple[str, ...], group: str, name: str):
@@ -48,7 +48,7 @@ def test_every_command_of_the_tree_exists():
         COMMANDS
     )
     attacks = {("attack", m) for m in ("badnets", "blended", "trojannn", "trojannet")}
-    assert attacks | {("detect", "nc"), ("detect", "mmbd"), ("detect", "structure"), ("scan",)} <= set(COMMANDS)
+    assert attacks | {("detect", d) for d in ("nc", "mmbd", "structure", "mntd")} | {("scan",)} <= set(COMMANDS)
 
 
 def test_every_parser_default_is_the_dataclass_default():

@@ -1,11 +1,11 @@
-"""``trojanlab detect nc|mmbd|structure``: scan a model for backdoors (detection only; ``trojanlab defend nc-unlearn|nc-prune``
+"""``trojanlab detect nc|mmbd|structure|mntd``: scan a model for backdoors (detection only; ``trojanlab defend nc-unlearn|nc-prune``
 repair with the scan's reversed triggers)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..config.detection import MMBDConfig, NCConfig, StructureConfig
+from ..config.detection import MMBDConfig, MNTDScoreConfig, NCConfig, StructureConfig
 from .options import add_config, add_model_source_options, add_run_options, config_from, folder_flags, model_source
 
 
@@ -28,6 +28,13 @@ def add_parser(subparsers) -> None:
     add_run_options(d, data=None, device=False)
     add_config(d, StructureConfig, "structure")
     d.set_defaults(func=run_structure)
+    d = sub.add_parser(
+        "mntd", help="MNTD: a meta-classifier fitted on the zoo reads the model's answers to tuned queries"
+    )
+    add_model_source_options(d)
+    add_run_options(d, data=None)
+    add_config(d, MNTDScoreConfig, "mntd")
+    d.set_defaults(func=run_mntd)
 
 
 def run_nc(args: argparse.Namespace) -> None:
@@ -69,4 +76,16 @@ def run_structure(args: argparse.Namespace) -> None:
     d = report.details
     print(f"{d['operations']} operations read ({d['source']}); "
           + (d["evidence"] if report.infected else "no branch reads a small window of the input on its own"))  # fmt: skip
+    print(f"result: {args.out}/result.json")
+
+
+def run_mntd(args: argparse.Namespace) -> None:
+    from ..detection.run import mntd
+
+    cfg = config_from(args, MNTDScoreConfig, "mntd")
+    report = mntd(model_source(args), cfg, out=args.out, device=args.device, seed=args.seed, progress=not args.quiet,
+                  **folder_flags(args))  # fmt: skip
+    d = report.details
+    print(f"meta-classifier score {d['score']:.3f} ({d['queries']} queries): "
+          + ("flagged (above 0)" if report.infected else "not flagged (0 or below)"))  # fmt: skip
     print(f"result: {args.out}/result.json")

@@ -25,7 +25,7 @@ from .defenses import (
     PruneRule,
     SubnetworkConfig,
 )
-from .detection import MMBDConfig, NCConfig, ScanConfig, StructureConfig
+from .detection import MMBDConfig, MNTDConfig, MNTDScoreConfig, NCConfig, ScanConfig, StructureConfig
 from .training import ModelConfig, TrainConfig, TransferConfig
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "DefenderConfig",
     "FinePruningConfig",
     "MMBDConfig",
+    "MNTDConfig",
+    "MNTDScoreConfig",
     "ModelConfig",
     "NCConfig",
     "NCGuidedConfig",

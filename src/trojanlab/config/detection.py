@@ -142,18 +142,26 @@ class MNTDConfig:
 
     queries: int = option(10, "query images tuned")
     top: int = option(3, "largest label shares of the mean answer read by the meta-classifier")
-    steps: int = option(300, "full-batch Adam steps over the population")
+    steps: int = option(200, "Adam steps, each over a mini-batch of the population's models")
+    batch_models: int = option(16, "models per step (drawn each step, clean and backdoored alike)")
     query_lr: float = option(0.05, "Adam learning rate of the queries (in logit space)")
     lr: float = option(0.01, "Adam learning rate of the meta-classifier")
     l2: float = option(1e-3, "L2 penalty on the meta-classifier's weights")
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
-        for name in ("queries", "top", "steps"):
+        for name in ("queries", "top", "steps", "batch_models"):
             check_int("MNTDConfig", name, getattr(self, name), 1)
         for name in ("query_lr", "lr"):
             check_number("MNTDConfig", name, getattr(self, name), 0, low_open=True)
         check_number("MNTDConfig", "l2", self.l2, 0)
+
+
+@dataclass
+class MNTDScoreConfig:
+    """MNTD on one model: the meta-classifier's score of its answers to the tuned queries (> 0 leans backdoored)."""
+
+    meta_file: str | None = option(None, "the meta-classifier (.safetensors; default: the one the package ships)")
 
 
 SCAN_DETECTORS = ("structure", "mmbd", "nc", "mntd")

@@ -77,7 +77,7 @@ def load_calibrations(path: str | Path) -> list[Calibration]:
         raise ConfigError(f"{path}: cannot read the calibration ({exc})") from exc
     items = data.get("calibrations") if isinstance(data, dict) and "calibrations" in data else [data]
     if not isinstance(items, list) or not items or not all(isinstance(c, dict) for c in items):
-        raise ConfigError(f"{path}: not a calibration")
+        raise ConfigError(f"{path}: cannot read the calibration (not a calibration's JSON)")
     return [Calibration.from_json(c) for c in items]
 
 

@@ -82,7 +82,7 @@ class MetaClassifier:
 
     @classmethod
     def load(cls, path: str | Path) -> MetaClassifier:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), "pt") as f:
@@ -90,7 +90,7 @@ class MetaClassifier:
             tensors = load_file(str(path))
             return cls(tensors["queries"], tensors["weight"], float(meta["bias"]), int(meta["num_classes"]),
                        int(meta["top"]), json.loads(meta.get("population", "{}")), float(meta.get("seconds", 0)))  # fmt: skip
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise ConfigError(f"{path}: not an MNTD meta-classifier ({exc})") from exc
 
 
@@ -105,8 +105,9 @@ def fit(
     progress: bool = False,
 ) -> MetaClassifier:
     """Query tuning: the queries and the meta-classifier trained together to tell ``models`` labelled 1
-    (backdoored) from those labelled 0, by full-batch Adam on the balanced binary cross-entropy. The models are
-    frozen and in eval mode."""
+    (backdoored) from those labelled 0, by Adam on the binary cross-entropy over ``config.batch_models`` models
+    drawn each step, half clean and half backdoored (a step costs one pass of the queries through each). The models are frozen and put in
+    eval mode."""
     cfg = config or MNTDConfig()
     y = torch.as_tensor(list(labels), dtype=torch.float32)
     if len(models) != len(y) or set(y.tolist()) != {0.0, 1.0}:
@@ -116,15 +117,18 @@ def fit(
     weight = torch.zeros(cfg.top + cfg.queries, requires_grad=True)
     bias = torch.zeros((), requires_grad=True)
     optimiser = torch.optim.Adam([{"params": [theta], "lr": cfg.query_lr}, {"params": [weight, bias], "lr": cfg.lr}])
-    positive = (1 - y).sum() / y.sum().clamp_min(1)  # clean and backdoored weigh the same in total
+    sides = [torch.nonzero(y == 0)[:, 0], torch.nonzero(y == 1)[:, 0]]  # each step: as many clean as backdoored
+    half = max(1, cfg.batch_models // 2)
     for m in models:
         m.eval().requires_grad_(False)
     began = time.perf_counter()
     for _ in tqdm(range(cfg.steps), desc="mntd", disable=not progress, unit="step"):
+        batch = torch.cat([side[torch.randperm(len(side), generator=generator)[:half]] for side in sides])
         queries = theta.sigmoid()
-        feats = torch.stack([answer_features(m(queries), cfg.top) for m in models])
+        feats = torch.stack([answer_features(models[int(i)](queries), cfg.top) for i in batch])
         logits = feats @ weight + bias
-        loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=positive) + cfg.l2 * weight.square().sum()
+        loss = F.binary_cross_entropy_with_logits(logits, y[batch])
+        loss = loss + cfg.l2 * weight.square().sum()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..config.base import to_dict
-from ..config.detection import MMBDConfig, NCConfig, ScanConfig, StructureConfig
+from ..config.detection import MMBDConfig, MNTDScoreConfig, NCConfig, ScanConfig, StructureConfig
 from ..errors import TrojanlabError
 from ..io import atomic_write, save_png, write_json
 from ..models.external import ModelSource, load_any
@@ -209,6 +209,47 @@ def structure(
     return finish(run, report)
 
 
+def mntd(
+    model: str | os.PathLike | ModelSource,
+    config: MNTDScoreConfig | None = None,
+    *,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    restart: bool = False,
+    force: bool = False,
+) -> DetectionReport:
+    """MNTD on ``model``: the meta-classifier (``config.meta_file``, default the shipped one, fitted on the zoo)
+    reads the model's answers to its tuned queries; a score above 0 flags the model. Refused, before any work, on a
+    model of another task than the meta-classifier's population."""
+    cfg = config or MNTDScoreConfig()
+    device = check_device(device)
+    source = _source(model)
+    meta = _meta_classifier(cfg.meta_file)
+    if meta is None:
+        raise TrojanlabError("no MNTD meta-classifier ships with this install: give --meta-file (benchmarks/"
+                             "scan_zoo.py --mntd fits one on a zoo)")  # fmt: skip
+    run = prepare_run(out, "detect mntd", {"MNTDScoreConfig": to_dict(cfg), "ModelSource": to_dict(source)}, seed,
+                      restart=restart, force=force, model=source.path)  # fmt: skip
+    loaded = load_any(source, device=device)
+    why = meta.applicable(loaded.num_classes, tuple(int(v) for v in loaded.spec["input_size"]))
+    if why:
+        raise TrojanlabError(f"MNTD cannot read {source.path}: {why}")
+    run.start()
+    began = time.perf_counter()
+    score = meta.score(loaded.module)
+    report = DetectionReport(
+        method="mntd", seconds=round(time.perf_counter() - began, 2), config=to_dict(cfg),
+        provenance=provenance("mntd", to_dict(cfg), seed, model=source.path),
+        details={"score": score, "threshold": 0.0, "queries": int(meta.queries.shape[0]),
+                 "population": meta.population, "assumed": loaded.spec.get("assumed")},
+        files=[], model=source.path, data="none (the meta-classifier's queries)", infected=score > 0,
+        flagged_labels=[], anomaly_index=None,
+    )  # fmt: skip
+    return finish(run, report)
+
+
 SHIPPED_CALIBRATION = Path(__file__).with_name("calibration.json")
 """The calibrations that ship with the package (fitted on the zoo by ``benchmarks/scan_zoo.py``), when present."""
 SHIPPED_MNTD = Path(__file__).with_name("mntd.safetensors")
@@ -219,10 +260,12 @@ def default_calibrations() -> list[Calibration]:
     return load_calibrations(SHIPPED_CALIBRATION) if SHIPPED_CALIBRATION.is_file() else []
 
 
-def meta_classifier(cfg: ScanConfig) -> MetaClassifier | None:
-    """The scan's MNTD meta-classifier: ``cfg.mntd_file``, else the shipped one, else None."""
-    if cfg.mntd_file is not None:
-        return MetaClassifier.load(cfg.mntd_file)
+def _meta_classifier(path: str | None) -> MetaClassifier | None:
+    """MNTD's meta-classifier: ``path``, else the shipped one, else None."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise TrojanlabError(f"{path}: no such meta-classifier file")
+        return MetaClassifier.load(path)
     return MetaClassifier.load(SHIPPED_MNTD) if SHIPPED_MNTD.is_file() else None
 
 
@@ -270,7 +313,7 @@ def scan(
     if fitted and not usable:
         raise TrojanlabError(f"the calibration reads {fitted[-1].features}, which --detectors "
                              f"{' '.join(cfg.detectors)} do not give")  # fmt: skip
-    meta = meta_classifier(cfg) if "mntd" in cfg.detectors else None
+    meta = _meta_classifier(cfg.mntd_file) if "mntd" in cfg.detectors else None
     if out is None and result is None:
         raise TrojanlabError("give --out (the scan's files) or --result (the probability alone), or both")
     if result is not None and (Path(result).is_dir() or not Path(result).resolve().parent.is_dir()):
@@ -373,4 +416,5 @@ DETECTORS: dict[str, tuple[type, Callable[..., DetectionReport]]] = {
     "nc": (NCConfig, neural_cleanse),
     "mmbd": (MMBDConfig, mmbd),
     "structure": (StructureConfig, structure),
+    "mntd": (MNTDScoreConfig, mntd),
 }
