@@ -17,6 +17,8 @@ BLOCKS = {
     "trojannn-model-only": RESULTS / "trojannn_model_only.md",  # benchmarks/trojannn_model_only.py
     "zoo-throughput": RESULTS / "zoo_throughput.md",  # benchmarks/zoo_throughput.py
     "zoo": RESULTS / "zoo" / "table.md",  # benchmarks/zoo_table.py
+    "scan-zoo": RESULTS / "scan_zoo.md",  # benchmarks/scan_zoo.py
+    "scan-onnx": RESULTS / "scan_onnx.md",  # benchmarks/scan_onnx.py
 }
 
 
