@@ -39,13 +39,14 @@ from trojanlab.data import load_dataset
 from trojanlab.detection import calibration as cal
 from trojanlab.detection import mntd
 from trojanlab.detection.run import SHIPPED_CALIBRATION, SHIPPED_MNTD, scan
+from trojanlab.detection.scan import RULES
 from trojanlab.io import read_json, write_json
 from trojanlab.models.external import load_any
 from trojanlab.runs import source_commit
 
 RESULTS = Path(__file__).parent / "results"
 FEATURE_SETS = {
-    "structure": ["structure_branch"],
+    "structure": [],  # a rule, not fitted: RULES
     "mmbd": ["mmbd_neg_log10_p", "mmbd_top_z"],
     "nc": ["nc_anomaly_index", "nc_norm_ratio"],
     "mntd": ["mntd_score"],
@@ -173,11 +174,13 @@ def main() -> None:
     sets["combined"] = [f for k in ran for f in FEATURE_SETS[k]]
     table = {}
     for name, features in sets.items():
-        x = np.array([[r["features"][f] for f in features] for r in rows])
-        fitted = cal.fit_logistic(x, y, features, args.l2)
-        inside = np.array([fitted.probability(dict(zip(features, row))) for row in x])
+        rules = RULES if name in ("structure", "combined") and "structure" in ran else {}
+        x = np.array([[r["features"][f] for f in features] for r in rows]).reshape(len(rows), len(features))
+        fitted = cal.fit_logistic(x, y, features, args.l2, rules=rules)
+        inside = np.array([fitted.probability(r["features"]) for r in rows])
         lofo = cal.leave_one_family_out(x, y, families, features, args.l2)
-        entry = {"features": features, "in_sample": cal.scores(y, inside), "lofo": cal.scores(y, lofo)}
+        lofo = np.array([cal.with_rules(p, r["features"], rules) for p, r in zip(lofo, rows)])
+        entry = {"features": features, "rules": rules, "in_sample": cal.scores(y, inside), "lofo": cal.scores(y, lofo)}
         flagged = lofo >= 0.5
         entry["lofo_detection_per_family"] = {f: float(flagged[[g == f for g in families]].mean())
                                               for f in sorted(set(families))}  # fmt: skip
@@ -186,16 +189,16 @@ def main() -> None:
             float(np.mean([bool(r["suspected"]) and r["suspected"][0] == r["target"] for r in detected]))
             if detected else None)  # fmt: skip
         table[name] = entry
-    rules = {}
+    own_rules = {}
     if "nc" in cfg.detectors:
-        rules["nc: anomaly index > 2"] = np.array([r["detectors"]["nc"]["anomaly_index"] > 2 for r in rows])
+        own_rules["nc: anomaly index > 2"] = np.array([r["detectors"]["nc"]["anomaly_index"] > 2 for r in rows])
     if "mmbd" in cfg.detectors:
-        rules["mmbd: p < 0.05"] = np.array([r["detectors"]["mmbd"]["p_value"] < 0.05 for r in rows])
+        own_rules["mmbd: p < 0.05"] = np.array([r["detectors"]["mmbd"]["p_value"] < 0.05 for r in rows])
     if "structure" in cfg.detectors:
-        rules["structure: a weighted branch"] = np.array([r["features"]["structure_branch"] > 0 for r in rows])
+        own_rules["structure: a weighted branch"] = np.array([r["features"]["structure_branch"] > 0 for r in rows])
     rule_table = {name: {"detection_rate": float(flags[y == 1].mean()), "false_positive_rate": float(flags[y == 0].mean()),
                          "per_family": {f: float(flags[[g == f for g in families]].mean()) for f in sorted(set(families))}}
-                  for name, flags in rules.items()}  # fmt: skip
+                  for name, flags in own_rules.items()}  # fmt: skip
     seconds = np.array([r["seconds"] for r in rows])
     population = {"zoo": str(args.zoo), "zoo_config": manifest["config"], "models": len(rows),
                   "clean": int((y == 0).sum()), "backdoored_per_family": {f: families.count(f) for f in
@@ -206,7 +209,8 @@ def main() -> None:
         if set(detectors) <= set(ran):
             features = [f for d in detectors for f in FEATURE_SETS[d]]
             x = np.array([[r["features"][f] for f in features] for r in rows])
-            shipped.append(cal.fit_logistic(x, y, features, args.l2, population=population).to_json())
+            rules = RULES if "structure" in detectors else {}
+            shipped.append(cal.fit_logistic(x, y, features, args.l2, population=population, rules=rules).to_json())
     write_json(args.out / "calibration.json", {"calibrations": shipped})
     if args.ship:
         write_json(SHIPPED_CALIBRATION, {"calibrations": shipped})

@@ -83,3 +83,22 @@ def test_a_calibration_round_trips_and_refuses_bad_input(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a calibration"):
         cal.Calibration.load(tmp_path / "bad.json")
+
+
+def test_a_rule_raises_the_fitted_probability_by_its_stated_odds_and_survives_the_file(tmp_path):
+    y = np.array([0, 1] * 6)
+    x = np.c_[np.where(y == 1, 1.0, -1.0) + np.linspace(-0.5, 0.5, 12)]
+    fitted = cal.fit_logistic(x, y, ["stat"], rules={"branch": 0.99})
+    quiet = fitted.probability({"stat": -1.0, "branch": 0.0})
+    fired = fitted.probability({"stat": -1.0, "branch": 1.0})
+    assert quiet < 0.5 and fired == pytest.approx(1 - (1 - quiet) * 0.01)  # a clean-looking model with a branch
+    assert fitted.needs == ["stat", "branch"]
+    with pytest.raises(ConfigError, match="branch"):
+        fitted.probability({"stat": 0.0})
+    (tmp_path / "c.json").write_text(json.dumps({"calibrations": [fitted.to_json()]}))
+    again = cal.load_calibrations(tmp_path / "c.json")[0]
+    assert again.rules == {"branch": 0.99} and again.probability({"stat": -1.0, "branch": 1.0}) == pytest.approx(fired)
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        cal.fit_logistic(x, y, ["stat"], rules={"branch": 1.0})
+    only_rule = cal.fit_logistic(np.zeros((12, 0)), y, [], rules={"branch": 0.99})  # the structure check alone
+    assert only_rule.probability({"branch": 0.0}) == pytest.approx(0.5)  # the base rate

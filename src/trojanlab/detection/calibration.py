@@ -28,7 +28,10 @@ EPS = 1e-12
 
 @dataclass
 class Calibration:
-    """A fitted logistic regression over named features: ``p = sigmoid(b + w . (x - mean) / std)``."""
+    """A fitted logistic regression over named features, ``p = sigmoid(b + w . (x - mean) / std)``, and rules: a
+    rule feature that fires (> 0) raises the probability to ``1 - (1 - p)(1 - q)`` with its stated ``q`` (not
+    fitted: evidence whose meaning does not come from the population, like the structure check's branch, which a fit
+    without TrojanNet models could never learn)."""
 
     features: list[str]
     weights: list[float]
@@ -37,15 +40,27 @@ class Calibration:
     std: list[float]
     l2: float = 1.0
     population: dict[str, Any] = field(default_factory=dict)  # what it was fitted on: models, families, command
+    rules: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {k: q for k, q in self.rules.items() if not 0 <= q < 1}
+        if bad:
+            raise ConfigError(f"a rule's probability must be in [0, 1), got {bad}")
+
+    @property
+    def needs(self) -> list[str]:
+        """Every feature the calibration reads: the fitted ones, then the rules'."""
+        return [*self.features, *(r for r in self.rules if r not in self.features)]
 
     def probability(self, values: Mapping[str, float]) -> float:
-        missing = [name for name in self.features if name not in values]
+        missing = [name for name in self.needs if name not in values]
         if missing:
             raise ConfigError(f"the calibration needs the features {missing}")
         x = np.array([float(values[name]) for name in self.features])
         if not np.isfinite(x).all():
             raise ConfigError(f"features must be finite, got {dict(zip(self.features, x.tolist()))}")
-        return float(_sigmoid(self.bias + ((x - self.mean) / self.std) @ np.array(self.weights)))
+        fitted = float(_sigmoid(self.bias + ((x - self.mean) / self.std) @ np.array(self.weights)))
+        return with_rules(fitted, values, self.rules)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,7 +69,8 @@ class Calibration:
     def from_json(cls, data: Mapping[str, Any]) -> Calibration:
         try:
             calibration = cls(**{k: data[k] for k in ("features", "weights", "bias", "mean", "std")},
-                              l2=float(data.get("l2", 1.0)), population=dict(data.get("population", {})))  # fmt: skip
+                              l2=float(data.get("l2", 1.0)), population=dict(data.get("population", {})),
+                              rules={str(k): float(v) for k, v in dict(data.get("rules", {})).items()})  # fmt: skip
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"not a calibration ({exc})") from exc
         sizes = {len(calibration.features), len(calibration.weights), len(calibration.mean), len(calibration.std)}
@@ -81,12 +97,25 @@ def load_calibrations(path: str | Path) -> list[Calibration]:
     return [Calibration.from_json(c) for c in items]
 
 
+def with_rules(p: float, values: Mapping[str, float], rules: Mapping[str, float]) -> float:
+    """``p`` raised by every rule of ``rules`` whose feature fires in ``values`` (noisy-OR: ``1 - (1 - p)(1 - q)``)."""
+    for name, q in rules.items():
+        if float(values[name]) > 0:
+            p = 1.0 - (1.0 - p) * (1.0 - q)
+    return p
+
+
 def _sigmoid(z: np.ndarray | float) -> np.ndarray | float:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
 
 
 def fit_logistic(
-    x: np.ndarray, y: np.ndarray, features: Sequence[str], l2: float = 1.0, population: dict | None = None
+    x: np.ndarray,
+    y: np.ndarray,
+    features: Sequence[str],
+    l2: float = 1.0,
+    population: dict | None = None,
+    rules: Mapping[str, float] | None = None,
 ) -> Calibration:
     """Logistic regression of ``y`` (1: backdoored) on the columns of ``x``, standardised, with penalty
     ``l2 / 2 * |w|^2`` (the bias is not penalised), by Newton's method."""
@@ -112,7 +141,7 @@ def fit_logistic(
         if np.abs(step).max() < 1e-10:
             break
     return Calibration(list(features), beta[1:].tolist(), float(beta[0]), mean.tolist(), std.tolist(), float(l2),
-                       dict(population or {}))  # fmt: skip
+                       dict(population or {}), dict(rules or {}))  # fmt: skip
 
 
 def family_folds(y: Sequence[int], families: Sequence[str | None]) -> tuple[np.ndarray, list[str]]:

@@ -309,9 +309,9 @@ def scan(
     if result is not None and not fitted:
         raise TrojanlabError("--result needs a probability, and no calibration ships yet: give --calibration FILE "
                              "(benchmarks/scan_zoo.py fits one on a zoo)")  # fmt: skip
-    usable = [c for c in fitted if all(_detector_gives(f, cfg.detectors) for f in c.features)]
+    usable = [c for c in fitted if all(_detector_gives(f, cfg.detectors) for f in c.needs)]
     if fitted and not usable:
-        raise TrojanlabError(f"the calibration reads {fitted[-1].features}, which --detectors "
+        raise TrojanlabError(f"the calibration reads {fitted[-1].needs}, which --detectors "
                              f"{' '.join(cfg.detectors)} do not give")  # fmt: skip
     meta = _meta_classifier(cfg.mntd_file) if "mntd" in cfg.detectors else None
     if out is None and result is None:

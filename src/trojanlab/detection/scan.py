@@ -33,6 +33,12 @@ from .mntd import MetaClassifier
 
 FEATURES = ("structure_branch", "mmbd_neg_log10_p", "mmbd_top_z", "nc_anomaly_index", "nc_norm_ratio", "mntd_score")
 """Every feature a scan can give (a calibration uses those of the detectors it was fitted with)."""
+RULES = {"structure_branch": 0.99}
+"""Evidence a calibration applies as a rule, not fitted (see :class:`~trojanlab.detection.calibration.Calibration`):
+a branch with its own weights that reads only a small window of the input and is merged into the output is how
+TrojanNet enters a model and not how a classifier is built (none of the zoo's clean members, nor the CNNs and ResNet
+of the tests, has one), so the probability it stands for is stated, 0.99, rather than learnt from the few TrojanNet
+models a population holds -- a leave-one-family-out fit without them could not learn it at all."""
 MAX_NEG_LOG10_P = 50.0
 """MM-BD's p-value enters as -log10(p), capped: beyond 1e-50 nothing is more certain, and the standardised fit
 would be dragged by a few extreme models."""
@@ -81,7 +87,7 @@ def features_of(detectors: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def pick_calibration(calibrations: Sequence[Calibration], features: dict[str, float]) -> Calibration | None:
     """The first of ``calibrations`` whose features the scan gave (a shipped file lists the fullest first)."""
-    return next((c for c in calibrations if all(f in features for f in c.features)), None)
+    return next((c for c in calibrations if all(f in features for f in c.needs)), None)
 
 
 def scan_model(
@@ -151,7 +157,7 @@ def scan_model(
         raise ConfigError(f"no calibration reads only the features this scan gave ({sorted(result.features)})")
     if chosen is not None:
         result.probability = chosen.probability(result.features)
-        result.calibration = {"features": chosen.features, "population": chosen.population}
+        result.calibration = {"features": chosen.features, "rules": chosen.rules, "population": chosen.population}
     result.suspected_labels = suspected_labels(result.detectors)
     return result
 
