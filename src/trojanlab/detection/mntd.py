@@ -106,12 +106,14 @@ def fit(
 ) -> MetaClassifier:
     """Query tuning: the queries and the meta-classifier trained together to tell ``models`` labelled 1
     (backdoored) from those labelled 0, by Adam on the binary cross-entropy over ``config.batch_models`` models
-    drawn each step, half clean and half backdoored (a step costs one pass of the queries through each). The models are frozen and put in
-    eval mode."""
+    drawn each step, half clean and half backdoored (a step costs one pass of the queries through each). The models
+    are frozen and put in eval mode."""
     cfg = config or MNTDConfig()
     y = torch.as_tensor(list(labels), dtype=torch.float32)
     if len(models) != len(y) or set(y.tolist()) != {0.0, 1.0}:
         raise ConfigError("MNTD needs one label per model, and both clean (0) and backdoored (1) models")
+    if cfg.top > num_classes:
+        raise ConfigError(f"MNTD reads the {cfg.top} largest label shares; the models have {num_classes} labels")
     generator = torch.Generator().manual_seed(cfg.seed)
     theta = torch.randn(cfg.queries, *image_shape, generator=generator).mul_(0.5).requires_grad_(True)
     weight = torch.zeros(cfg.top + cfg.queries, requires_grad=True)
