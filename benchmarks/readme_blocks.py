@@ -15,6 +15,7 @@ RESULTS = Path(__file__).parent / "results"
 BLOCKS = {
     "new-attacks": RESULTS / "new_attacks.md",  # benchmarks/new_attacks.py
     "trojannn-model-only": RESULTS / "trojannn_model_only.md",  # benchmarks/trojannn_model_only.py
+    "trojannn-model-only-min": RESULTS / "trojannn_model_only_min.md",  # the same, --recipes paper + min
     "zoo-throughput": RESULTS / "zoo_throughput.md",  # benchmarks/zoo_throughput.py
     "zoo": RESULTS / "zoo" / "table.md",  # benchmarks/zoo_table.py
     "scan-zoo": RESULTS / "scan_zoo.md",  # benchmarks/scan_zoo.py
