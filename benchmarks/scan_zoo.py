@@ -10,6 +10,8 @@ clean test-split images per label as the auditor's examples (``RUN/examples-*.np
 (in sample) and leave-one-family-out (each family scored by a fit that never saw it); the table reports ROC-AUC, the
 false-positive rate at 95 % TPR, TrojAI's cross-entropy, the Brier score, the detection rate per family and on
 clean members at probability 0.5, the right target named among detected models, and seconds per model. The
+features are computed from each detector's stored record by the current code (``scan.features_of``), so a new
+feature needs no rescan; the members' scan commits are recorded. The
 detectors' own rules (Neural Cleanse's anomaly index > 2, MM-BD's p < 0.05) are reported beside them.
 
 ``--mntd`` fits MNTD's meta-classifier on the members too, cross-fitted: each member's ``mntd_score`` comes from a
@@ -26,6 +28,7 @@ import argparse
 import multiprocessing
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -39,7 +42,7 @@ from trojanlab.data import load_dataset
 from trojanlab.detection import calibration as cal
 from trojanlab.detection import mntd
 from trojanlab.detection.run import SHIPPED_CALIBRATION, SHIPPED_MNTD, scan
-from trojanlab.detection.scan import RULES
+from trojanlab.detection.scan import RULES, features_of, suspected_labels
 from trojanlab.io import read_json, write_json
 from trojanlab.models.external import load_any
 from trojanlab.runs import source_commit
@@ -47,8 +50,8 @@ from trojanlab.runs import source_commit
 RESULTS = Path(__file__).parent / "results"
 FEATURE_SETS = {
     "structure": [],  # a rule, not fitted: RULES
-    "mmbd": ["mmbd_neg_log10_p", "mmbd_top_z"],
-    "nc": ["nc_anomaly_index", "nc_norm_ratio"],
+    "mmbd": ["mmbd_log1p_neg_log10_p", "mmbd_log1p_top_z"],
+    "nc": ["nc_log1p_anomaly_index", "nc_log_norm_ratio"],
     "mntd": ["mntd_score"],
 }
 SHIPPED_SETS = (
@@ -161,9 +164,10 @@ def main() -> None:
         if result["config"] != to_dict(cfg):
             raise SystemExit(f"{args.out}/members/{m['id']}: scanned with other settings; use another --out")
         rows.append({"id": m["id"], "family": m["family"], "backdoored": int(m["status"] == "backdoored"),
-                     "target": m["target"], "features": result["features"],
-                     "suspected": result["suspected_labels"], "seconds": sum(result["detector_seconds"].values()),
-                     "detectors": result["detectors"]})  # fmt: skip
+                     "target": m["target"], "features": features_of(result["detectors"]),
+                     "suspected": suspected_labels(result["detectors"]), "seconds": sum(result["detector_seconds"].values()),
+                     "detectors": result["detectors"],
+                     "scan_commit": (result.get("provenance") or {}).get("commit")})  # fmt: skip
     mntd_record = None
     if args.mntd:
         mntd_record = cross_fitted_mntd(args, members, rows, manifest, mapper)
@@ -188,6 +192,10 @@ def main() -> None:
         entry["target_accuracy_lofo_detected"] = (
             float(np.mean([bool(r["suspected"]) and r["suspected"][0] == r["target"] for r in detected]))
             if detected else None)  # fmt: skip
+        for detector, key in (("nc", "smallest_norm_label"), ("mmbd", "suspected_label")):
+            if detector in cfg.detectors and detected:  # each detector's own label, for the order of suspected labels
+                entry[f"target_accuracy_lofo_detected_{detector}"] = float(np.mean(
+                    [r["detectors"][detector][key] == r["target"] for r in detected]))  # fmt: skip
         table[name] = entry
     own_rules = {}
     if "nc" in cfg.detectors:
@@ -214,7 +222,9 @@ def main() -> None:
     write_json(args.out / "calibration.json", {"calibrations": shipped})
     if args.ship:
         write_json(SHIPPED_CALIBRATION, {"calibrations": shipped})
+    scan_commits = {c[:7] if c else "unknown": n for c, n in Counter(r["scan_commit"] for r in rows).items()}
     record = {"commit": source_commit(), "zoo": str(args.zoo), "members": len(rows), "left_out": left_out,
+              "scan_commits": scan_commits,
               "scan_config": to_dict(cfg), "mntd": mntd_record, "l2": args.l2, "wall_seconds": round(time.perf_counter() - began, 1),
               "seconds_per_model": {"mean": float(seconds.mean()), "max": float(seconds.max())},
               "feature_sets": table, "rules": rule_table, "rows": rows, "shipped": bool(args.ship)}  # fmt: skip
@@ -223,15 +233,17 @@ def main() -> None:
     write_json(RESULTS / "scan_zoo.json", {k: v for k, v in record.items() if k != "rows"} | {
         "rows": [{k: v for k, v in r.items() if k != "detectors"} for r in rows]})  # fmt: skip
     head = (f"`python benchmarks/scan_zoo.py --zoo {args.zoo}` on commit `{record['commit']}`: {len(rows)} models "
-            f"({int((y == 0).sum())} clean), {record['wall_seconds']:.0f} s; scan seconds per model mean "
+            f"({int((y == 0).sum())} clean), {record['wall_seconds']:.0f} s; the members' scans made on "
+            f"{', '.join(f'`{c}` ({n})' for c, n in scan_commits.items())}, their features computed from each "
+            f"detector's record by this commit; scan seconds per model mean "
             f"{seconds.mean():.0f}, max {seconds.max():.0f}. Probabilities at 0.5; LOFO: leave one family out.")  # fmt: skip
-    columns = ("| features | ROC-AUC in / LOFO | FPR@95%TPR LOFO | cross-entropy in / LOFO | Brier LOFO | detected LOFO "
-               "| clean flagged LOFO | right target (LOFO detected) |")  # fmt: skip
-    lines = [head, "", columns, "|---|---|---:|---|---:|---:|---:|---:|"]
+    columns = ("| features | ROC-AUC in / LOFO | FPR@95%TPR LOFO | FPR@90%TPR LOFO | cross-entropy in / LOFO "
+               "| Brier LOFO | detected LOFO | clean flagged LOFO | right target (LOFO detected) |")  # fmt: skip
+    lines = [head, "", columns, "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for name, e in table.items():
         i, o = e["in_sample"], e["lofo"]
         lines.append(f"| {name} | {i['roc_auc']:.3f} / {o['roc_auc']:.3f} | {pct(o['fpr_at_95_tpr'])} % | "
-                     f"{i['cross_entropy']:.3f} / {o['cross_entropy']:.3f} | {o['brier']:.3f} | "
+                     f"{pct(o['fpr_at_90_tpr'])} % | {i['cross_entropy']:.3f} / {o['cross_entropy']:.3f} | {o['brier']:.3f} | "
                      f"{pct(o['detection_rate'])} % | {pct(o['false_positive_rate'])} % | "
                      f"{pct(e['target_accuracy_lofo_detected'])} % |")  # fmt: skip
     fams = sorted(set(families))
@@ -241,6 +253,17 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(pct(e["lofo_detection_per_family"][f]) for f in fams) + " |")
     for name, r in rule_table.items():
         lines.append(f"| {name} (its own rule) | " + " | ".join(pct(r["per_family"][f]) for f in fams) + " |")
+    note = (
+        "Right target among the LOFO-detected backdoored models, by each detector's own label (the scan names "
+        "the structure branch's, then Neural Cleanse's, then MM-BD's):"
+    )
+    lines += ["", note, "",
+              "| features | scan's first label | Neural Cleanse's smallest norm | MM-BD's largest margin |",
+              "|---|---:|---:|---:|"]  # fmt: skip
+    for name, e in table.items():
+        lines.append(f"| {name} | {pct(e['target_accuracy_lofo_detected'])} % | "
+                     f"{pct(e.get('target_accuracy_lofo_detected_nc'))} % | "
+                     f"{pct(e.get('target_accuracy_lofo_detected_mmbd'))} % |")  # fmt: skip
     (RESULTS / "scan_zoo.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

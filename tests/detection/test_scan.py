@@ -53,11 +53,18 @@ def test_features_come_from_every_detector_that_ran():
         "mmbd": {"p_value": 1e-4, "suspected_label": 2, "max_margins": {"0": 10.0, "1": 20.0, "2": 90.0}},
         "nc": {"anomaly_index": 2.5, "smallest_norm_label": 1, "l1_norms": {"0": 40.0, "1": 5.0, "2": 30.0}},
     }
-    # median margin 20, MAD 10: the largest, 90, is 70 / (1.4826 * 10) robust deviations out
-    assert sc.features_of(detectors) == pytest.approx({"structure_branch": 0.0, "mmbd_neg_log10_p": 4.0,
-                                                       "mmbd_top_z": 70 / 14.826, "nc_anomaly_index": 2.5,
-                                                       "nc_norm_ratio": 6.0})  # fmt: skip
-    assert sc.suspected_labels(detectors) == [2, 1]
+    # p 1e-4: 4 decades; median margin 20, MAD 10: the largest, 90, is 70 / 14.826 = 4.72 robust deviations out;
+    # median norm 30 over the smallest 5: ratio 6. Each on a log scale.
+    assert sc.features_of(detectors) == pytest.approx({"structure_branch": 0.0, "mmbd_log1p_neg_log10_p": np.log(5.0),
+                                                       "mmbd_log1p_top_z": np.log(5.7214), "nc_log1p_anomaly_index": np.log(3.5),
+                                                       "nc_log_norm_ratio": np.log(6.0)}, rel=1e-4)  # fmt: skip
+    assert sc.suspected_labels(detectors) == [1, 2]  # Neural Cleanse's smallest norm first, then MM-BD's margin
+    clean_like = {
+        "mmbd": {**detectors["mmbd"], "p_value": 1.0, "max_margins": {"0": 30.0, "1": 20.0, "2": 10.0}},
+        "nc": {**detectors["nc"], "anomaly_index": 0.0, "l1_norms": {"0": 5.0, "1": 5.0, "2": 5.0}},
+    }
+    assert sc.features_of(clean_like) == pytest.approx({"mmbd_log1p_neg_log10_p": 0.0, "mmbd_log1p_top_z": np.log(1 + 10 / 14.826),
+                                                        "nc_log1p_anomaly_index": 0.0, "nc_log_norm_ratio": 0.0})  # fmt: skip
     with pytest.raises(ConfigError, match="needs clean example images"):
         sc.scan_model(torch.nn.Identity(), 3, (3, 8, 8), ScanConfig())
     with pytest.raises(ConfigError, match="distinct ones"):
@@ -69,7 +76,7 @@ def test_the_cli_writes_the_probability_alone_and_the_evidence(tmp_path, capsys)
     save_model(model, tmp_path / "model", spec)
     rng = np.random.default_rng(0)  # a calibration over the two data-free detectors' features
     x = np.r_[np.c_[np.zeros(20), rng.normal(0.5, 0.3, 20)], np.c_[np.ones(20), rng.normal(3, 1, 20)]]
-    calibration = fit_logistic(x, np.r_[np.zeros(20), np.ones(20)], ["structure_branch", "mmbd_neg_log10_p"],
+    calibration = fit_logistic(x, np.r_[np.zeros(20), np.ones(20)], ["structure_branch", "mmbd_log1p_neg_log10_p"],
                                population={"note": "synthetic, for this test"})  # fmt: skip
     (tmp_path / "cal.json").write_text(json.dumps(calibration.to_json()))
     argv = ["scan", "--model", str(tmp_path / "model"), "--detectors", "structure", "mmbd", "--quiet",
@@ -80,7 +87,7 @@ def test_the_cli_writes_the_probability_alone_and_the_evidence(tmp_path, capsys)
     record = json.loads((tmp_path / "scan" / "scan.json").read_text())
     assert probability == pytest.approx(record["probability"], abs=1e-6) and probability > 0.5  # the branch
     assert record["verdict"] is True and record["suspected_labels"][0] == 2
-    assert set(record["features"]) == {"structure_branch", "mmbd_neg_log10_p", "mmbd_top_z"}
+    assert set(record["features"]) == {"structure_branch", "mmbd_log1p_neg_log10_p", "mmbd_log1p_top_z"}
     assert (tmp_path / "scan" / "scan.html").read_text().startswith("<!doctype html>")
     assert (tmp_path / "scan" / "margins.png").is_file()
     capsys.readouterr()
@@ -109,8 +116,8 @@ def test_a_scan_with_neural_cleanse_reads_the_auditors_images_and_shows_the_susp
     assert main(argv) == 0
     record = json.loads((tmp_path / "scan" / "scan.json").read_text())
     assert record["probability"] is None and record["verdict"] is None  # without a calibration: statistics only
-    assert set(record["features"]) == {"structure_branch", "mmbd_neg_log10_p", "mmbd_top_z", "nc_anomaly_index",
-                                       "nc_norm_ratio"}  # fmt: skip
+    assert set(record["features"]) == {"structure_branch", "mmbd_log1p_neg_log10_p", "mmbd_log1p_top_z",
+                                       "nc_log1p_anomaly_index", "nc_log_norm_ratio"}  # fmt: skip
     assert record["detectors"]["nc"]["images"] == 20 and len(record["detectors"]["nc"]["l1_norms"]) == 5
     shown = record["suspected_trigger_answers"]
     assert shown["label"] == record["suspected_labels"][0] and len(shown["answers"]) == 8

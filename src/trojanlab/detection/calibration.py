@@ -213,11 +213,12 @@ def brier(y: Sequence[int], p: Sequence[float]) -> float:
 
 
 def scores(y: Sequence[int], p: Sequence[float], threshold: float = 0.5) -> dict[str, float]:
-    """ROC-AUC, FPR at 95 % TPR, cross-entropy, Brier, and at ``threshold``: detection rate and false-positive rate."""
+    """ROC-AUC, FPR at 95 % and 90 % TPR, cross-entropy, Brier, and at ``threshold``: detection rate and false-positive rate."""
     y, p = np.asarray(y), np.asarray(p, np.float64)
     flagged = p >= threshold
     return {
-        "roc_auc": roc_auc(y, p), "fpr_at_95_tpr": fpr_at_tpr(y, p, 0.95), "cross_entropy": cross_entropy(y, p),
+        "roc_auc": roc_auc(y, p), "fpr_at_95_tpr": fpr_at_tpr(y, p, 0.95),
+        "fpr_at_90_tpr": fpr_at_tpr(y, p, 0.90), "cross_entropy": cross_entropy(y, p),
         "brier": brier(y, p), "detection_rate": float(flagged[y == 1].mean()) if (y == 1).any() else float("nan"),
         "false_positive_rate": float(flagged[y == 0].mean()) if (y == 0).any() else float("nan"),
     }  # fmt: skip
