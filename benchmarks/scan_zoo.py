@@ -136,7 +136,9 @@ def main() -> None:
         help="detectors each member's scan runs (MNTD is fitted here instead: --mntd)",
     )
     parser.add_argument("--per-label", type=int, default=5, help="clean example images per label")
-    parser.add_argument("--l2", type=float, default=1.0, help="the logistic regression's L2 penalty")
+    parser.add_argument("--l2", type=float, nargs="+", default=list(cal.L2_GRID),
+                        help="the logistic regression's L2 penalties to choose from (by leave-one-family-out "
+                             "cross-entropy on the fit's own models; one value: fixed)")  # fmt: skip
     parser.add_argument("--ship", action="store_true", help="write the combined calibration into the package")
     parser.add_argument("--workers", type=int, default=1, help="scans at once, one process and torch thread each")
     parser.add_argument("--mntd", action="store_true", help="fit MNTD's meta-classifier (cross-fitted scores)")
@@ -179,12 +181,18 @@ def main() -> None:
     table = {}
     for name, features in sets.items():
         rules = RULES if name in ("structure", "combined") and "structure" in ran else {}
-        x = np.array([[r["features"][f] for f in features] for r in rows]).reshape(len(rows), len(features))
-        fitted = cal.fit_logistic(x, y, features, args.l2, rules=rules)
-        inside = np.array([fitted.probability(r["features"]) for r in rows])
-        lofo = cal.leave_one_family_out(x, y, families, features, args.l2)
-        lofo = np.array([cal.with_rules(p, r["features"], rules) for p, r in zip(lofo, rows)])
-        entry = {"features": features, "rules": rules, "in_sample": cal.scores(y, inside), "lofo": cal.scores(y, lofo)}
+        values = [r["features"] for r in rows]
+        fitted = cal.fit_calibration(values, y, families, features, rules, args.l2)
+        inside = np.array([fitted.probability(v) for v in values])
+        chosen = []  # nested: each fold's penalty chosen on that fold's training models alone
+
+        def fold_fit(v, t, f, features=features, rules=rules, chosen=chosen):
+            chosen.append(cal.fit_calibration(v, t, f, features, rules, args.l2))
+            return chosen[-1]
+
+        lofo = cal.out_of_family(values, y, families, fold_fit)
+        entry = {"features": features, "rules": rules, "l2": fitted.l2, "l2_per_fold": [c.l2 for c in chosen],
+                 "in_sample": cal.scores(y, inside), "lofo": cal.scores(y, lofo)}  # fmt: skip
         flagged = lofo >= 0.5
         entry["lofo_detection_per_family"] = {f: float(flagged[[g == f for g in families]].mean())
                                               for f in sorted(set(families))}  # fmt: skip
@@ -216,9 +224,10 @@ def main() -> None:
     for detectors in SHIPPED_SETS:
         if set(detectors) <= set(ran):
             features = [f for d in detectors for f in FEATURE_SETS[d]]
-            x = np.array([[r["features"][f] for f in features] for r in rows])
             rules = RULES if "structure" in detectors else {}
-            shipped.append(cal.fit_logistic(x, y, features, args.l2, population=population, rules=rules).to_json())
+            fitted = cal.fit_calibration([r["features"] for r in rows], y, families, features, rules, args.l2,
+                                         population)  # fmt: skip
+            shipped.append(fitted.to_json())
     write_json(args.out / "calibration.json", {"calibrations": shipped})
     if args.ship:
         write_json(SHIPPED_CALIBRATION, {"calibrations": shipped})
@@ -232,7 +241,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "scan_zoo.json", {k: v for k, v in record.items() if k != "rows"} | {
         "rows": [{k: v for k, v in r.items() if k != "detectors"} for r in rows]})  # fmt: skip
-    head = (f"`python benchmarks/scan_zoo.py --zoo {args.zoo}` on commit `{record['commit']}`: {len(rows)} models "
+    head = (f"`python benchmarks/scan_zoo.py --zoo {args.zoo}` (L2 penalty chosen from {args.l2} by leave-one-family-out "
+            f"cross-entropy on each fit's own models, nested in the LOFO figures) on commit `{record['commit']}`: {len(rows)} models "
             f"({int((y == 0).sum())} clean), {record['wall_seconds']:.0f} s; the members' scans made on "
             f"{', '.join(f'`{c}` ({n})' for c, n in scan_commits.items())}, their features computed from each "
             f"detector's record by this commit; scan seconds per model mean "

@@ -102,3 +102,38 @@ def test_a_rule_raises_the_fitted_probability_by_its_stated_odds_and_survives_th
         cal.fit_logistic(x, y, ["stat"], rules={"branch": 1.0})
     only_rule = cal.fit_logistic(np.zeros((12, 0)), y, [], rules={"branch": 0.99})  # the structure check alone
     assert only_rule.probability({"branch": 0.0}) == pytest.approx(0.5)  # the base rate
+
+
+def test_the_penalty_is_chosen_by_how_well_it_predicts_an_unseen_family():
+    rng = np.random.default_rng(1)
+    families = ["clean"] * 24 + [f for f in "abcd" for _ in range(6)]
+    y = np.array([0] * 24 + [1] * 24)
+    # a feature every family raises far above the clean models: a weak penalty lets the fit be confident
+    strong = [{"f": float(v)} for v in np.r_[rng.normal(0, 1, 24), rng.normal(8, 1, 24)]]
+    fitted = cal.fit_calibration(strong, y, families, ["f"], grid=(0.01, 1.0, 100.0))
+    assert fitted.l2 == 0.01
+    by_l2 = fitted.population["l2_chosen_by"]["leave_one_family_out_cross_entropy"]
+    assert set(by_l2) == {0.01, 1.0, 100.0} and by_l2[0.01] < by_l2[1.0] < by_l2[100.0]
+    # noise: any slope the fit learns misleads on the held-out family, so the strongest penalty wins
+    noise = [{"f": float(v)} for v in rng.normal(0, 1, 48)]
+    assert cal.fit_calibration(noise, y, families, ["f"], grid=(0.01, 1.0, 1000.0)).l2 == 1000.0
+    # two attack families leave no inner folds to choose by: the grid's 1.0, nothing recorded
+    two = cal.fit_calibration(strong[:36], y[:36], families[:36], ["f"], grid=(0.01, 1.0, 100.0))
+    assert two.l2 == 1.0 and "l2_chosen_by" not in two.population
+
+
+def test_out_of_family_scores_each_family_with_a_fit_that_never_saw_it_and_applies_its_rules():
+    families = ["clean"] * 12 + ["a"] * 4 + ["b"] * 4 + ["branch"] * 4
+    y = np.array([0] * 12 + [1] * 12)
+    rows = [{"f": 0.0, "g": 0.0}] * 12 + [{"f": 5.0, "g": 0.0}] * 8 + [{"f": 0.0, "g": 1.0}] * 4
+    seen = []
+
+    def fit(train_rows, train_y, train_families):
+        seen.append(sorted(set(train_families)))
+        return cal.fit_logistic(cal._matrix(train_rows, ["f"]), train_y, ["f"], 1.0, rules={"g": 0.99})
+
+    p = cal.out_of_family(rows, y, families, fit)
+    assert seen == [["b", "branch", "clean"], ["a", "branch", "clean"], ["a", "b", "clean"]]
+    assert (p[12:20] > 0.5).all() and (p[:12] < 0.5).all()
+    # without the branch family, f says nothing about these models: the rule alone carries them
+    assert (p[20:] > 0.99).all()

@@ -5,15 +5,16 @@ The detectors' statistics (MM-BD's margin p-value, Neural Cleanse's anomaly inde
 ...) are features; :func:`fit_logistic` fits an L2-regularised logistic regression on standardised features by
 Newton's method (a few dozen models: exact, deterministic, no solver to tune). :func:`leave_one_family_out` scores
 every model with a fit that never saw its attack family (clean models are spread over the folds), the honest
-figure for a family a scanner was not tuned on. :func:`scores` gives ROC-AUC, the false-positive rate at a
-true-positive rate, TrojAI's cross-entropy and the Brier score.
+figure for a family a scanner was not tuned on; :func:`fit_calibration` chooses the penalty by that figure on its
+own training models (so nested inside :func:`out_of_family` it stays honest). :func:`scores` gives ROC-AUC, the
+false-positive rate at a true-positive rate, TrojAI's cross-entropy and the Brier score.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,16 +169,69 @@ def leave_one_family_out(
     """Out-of-fold probabilities: each backdoored model is scored by a fit without its family's models; clean models
     (label 0, whatever their family says) are dealt round-robin into as many folds as there are families, so each is
     scored by a fit that did not see it."""
-    x, y = np.asarray(x, np.float64), np.asarray(y)
+    x = np.asarray(x, np.float64)
+    rows = [dict(zip(features, row)) for row in x]
+    return out_of_family(rows, y, families, lambda r, t, f: fit_logistic(_matrix(r, features), t, features, l2))
+
+
+Fit = Callable[[list[Mapping[str, float]], np.ndarray, list[str]], Calibration]
+"""A fit: the training models' feature values, their labels and families, to a calibration."""
+
+
+def out_of_family(
+    rows: Sequence[Mapping[str, float]], y: Sequence[int], families: Sequence[str | None], fit: Fit
+) -> np.ndarray:
+    """Each model's probability from ``fit`` on the models outside its leave-one-family-out fold (rules included:
+    the calibration ``fit`` returns applies its own)."""
+    y = np.asarray(y)
     fold, attack_families = family_folds(y, families)
+    fams = list(families)
     out = np.empty(len(y))
     for k in range(len(attack_families)):
         test = fold == k
         if len(set(y[~test].tolist())) != 2:
             raise ConfigError(f"leave-one-family-out: without {attack_families[k]} no clean model is left to fit on")
-        out[test] = [fit_logistic(x[~test], y[~test], features, l2).probability(dict(zip(features, row)))
-                     for row in x[test]]  # fmt: skip
+        train = np.flatnonzero(~test)
+        fitted = fit([rows[i] for i in train], y[train], [fams[i] for i in train])
+        out[test] = [fitted.probability(rows[i]) for i in np.flatnonzero(test)]
     return out
+
+
+L2_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+"""The penalties :func:`fit_calibration` chooses from."""
+
+
+def fit_calibration(
+    rows: Sequence[Mapping[str, float]],
+    y: Sequence[int],
+    families: Sequence[str | None],
+    features: Sequence[str],
+    rules: Mapping[str, float] | None = None,
+    grid: Sequence[float] = L2_GRID,
+    population: dict | None = None,
+) -> Calibration:
+    """The logistic regression with the penalty of ``grid`` whose leave-one-family-out cross-entropy on these
+    models is lowest (rules applied): the penalty that best predicts a family the fit has not seen, chosen from the
+    training models alone -- scored by :func:`out_of_family` with this function as the fit, the figure is nested and
+    honest. With fewer than three attack families (no inner folds to choose by), the middle of the grid, 1.0 if there.
+    The population records the grid's cross-entropies."""
+    features, y = list(features), np.asarray(y)
+    attack_families = {str(f) for f, label in zip(families, y) if label == 1}
+    chosen, by_l2 = (1.0 if 1.0 in grid else float(grid[len(grid) // 2])), {}
+    if len(attack_families) >= 3:
+        for l2 in grid:
+            inner = out_of_family(rows, y, families, lambda r, t, f, l2=l2: fit_logistic(
+                _matrix(r, features), t, features, l2, rules=rules))  # fmt: skip
+            by_l2[float(l2)] = cross_entropy(y, inner)
+        chosen = min(by_l2, key=by_l2.get)
+    record = (
+        {**(population or {}), "l2_chosen_by": {"leave_one_family_out_cross_entropy": by_l2}} if by_l2 else population
+    )
+    return fit_logistic(_matrix(rows, features), y, features, chosen, population=record, rules=rules)
+
+
+def _matrix(rows: Sequence[Mapping[str, float]], features: Sequence[str]) -> np.ndarray:
+    return np.array([[float(r[f]) for f in features] for r in rows], np.float64).reshape(len(rows), len(features))
 
 
 def roc_auc(y: Sequence[int], p: Sequence[float]) -> float:

@@ -180,7 +180,8 @@ def suspected_labels(detectors: dict[str, dict[str, Any]]) -> list[int]:
     norm, MM-BD's largest margin (each once). Neural Cleanse's label comes before MM-BD's because a small reversed
     trigger that turns the auditor's own images is direct evidence, where a large margin reached somewhere in the input
     space is also how some clean labels look (GTSRB's label 12 has the largest margin in 8 of 24 clean zoo models);
-    on the zoo's detected backdoored models this order names the right target for 86 % against MM-BD-first 79 %
+    on the zoo's backdoored models the combined scan detects, Neural Cleanse's own label is the right target for
+    65.5 %, MM-BD's for 58.6 %, and this order (the structure branch's first) for 86.2 %
     (``benchmarks/results/scan_zoo.md``)."""
     out: list[int] = []
     if "window_target" in detectors.get("structure", {}):
