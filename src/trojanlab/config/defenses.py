@@ -200,3 +200,35 @@ class FinePruningConfig:
     def __post_init__(self) -> None:
         check_int("FinePruningConfig", "fine_tune_epochs", self.fine_tune_epochs, 0)
         check_number("FinePruningConfig", "fine_tune_lr", self.fine_tune_lr, 0, low_open=True)
+
+
+@dataclass
+class IBAUConfig:
+    """I-BAU (Zeng et al., ICLR 2022); the defaults are the official code's (``defense.py``): ``rounds`` of a
+    universal perturbation found by one SGD pass (``perturbation_lr``, penalty ``perturbation_l2`` |delta|^2), then
+    one Adam step (``lr``) per batch along the implicit hypergradient (``fixed_point_steps`` iterations of the inner
+    map, step ``inner_step``), the outer loss adding the perturbation to ``perturbed_fraction`` of each batch."""
+
+    rounds: int = option(5, "unlearning rounds (a perturbation found, then the weights stepped)")
+    fixed_point_steps: int = option(5, "fixed-point iterations of the implicit hypergradient")
+    lr: float = option(1e-3, "the weights' Adam learning rate")
+    batch_size: int = option(100, "images per step")
+    perturbation_lr: float = option(10.0, "SGD learning rate of the universal perturbation")
+    perturbation_l2: float = option(1e-3, "L2 penalty on the perturbation")
+    perturbation_bound: float | None = option(10.0, "L2 radius the perturbation is projected onto after every step "
+                                              "(the paper's C_delta; None: unbounded, as the official code)")  # fmt: skip
+    inner_step: float = option(0.1, "step of the inner map whose fixed point the hypergradient differentiates")
+    perturbed_fraction: float = option(0.01, "share of each batch the outer loss adds the perturbation to (at "
+                                       "least one image)")  # fmt: skip
+    clamp: bool = option(False, "clamp perturbed images to [0, 1] (the official code does not)")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "fixed_point_steps", "batch_size"):
+            check_int("IBAUConfig", name, getattr(self, name), 1)
+        for name in ("lr", "perturbation_lr", "inner_step"):
+            check_number("IBAUConfig", name, getattr(self, name), 0, low_open=True)
+        check_number("IBAUConfig", "perturbation_l2", self.perturbation_l2, 0)
+        if self.perturbation_bound is not None:
+            check_number("IBAUConfig", "perturbation_bound", self.perturbation_bound, 0, low_open=True)
+        check_number("IBAUConfig", "perturbed_fraction", self.perturbed_fraction, 0, 1)

@@ -9,6 +9,7 @@ from ..config.defenses import (
     ANPConfig,
     DefenderConfig,
     FinePruningConfig,
+    IBAUConfig,
     NCGuidedConfig,
     NCPruneConfig,
     NCUnlearnConfig,
@@ -16,6 +17,7 @@ from ..config.defenses import (
     SubnetworkConfig,
 )
 from .base import DefenseContext, DefenseOutcome
+from .ibau import ibau_defense
 from .pruning import anp_defense, fine_pruning_defense, nc_guided_defense
 from .repair import nc_prune_defense, nc_unlearn_defense, subnetwork_defense
 
@@ -48,6 +50,10 @@ DEFENSES: dict[str, Defense] = {
     "nc-prune": Defense((NCPruneConfig,), nc_prune_defense,
                         "Neural Cleanse's pruning of the classifier inputs its reversed triggers excite",
                         output="repaired", defender=DefenderConfig(clean_fraction=0.1)),
+    "ibau": Defense((IBAUConfig,), ibau_defense,
+                    "I-BAU (Zeng et al. 2022): adversarial unlearning of the universal perturbation the model is "
+                    "most fooled by, along the implicit hypergradient", output="repaired",
+                    defender=DefenderConfig(clean_fraction=0.05, holdout=0.2)),
 }  # fmt: skip
 
 __all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseOutcome"]
