@@ -20,6 +20,7 @@ BLOCKS = {
     "zoo": RESULTS / "zoo" / "table.md",  # benchmarks/zoo_table.py
     "scan-zoo": RESULTS / "scan_zoo.md",  # benchmarks/scan_zoo.py
     "scan-onnx": RESULTS / "scan_onnx.md",  # benchmarks/scan_onnx.py
+    "removal-zoo": RESULTS / "removal_zoo.md",  # benchmarks/removal_zoo.py
 }
 
 

@@ -17,6 +17,7 @@ from .attacks import (
 from .base import option, to_dict
 from .defenses import (
     ANPConfig,
+    AutoConfig,
     DefenderConfig,
     FinePruningConfig,
     IBAUConfig,
@@ -31,6 +32,7 @@ from .training import ModelConfig, TrainConfig, TransferConfig
 
 __all__ = [
     "ANPConfig",
+    "AutoConfig",
     "BadNetsConfig",
     "BlendedConfig",
     "DefenderConfig",

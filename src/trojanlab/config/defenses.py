@@ -232,3 +232,28 @@ class IBAUConfig:
         if self.perturbation_bound is not None:
             check_number("IBAUConfig", "perturbation_bound", self.perturbation_bound, 0, low_open=True)
         check_number("IBAUConfig", "perturbed_fraction", self.perturbed_fraction, 0, 1)
+
+
+@dataclass
+class AutoConfig:
+    """``defend auto``'s rule (:mod:`trojanlab.defenses.auto`): repair where the scan's probability reaches
+    ``threshold``; unlearn the reversed triggers of the first ``labels`` suspected labels (``unlearn_epochs`` at
+    ``unlearn_lr``, ``stamp_fraction`` of the images stamped), then I-BAU (``ibau``); a step whose held-out accuracy
+    drop exceeds ``tolerance`` is undone."""
+
+    threshold: float = option(0.5, "the scan's probability from which the model is repaired")
+    labels: int = option(1, "suspected labels whose reversed triggers are unlearnt", flag="--repair-count")
+    unlearn_epochs: int = option(5, "unlearning epochs per reversed trigger")
+    unlearn_lr: float = option(1e-3, "unlearning learning rate (Adam)")
+    stamp_fraction: float = option(0.2, "share of the defender's images stamped with the reversed trigger")
+    ibau: bool = option(True, "follow the unlearning with I-BAU")
+    tolerance: float = option(0.02, "largest held-out accuracy drop a step may cost before it is undone")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        check_number("AutoConfig", "threshold", self.threshold, 0, 1)
+        check_int("AutoConfig", "labels", self.labels, 0)
+        check_int("AutoConfig", "unlearn_epochs", self.unlearn_epochs, 1)
+        check_number("AutoConfig", "unlearn_lr", self.unlearn_lr, 0, low_open=True)
+        check_number("AutoConfig", "stamp_fraction", self.stamp_fraction, 0, 1, low_open=True, high_open=True)
+        check_number("AutoConfig", "tolerance", self.tolerance, 0, 1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..config.defenses import (
     ANPConfig,
+    AutoConfig,
     DefenderConfig,
     FinePruningConfig,
     IBAUConfig,
@@ -16,6 +17,7 @@ from ..config.defenses import (
     PruneRule,
     SubnetworkConfig,
 )
+from .auto import auto_defense
 from .base import DefenseContext, DefenseOutcome
 from .ibau import ibau_defense
 from .pruning import anp_defense, fine_pruning_defense, nc_guided_defense
@@ -53,6 +55,10 @@ DEFENSES: dict[str, Defense] = {
     "ibau": Defense((IBAUConfig,), ibau_defense,
                     "I-BAU (Zeng et al. 2022): adversarial unlearning of the universal perturbation the model is "
                     "most fooled by, along the implicit hypergradient", output="repaired",
+                    defender=DefenderConfig(clean_fraction=0.05, holdout=0.2)),
+    "auto": Defense((AutoConfig,), auto_defense,
+                    "scan the model, then cut a merged branch or unlearn the reversed trigger and run I-BAU, each step "
+                    "kept only within the held-out tolerance", output="repaired",
                     defender=DefenderConfig(clean_fraction=0.05, holdout=0.2)),
 }  # fmt: skip
 

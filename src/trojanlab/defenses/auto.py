@@ -1,0 +1,131 @@
+"""``defend auto``: scan the model, then repair it by what the scan found -- reading only the defender's clean
+images and the scan's outputs, never the planted trigger or a test figure.
+
+The rule, in order:
+
+1. **Scan** (:func:`~trojanlab.detection.scan.scan_model`: structure check, MM-BD, Neural Cleanse on the defender's
+   ``fit`` images, the shipped calibration). Below ``threshold`` the model is returned unchanged: a defense costs a
+   model that had no backdoor accuracy, and the scan is the evidence that there is one.
+2. **A branch merged into the output** (the structure check: how TrojanNet enters a model): where the model is a
+   trojanlab TrojanNet-injected artefact, the branch and the merge are cut and the victim kept (the sub-network
+   variant's result, without its search); otherwise said so, and step 3 runs.
+3. **Unlearning the reversed trigger** of the scan's first ``labels`` suspected labels that Neural Cleanse reversed
+   (Neural Cleanse's own mitigation: fine-tune on the defender's images, ``stamp_fraction`` of them stamped with the
+   reversed trigger and kept at their true label), then **I-BAU** where ``ibau`` is set (it needs no label and
+   reaches what the reversed trigger missed).
+4. **Each step is kept only if the defender's held-out images allow it**: its held-out accuracy drop must stay within
+   ``tolerance``, else the step is undone and the report says so. Each step's held-out accuracy and the reversed
+   trigger's success on held-out images (before and after) are reported: the rule's predicted cost beside the
+   measured one.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+
+from ..config.defenses import AutoConfig, IBAUConfig
+from ..config.detection import ScanConfig
+from ..config.training import TrainConfig
+from ..data import ImageSet, to_tensor
+from ..detection import run as detection_run
+from ..detection.scan import scan_model
+from ..models.trojannet import TrojanNetInjected
+from ..triggers import Trigger, stamp
+from . import ibau
+from .base import DefenseContext, DefenseOutcome
+from .nc_mitigation import unlearn
+
+
+@torch.no_grad()
+def _trigger_success(model: torch.nn.Module, images: ImageSet, trigger: Trigger, device) -> float:
+    """Share of ``images`` not of the trigger's label that the stamped trigger turns into it."""
+    keep = images.y != trigger.target_label
+    if not keep.any():
+        return 0.0
+    x = to_tensor(stamp(images.x[keep], trigger)).to(device)
+    model.eval()
+    return float((model(x).argmax(1) == trigger.target_label).float().mean())
+
+
+def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
+    """The rule of this module on ``ctx.model``; ``details`` record the scan, every step, why, and whether kept."""
+    began = time.perf_counter()
+    model = ctx.model
+    _, height, width, channels = ctx.fit.x.shape
+    shape = tuple(int(v) for v in ctx.loaded.spec.get("input_size", (channels, height, width)))
+    scan = scan_model(model, ctx.num_classes, shape, ScanConfig(seed=cfg.seed), examples=ctx.fit,
+                      calibration=detection_run.default_calibrations(), loaded=ctx.loaded, device=ctx.device,
+                      progress=ctx.progress)  # fmt: skip
+    record: dict[str, Any] = {"scan": {"probability": scan.probability, "suspected_labels": scan.suspected_labels,
+                                       "features": scan.features, "seconds": scan.seconds}, "steps": []}  # fmt: skip
+    held = ibau.accuracy(model, ctx.holdout, ctx.device)
+    record["holdout_accuracy_before"] = held
+    if scan.probability is None or scan.probability < cfg.threshold:
+        record["decision"] = (f"the scan's probability {scan.probability} is below {cfg.threshold}: the model is "
+                              "returned unchanged")  # fmt: skip
+        record["predicted_clean_accuracy_drop"] = 0.0
+        record["defense_seconds"] = time.perf_counter() - began
+        return DefenseOutcome(model, "nothing: the scan found no backdoor", record)
+
+    spec = None
+    structure = scan.detectors.get("structure", {})
+    if structure.get("suspicious"):
+        if isinstance(model, TrojanNetInjected):
+            model = copy.deepcopy(model.victim).eval()
+            spec = dict(ctx.loaded.spec["victim"])
+            spec["triggers"] = ctx.loaded.spec.get("triggers", [])
+            after = ibau.accuracy(model, ctx.holdout, ctx.device)
+            record["steps"].append({"step": "cut the branch", "why": "the structure check found a branch reading a "
+                                    f"small input window merged into the output (label {structure.get('window_target')})",
+                                    "holdout_accuracy": after, "kept": True})  # fmt: skip
+            held = after
+        else:
+            record["steps"].append({"step": "cut the branch", "kept": False,
+                                    "why": "a branch was found, but the model is no trojanlab TrojanNet artefact: "
+                                           "its parts cannot be told apart here; unlearning instead"})  # fmt: skip
+    if not record["steps"] or not record["steps"][-1]["kept"]:
+        reversed_labels = [label for label in scan.suspected_labels if scan.nc is not None and label in scan.nc.labels]
+        labels = reversed_labels[: cfg.labels]
+        for label in labels:
+            trigger = scan.nc.trigger(label)
+            before_success = _trigger_success(model, ctx.holdout, trigger, ctx.device)
+            saved = copy.deepcopy(model.state_dict())
+            train = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, patience=2, val_fraction=0.1,
+                                seed=cfg.seed)  # fmt: skip
+            unlearn(model, ctx.fit, [trigger], cfg.stamp_fraction, train, ctx.device, ctx.progress)
+            after = ibau.accuracy(model, ctx.holdout, ctx.device)
+            kept = held - after <= cfg.tolerance
+            step = {"step": f"unlearn the reversed trigger of label {label}",
+                    "why": "the scan's suspected label, reversed by Neural Cleanse",
+                    "reversed_trigger_success": {"before": before_success,
+                                                 "after": _trigger_success(model, ctx.holdout, trigger, ctx.device)},
+                    "holdout_accuracy": after, "kept": kept}  # fmt: skip
+            if kept:
+                held = after
+            else:
+                model.load_state_dict(saved)
+                step["undone"] = f"held-out accuracy fell {100 * (held - after):.1f} points > {100 * cfg.tolerance:.0f}"
+            record["steps"].append(step)
+        if cfg.ibau:
+            saved = copy.deepcopy(model.state_dict())
+            log = ibau.unlearn(model, ctx.fit, IBAUConfig(seed=cfg.seed), ctx.device, ctx.progress)
+            after = ibau.accuracy(model, ctx.holdout, ctx.device)
+            kept = held - after <= cfg.tolerance
+            step = {"step": "I-BAU", "why": "adversarial unlearning needs no label: it reaches what the reversed "
+                    "trigger missed", "ibau": log.to_json(), "holdout_accuracy": after, "kept": kept}  # fmt: skip
+            if kept:
+                held = after
+            else:
+                model.load_state_dict(saved)
+                step["undone"] = f"held-out accuracy fell {100 * (held - after):.1f} points > {100 * cfg.tolerance:.0f}"
+            record["steps"].append(step)
+    record["holdout_accuracy_after"] = held
+    record["predicted_clean_accuracy_drop"] = record["holdout_accuracy_before"] - held
+    record["defense_seconds"] = time.perf_counter() - began
+    done = [s["step"] for s in record["steps"] if s["kept"]]
+    changed = "; ".join(done) if done else "nothing kept: every step cost more held-out accuracy than allowed"
+    return DefenseOutcome(model, changed, record, spec=spec)

@@ -1,0 +1,47 @@
+"""`defend auto`: the scan decides, each step says why and is kept only within the held-out tolerance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trojanlab.config import AutoConfig, DefenderConfig
+from trojanlab.defenses import defend
+from trojanlab.errors import ConfigError
+
+
+def test_auto_unlearns_the_scans_reversed_trigger_and_reports_each_step(small_backdoor, tmp_path):
+    model, data = small_backdoor
+    defender = DefenderConfig(clean_fraction=0.5, holdout=0.2)
+    out = tmp_path / "auto"
+    # threshold 0: repair whatever the scan says (the shipped calibration was fitted on 43-class models)
+    report = defend("auto", model, AutoConfig(threshold=0.0, ibau=False), data=data, defender=defender, out=out,
+                    progress=False)  # fmt: skip
+    written = json.loads((out / "result.json").read_text())
+    assert written["scan"]["suspected_labels"][0] == 1  # the backdoor's target, named by the scan
+    (step,) = written["steps"]
+    assert step["step"] == "unlearn the reversed trigger of label 1" and step["kept"]
+    assert step["reversed_trigger_success"]["before"] > 0.8 and step["reversed_trigger_success"]["after"] < 0.2
+    # kept because its held-out cost is within the tolerance; the prediction is that cost
+    assert written["holdout_accuracy_before"] - step["holdout_accuracy"] <= 0.02
+    assert written["predicted_clean_accuracy_drop"] == pytest.approx(
+        written["holdout_accuracy_before"] - written["holdout_accuracy_after"]
+    )
+    assert report.before["attack_success_rate"] > 0.8 and report.after["attack_success_rate"] < report.before[
+        "attack_success_rate"]  # fmt: skip
+    assert (out / "repaired").is_dir()
+
+    # a threshold no probability reaches: the model comes back unchanged, and the report says why
+    unchanged = defend("auto", model, AutoConfig(threshold=1.0), data=data, defender=defender, out=tmp_path / "none",
+                       progress=False)  # fmt: skip
+    assert unchanged.changed == "nothing: the scan found no backdoor"
+    assert unchanged.after["attack_success_rate"] == unchanged.before["attack_success_rate"]
+    assert json.loads((tmp_path / "none" / "result.json").read_text())["steps"] == []
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="threshold"):
+        AutoConfig(threshold=1.5)
+    with pytest.raises(ConfigError, match="stamp_fraction"):
+        AutoConfig(stamp_fraction=1.0)
