@@ -20,11 +20,18 @@ def test_auto_unlearns_the_scans_reversed_trigger_and_reports_each_step(small_ba
                     progress=False)  # fmt: skip
     written = json.loads((out / "result.json").read_text())
     assert written["scan"]["suspected_labels"][0] == 1  # the backdoor's target, named by the scan
-    (step,) = written["steps"]
+    step = written["steps"][0]
     assert step["step"] == "unlearn the reversed trigger of label 1" and step["kept"]
     assert step["reversed_trigger_success"]["before"] > 0.8 and step["reversed_trigger_success"]["after"] < 0.2
-    # kept because its held-out cost is within the tolerance; the prediction is that cost
-    assert written["holdout_accuracy_before"] - step["holdout_accuracy"] <= 0.02
+    # every step was kept because its held-out cost is within the tolerance, or undone; a further round of the
+    # same label only where Neural Cleanse, run again, still found a small trigger
+    held = written["holdout_accuracy_before"]
+    for before, after in zip(written["steps"], written["steps"][1:]):
+        assert after["step"].startswith("unlearn the reversed trigger of label 1 (round")
+        assert before["kept"] and "reversed_again_l1_norm" in before  # the reason a further round ran
+    for s in written["steps"]:
+        assert s["kept"] == (held - s["holdout_accuracy"] <= 0.02)
+        held = s["holdout_accuracy"] if s["kept"] else held
     assert written["predicted_clean_accuracy_drop"] == pytest.approx(
         written["holdout_accuracy_before"] - written["holdout_accuracy_after"]
     )

@@ -244,6 +244,9 @@ class AutoConfig:
     threshold: float = option(0.5, "the scan's probability from which the model is repaired")
     labels: int = option(1, "suspected labels whose reversed triggers are unlearnt", flag="--repair-count")
     unlearn_epochs: int = option(5, "unlearning epochs per reversed trigger")
+    unlearn_rounds: int = option(3, "unlearning rounds per label while Neural Cleanse still finds a small trigger")
+    clean_norm_ratio: float = option(1.5, "a label's reversed trigger counts as small while the median norm over its "
+                                     "norm is at least this (the zoo's clean members: mean 1.49)")  # fmt: skip
     unlearn_lr: float = option(1e-3, "unlearning learning rate (Adam)")
     stamp_fraction: float = option(0.2, "share of the defender's images stamped with the reversed trigger")
     ibau: bool = option(True, "follow the unlearning with I-BAU")
@@ -254,6 +257,8 @@ class AutoConfig:
         check_number("AutoConfig", "threshold", self.threshold, 0, 1)
         check_int("AutoConfig", "labels", self.labels, 0)
         check_int("AutoConfig", "unlearn_epochs", self.unlearn_epochs, 1)
+        check_int("AutoConfig", "unlearn_rounds", self.unlearn_rounds, 1)
+        check_number("AutoConfig", "clean_norm_ratio", self.clean_norm_ratio, 1)
         check_number("AutoConfig", "unlearn_lr", self.unlearn_lr, 0, low_open=True)
         check_number("AutoConfig", "stamp_fraction", self.stamp_fraction, 0, 1, low_open=True, high_open=True)
         check_number("AutoConfig", "tolerance", self.tolerance, 0, 1)

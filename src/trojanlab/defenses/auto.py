@@ -11,8 +11,10 @@ The rule, in order:
    variant's result, without its search); otherwise said so, and step 3 runs.
 3. **Unlearning the reversed trigger** of the scan's first ``labels`` suspected labels that Neural Cleanse reversed
    (Neural Cleanse's own mitigation: fine-tune on the defender's images, ``stamp_fraction`` of them stamped with the
-   reversed trigger and kept at their true label), then **I-BAU** where ``ibau`` is set (it needs no label and
-   reaches what the reversed trigger missed).
+   reversed trigger and kept at their true label), repeated while Neural Cleanse, run again for that label alone,
+   still finds a small trigger (median norm over its norm >= ``clean_norm_ratio``; the zoo's clean members have a
+   mean ratio of 1.49 for their smallest label), up to ``unlearn_rounds`` times; then **I-BAU** where ``ibau`` is
+   set (it needs no label and reaches what the reversed trigger missed).
 4. **Each step is kept only if the defender's held-out images allow it**: its held-out accuracy drop must stay within
    ``tolerance``, else the step is undone and the report says so. Each step's held-out accuracy and the reversed
    trigger's success on held-out images (before and after) are reported: the rule's predicted cost beside the
@@ -25,12 +27,14 @@ import copy
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config.defenses import AutoConfig, IBAUConfig
 from ..config.detection import ScanConfig
 from ..config.training import TrainConfig
 from ..data import ImageSet, to_tensor
+from ..detection import neural_cleanse as nc
 from ..detection import run as detection_run
 from ..detection.scan import scan_model
 from ..models.trojannet import TrojanNetInjected
@@ -57,7 +61,8 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
     model = ctx.model
     _, height, width, channels = ctx.fit.x.shape
     shape = tuple(int(v) for v in ctx.loaded.spec.get("input_size", (channels, height, width)))
-    scan = scan_model(model, ctx.num_classes, shape, ScanConfig(seed=cfg.seed), examples=ctx.fit,
+    scan_cfg = ScanConfig(seed=cfg.seed)
+    scan = scan_model(model, ctx.num_classes, shape, scan_cfg, examples=ctx.fit,
                       calibration=detection_run.default_calibrations(), loaded=ctx.loaded, device=ctx.device,
                       progress=ctx.progress)  # fmt: skip
     record: dict[str, Any] = {"scan": {"probability": scan.probability, "suspected_labels": scan.suspected_labels,
@@ -67,6 +72,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
     if scan.probability is None or scan.probability < cfg.threshold:
         record["decision"] = (f"the scan's probability {scan.probability} is below {cfg.threshold}: the model is "
                               "returned unchanged")  # fmt: skip
+        record["holdout_accuracy_after"] = held
         record["predicted_clean_accuracy_drop"] = 0.0
         record["defense_seconds"] = time.perf_counter() - began
         return DefenseOutcome(model, "nothing: the scan found no backdoor", record)
@@ -90,26 +96,48 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
     if not record["steps"] or not record["steps"][-1]["kept"]:
         reversed_labels = [label for label in scan.suspected_labels if scan.nc is not None and label in scan.nc.labels]
         labels = reversed_labels[: cfg.labels]
+        median_norm = float(np.median(scan.nc.l1_norms))
+        nc_data = ctx.fit
+        if len(nc_data) > scan_cfg.nc_images:
+            pick = np.random.default_rng(cfg.seed).choice(len(nc_data), scan_cfg.nc_images, replace=False)
+            nc_data = nc_data.subset(np.sort(pick))
         for label in labels:
             trigger = scan.nc.trigger(label)
-            before_success = _trigger_success(model, ctx.holdout, trigger, ctx.device)
-            saved = copy.deepcopy(model.state_dict())
-            train = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, patience=2, val_fraction=0.1,
-                                seed=cfg.seed)  # fmt: skip
-            unlearn(model, ctx.fit, [trigger], cfg.stamp_fraction, train, ctx.device, ctx.progress)
-            after = ibau.accuracy(model, ctx.holdout, ctx.device)
-            kept = held - after <= cfg.tolerance
-            step = {"step": f"unlearn the reversed trigger of label {label}",
-                    "why": "the scan's suspected label, reversed by Neural Cleanse",
-                    "reversed_trigger_success": {"before": before_success,
-                                                 "after": _trigger_success(model, ctx.holdout, trigger, ctx.device)},
-                    "holdout_accuracy": after, "kept": kept}  # fmt: skip
-            if kept:
+            norm = scan.nc.norms()[label]
+            for attempt in range(1, cfg.unlearn_rounds + 1):
+                before_success = _trigger_success(model, ctx.holdout, trigger, ctx.device)
+                saved = copy.deepcopy(model.state_dict())
+                train = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, patience=2, val_fraction=0.1,
+                                    seed=cfg.seed + attempt - 1)  # fmt: skip
+                unlearn(model, ctx.fit, [trigger], cfg.stamp_fraction, train, ctx.device, ctx.progress)
+                after = ibau.accuracy(model, ctx.holdout, ctx.device)
+                kept = held - after <= cfg.tolerance
+                step = {"step": f"unlearn the reversed trigger of label {label}" + (f" (round {attempt})" if attempt > 1 else ""),
+                        "why": "the scan's suspected label, reversed by Neural Cleanse" if attempt == 1 else
+                               f"reversed again after unlearning, its trigger is still small: median norm / its norm "
+                               f"{median_norm / norm:.2f} >= {cfg.clean_norm_ratio}",
+                        "reversed_trigger_l1_norm": norm,
+                        "reversed_trigger_success": {"before": before_success,
+                                                     "after": _trigger_success(model, ctx.holdout, trigger, ctx.device)},
+                        "holdout_accuracy": after, "kept": kept}  # fmt: skip
+                record["steps"].append(step)
+                if not kept:
+                    model.load_state_dict(saved)
+                    step["undone"] = (
+                        f"held-out accuracy fell {100 * (held - after):.2f} points > {100 * cfg.tolerance:.0f}"
+                    )
+                    break
                 held = after
-            else:
-                model.load_state_dict(saved)
-                step["undone"] = f"held-out accuracy fell {100 * (held - after):.1f} points > {100 * cfg.tolerance:.0f}"
-            record["steps"].append(step)
+                if attempt == cfg.unlearn_rounds:
+                    break
+                # is a small trigger for this label still there? Neural Cleanse once more, for this label alone
+                again = nc.reverse_engineer(model, nc_data, ctx.num_classes, [label], scan_cfg.nc(), ctx.device,
+                                            progress=False)  # fmt: skip
+                norm = again.l1_norms[0]
+                step["reversed_again_l1_norm"] = norm
+                if median_norm / norm < cfg.clean_norm_ratio:
+                    break
+                trigger = again.trigger(label)
         if cfg.ibau:
             saved = copy.deepcopy(model.state_dict())
             log = ibau.unlearn(model, ctx.fit, IBAUConfig(seed=cfg.seed), ctx.device, ctx.progress)
@@ -121,7 +149,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                 held = after
             else:
                 model.load_state_dict(saved)
-                step["undone"] = f"held-out accuracy fell {100 * (held - after):.1f} points > {100 * cfg.tolerance:.0f}"
+                step["undone"] = f"held-out accuracy fell {100 * (held - after):.2f} points > {100 * cfg.tolerance:.0f}"
             record["steps"].append(step)
     record["holdout_accuracy_after"] = held
     record["predicted_clean_accuracy_drop"] = record["holdout_accuracy_before"] - held
