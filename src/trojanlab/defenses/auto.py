@@ -15,7 +15,8 @@ The rule, in order:
    still finds a small trigger (median norm over its norm >= ``clean_norm_ratio``; the zoo's clean members have a
    mean ratio of 1.49 for their smallest label), up to ``unlearn_rounds`` times; then **I-BAU** where ``ibau`` is
    set (it needs no label and reaches what the reversed trigger missed).
-4. **Each step is kept only if the defender's held-out images allow it**: its held-out accuracy drop must stay within
+4. **Each unlearning step and I-BAU is kept only if the defender's held-out images allow it** (the branch cut is
+   structural and always kept; its held-out accuracy is reported): its held-out accuracy drop must stay within
    ``tolerance``, else the step is undone and the report says so. Each step's held-out accuracy and the reversed
    trigger's success on held-out images (before and after) are reported: the rule's predicted cost beside the
    measured one.
