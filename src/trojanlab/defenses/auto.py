@@ -29,31 +29,18 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..config.defenses import AutoConfig, IBAUConfig
 from ..config.detection import ScanConfig
 from ..config.training import TrainConfig
-from ..data import ImageSet, to_tensor
 from ..detection import neural_cleanse as nc
 from ..detection import run as detection_run
 from ..detection.scan import scan_model
+from ..evaluation import attack_success_rate, clean_accuracy
 from ..models.trojannet import TrojanNetInjected
-from ..triggers import Trigger, stamp
 from . import ibau
 from .base import DefenseContext, DefenseOutcome
 from .nc_mitigation import unlearn
-
-
-@torch.no_grad()
-def _trigger_success(model: torch.nn.Module, images: ImageSet, trigger: Trigger, device) -> float:
-    """Share of ``images`` not of the trigger's label that the stamped trigger turns into it."""
-    keep = images.y != trigger.target_label
-    if not keep.any():
-        return 0.0
-    x = to_tensor(stamp(images.x[keep], trigger)).to(device)
-    model.eval()
-    return float((model(x).argmax(1) == trigger.target_label).float().mean())
 
 
 def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
@@ -68,7 +55,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                       progress=ctx.progress)  # fmt: skip
     record: dict[str, Any] = {"scan": {"probability": scan.probability, "suspected_labels": scan.suspected_labels,
                                        "features": scan.features, "seconds": scan.seconds}, "steps": []}  # fmt: skip
-    held = ibau.accuracy(model, ctx.holdout, ctx.device)
+    held = clean_accuracy(model, ctx.holdout, device=ctx.device)
     record["holdout_accuracy_before"] = held
     if scan.probability is None or scan.probability < cfg.threshold:
         record["decision"] = (f"the scan's probability {scan.probability} is below {cfg.threshold}: the model is "
@@ -85,7 +72,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
             model = copy.deepcopy(model.victim).eval()
             spec = dict(ctx.loaded.spec["victim"])
             spec["triggers"] = ctx.loaded.spec.get("triggers", [])
-            after = ibau.accuracy(model, ctx.holdout, ctx.device)
+            after = clean_accuracy(model, ctx.holdout, device=ctx.device)
             record["steps"].append({"step": "cut the branch", "why": "the structure check found a branch reading a "
                                     f"small input window merged into the output (label {structure.get('window_target')})",
                                     "holdout_accuracy": after, "kept": True})  # fmt: skip
@@ -106,12 +93,12 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
             trigger = scan.nc.trigger(label)
             norm = scan.nc.norms()[label]
             for attempt in range(1, cfg.unlearn_rounds + 1):
-                before_success = _trigger_success(model, ctx.holdout, trigger, ctx.device)
+                before_success = attack_success_rate(model, ctx.holdout, trigger, device=ctx.device)
                 saved = copy.deepcopy(model.state_dict())
                 train = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, patience=2, val_fraction=0.1,
                                     seed=cfg.seed + attempt - 1)  # fmt: skip
                 unlearn(model, ctx.fit, [trigger], cfg.stamp_fraction, train, ctx.device, ctx.progress)
-                after = ibau.accuracy(model, ctx.holdout, ctx.device)
+                after = clean_accuracy(model, ctx.holdout, device=ctx.device)
                 kept = held - after <= cfg.tolerance
                 step = {"step": f"unlearn the reversed trigger of label {label}" + (f" (round {attempt})" if attempt > 1 else ""),
                         "why": "the scan's suspected label, reversed by Neural Cleanse" if attempt == 1 else
@@ -119,7 +106,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                                f"{median_norm / norm:.2f} >= {cfg.clean_norm_ratio}",
                         "reversed_trigger_l1_norm": norm,
                         "reversed_trigger_success": {"before": before_success,
-                                                     "after": _trigger_success(model, ctx.holdout, trigger, ctx.device)},
+                                                     "after": attack_success_rate(model, ctx.holdout, trigger, device=ctx.device)},
                         "holdout_accuracy": after, "kept": kept}  # fmt: skip
                 record["steps"].append(step)
                 if not kept:
@@ -142,7 +129,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
         if cfg.ibau:
             saved = copy.deepcopy(model.state_dict())
             log = ibau.unlearn(model, ctx.fit, IBAUConfig(seed=cfg.seed), ctx.device, ctx.progress)
-            after = ibau.accuracy(model, ctx.holdout, ctx.device)
+            after = clean_accuracy(model, ctx.holdout, device=ctx.device)
             kept = held - after <= cfg.tolerance
             step = {"step": "I-BAU", "why": "adversarial unlearning needs no label: it reaches what the reversed "
                     "trigger missed", "ibau": log.to_json(), "holdout_accuracy": after, "kept": kept}  # fmt: skip

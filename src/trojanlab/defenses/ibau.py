@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..config.defenses import IBAUConfig
 from ..data import ImageSet, to_tensor
+from ..evaluation import clean_accuracy
 from .base import DefenseContext, DefenseOutcome
 
 Tensors = Sequence[torch.Tensor]
@@ -149,7 +150,8 @@ def unlearn(
             round_began = time.perf_counter()
             order = torch.randperm(n, generator=gen).to(device)
             batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-            clean_answers = _answers(model, x_all, None, cfg.clamp)
+            if round_index == 0:
+                clean_answers = _answers(model, x_all, None, cfg.clamp)
             # the inner maximisation: one pass of SGD on a universal perturbation against the model's own answers
             delta = torch.zeros(1, *x_all.shape[1:], device=device, requires_grad=True)
             delta_opt = torch.optim.SGD([delta], lr=cfg.perturbation_lr)
@@ -194,7 +196,8 @@ def unlearn(
                     p.grad = g
                 outer_opt.step()
                 bar.update()
-            after = _answers(model, x_all, delta, cfg.clamp) != _answers(model, x_all, None, cfg.clamp)
+            clean_answers = _answers(model, x_all, None, cfg.clamp)  # the next round's too: the weights are done
+            after = _answers(model, x_all, delta, cfg.clamp) != clean_answers
             log.rounds.append({
                 "round": round_index + 1, "perturbation_l2": float(delta.norm()),
                 "fooling_rate": fooled_before, "fooling_rate_after_round": float(after.float().mean()),
@@ -211,19 +214,11 @@ def unlearn(
     return log
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, images: ImageSet, device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy on ``images`` (the defender's held-out ones)."""
-    model.eval()
-    answers = _answers(model, to_tensor(images.x).to(device), None, False)
-    return float((answers.cpu().numpy() == images.y).mean())
-
-
 def ibau_defense(ctx: DefenseContext, cfg: IBAUConfig) -> DefenseOutcome:
     """I-BAU with the defender's ``fit`` images; the held-out images measure what it cost (the predicted CA drop)."""
-    held_before = accuracy(ctx.model, ctx.holdout, ctx.device)
+    held_before = clean_accuracy(ctx.model, ctx.holdout, device=ctx.device)
     log = unlearn(ctx.model, ctx.fit, cfg, ctx.device, ctx.progress)
-    held_after = accuracy(ctx.model, ctx.holdout, ctx.device)
+    held_after = clean_accuracy(ctx.model, ctx.holdout, device=ctx.device)
     details = {
         "ibau": log.to_json(), "unlearning_images": len(ctx.fit),
         "holdout_accuracy": {"before": held_before, "after": held_after},
