@@ -20,6 +20,9 @@ def add_parser(subparsers) -> None:
                    "process (default auto: ray when installed)")  # fmt: skip
     b.add_argument("--address", default=None, help="join this Ray cluster (default: start Ray on this machine)")
     b.add_argument("--workers", type=int, default=None, help="Ray workers on this machine (default: its CPU count)")
+    b.add_argument("--members", nargs="+", default=None, metavar="ID",
+                   help="build only these members (and the clean members they are planted into); a later call "
+                   "without it completes the zoo")  # fmt: skip
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     add_folder_options(b)
     b.set_defaults(func=run_build)
@@ -30,7 +33,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     cfg = ZooConfig.from_yaml(args.config)
     report = build_zoo(cfg, out=args.out, executor=args.executor, address=args.address, workers=args.workers,
-                       progress=not args.quiet, **folder_flags(args))  # fmt: skip
+                       progress=not args.quiet, only=args.members, **folder_flags(args))  # fmt: skip
     details = report.details
     print(f"zoo: {details['members_total']} members ({details['reused']} kept, {details['built']} built, "
           f"{len(details['errors'])} errors) in {report.seconds:.0f} s; manifest {details['zoo']}/zoo.json")  # fmt: skip

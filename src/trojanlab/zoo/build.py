@@ -276,6 +276,18 @@ seed, so raising ``backdoored`` adds members and keeps every member already buil
 raising ``clean`` also draws the bases of the Trojan Attack and TrojanNet members anew (they are planted again)."""
 
 
+def select_members(members: list[dict[str, Any]], only: list[str]) -> list[dict[str, Any]]:
+    """The members named in ``only`` and the bases they are planted into, in the sampler's order; an unknown name
+    is a :class:`ConfigError`."""
+    known = {m["id"]: m for m in members}
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise ConfigError(f"--members: no member {', '.join(unknown)} in this zoo (it has {members[0]['id']} .. "
+                          f"{members[-1]['id']}, {len(members)} in all)")  # fmt: skip
+    wanted = set(only) | {known[name]["base"] for name in only if known[name].get("base")}
+    return [m for m in members if m["id"] in wanted]
+
+
 def sampling_settings(cfg: ZooConfig) -> dict[str, Any]:
     """The settings that decide what each member is (the zoo folder's identity): all but :data:`COUNTS`."""
     return {k: v for k, v in to_dict(cfg).items() if k not in COUNTS}
@@ -315,22 +327,26 @@ def build_zoo(
     restart: bool = False,
     force: bool = False,
     on_member: Callable[[dict[str, Any]], None] | None = None,
+    only: list[str] | None = None,
 ) -> Report:
-    """Build the zoo ``cfg`` describes into ``out`` (see the module docstring); finished members are kept."""
+    """Build the zoo ``cfg`` describes into ``out`` (see the module docstring); finished members are kept. ``only``
+    names the members to build now (with the clean members they are planted into); the others are left for a later
+    call, which completes the same zoo."""
     executor = resolve_executor(executor, address)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"--workers must be a positive integer, got {workers!r}")
     _migrate_counted_identity(Path(out), cfg)
-    run = prepare_run(out, "zoo build", {"ZooConfig": sampling_settings(cfg)}, cfg.seed, restart=restart,
-                      force=force, data=cfg.data)  # fmt: skip
     splits = load_dataset(cfg.data)
     _, height, width = splits.image_shape
     members = sample(cfg, splits.num_classes, height, width)
+    wanted = members if only is None else select_members(members, only)
+    run = prepare_run(out, "zoo build", {"ZooConfig": sampling_settings(cfg)}, cfg.seed, restart=restart,
+                      force=force, data=cfg.data)  # fmt: skip
     run.start()
     earlier = (read_json(run.path / MANIFEST) or {}) if run.resuming else {}
     zoo = ZooFolder(run.path, cfg, members)
     done = zoo.finished()
-    pending = [m for m in members if m["id"] not in done]
+    pending = [m for m in wanted if m["id"] not in done]
     start = time.perf_counter()
     built = 0
     before = float(earlier.get("wall_seconds_total") or 0.0)
@@ -341,7 +357,7 @@ def build_zoo(
 
     outcomes = (_ray(zoo, pending, str(cfg.data), address, workers, local=address is None) if executor == "ray"
                 else _sequential(zoo, pending, str(cfg.data), threads=None))  # fmt: skip
-    with tqdm(total=len(members), initial=len(done), desc="zoo members", unit="member", disable=not progress) as bar:
+    with tqdm(total=len(wanted), initial=len(wanted) - len(pending), desc="zoo members", unit="member", disable=not progress) as bar:
         for member, result, error in outcomes:
             if error is not None:
                 zoo.record_error(member, error)
@@ -364,7 +380,7 @@ def build_zoo(
     zoo.write_manifest(extra)
     rows = [zoo.records[m["id"]] for m in members if m["id"] in zoo.records]
     errors = {r["id"]: r["error"] for r in rows if r["status"] == "error"}
-    if not errors:  # every member is in members/: the work folders hold nothing more
+    if not errors and only is None:  # every member is in members/: the work folders hold nothing more
         shutil.rmtree(zoo.path / "work", ignore_errors=True)
     settings = {"ZooConfig": to_dict(cfg)}
     report = Report(
