@@ -5,17 +5,22 @@
 
 Each (member, method) is one ``trojanlab defend`` run with the method's defaults (the defender's clean images are
 its registry default share of the training split, seeded) into ``RUN/members/<id>/<method>/`` (a finished run is
-reused, so the benchmark resumes). The table, per family and method: clean-accuracy drop and attack success rate
-after (mean and worst), the share of backdoored members left at ASR <= 2 %, BackdoorBench's defense effectiveness
-rating (DER = (max(0, ASR drop) - max(0, CA drop) + 1) / 2, mean), the drop the method predicted from the
-defender's held-out images beside the measured one where it reports one, and seconds per model. Clean members show
-what a defense costs a model that had no backdoor. Results: ``benchmarks/results/removal_zoo.{json,md}``.
+reused, so the benchmark resumes; ``nc-unlearn`` reads a ``detect nc`` run made first in ``<id>/nc-scan``). A
+defense that refuses (its held-out measure cannot be made to read the member's recorded clean accuracy) is recorded
+as refused, with its message. The table, per family and method: clean-accuracy drop and attack success rate after
+(mean and worst), the drop the held-out measure predicted beside the measured one, how many kept the promise (drop
+<= tolerance + 1 point, or refused), how many read jittered copies, the share of backdoored members left at ASR <=
+2 %, the test-ASR oracle of a pruning curve (BackdoorBench's choice of threshold), BackdoorBench's defense
+effectiveness rating (DER = (max(0, ASR drop) - max(0, CA drop) + 1) / 2, mean) and seconds per model; then one line
+per member with ANP's premise check. Clean members show what a defense costs a model that had no backdoor. Results:
+``benchmarks/results/removal_zoo.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -25,18 +30,45 @@ import numpy as np
 import torch
 
 from _runs import run_once
+from trojanlab.config import AutoConfig, NCConfig, NCUnlearnConfig, PruneRule
 from trojanlab.defenses import DEFENSES, defend
+from trojanlab.detection.run import neural_cleanse
+from trojanlab.errors import DataError
 from trojanlab.io import read_json, write_json
 from trojanlab.runs import source_commit
 
 RESULTS = Path(__file__).parent / "results"
 REMOVED = 0.02
 """ASR at or below which a backdoor counts as removed (the removal issue's goal)."""
+TOLERANCE = PruneRule().tolerance
+"""The clean-data rules' default tolerance (the pruning rule's; ``defend auto``'s is the same): the promise a measured
+drop is held to, + 1 point."""
+assert AutoConfig().tolerance == TOLERANCE
 
 
 def defend_member(job: tuple) -> dict:
+    """One (member, method) run, or its earlier result; a defense that refused (no held-out measure tracks the
+    model's stated clean accuracy, say) is recorded as refused, with its message. ``nc-unlearn`` reads a
+    ``trojanlab detect nc`` run on the same member, made first (and reused) in ``../nc-scan``."""
     folder, method, model, data, seed = job
-    return run_once(folder, defend, method, model, data=data, seed=seed, progress=False)
+    refused = folder / "refused.json"
+    if refused.is_file():
+        return read_json(refused)
+    configs = ()
+    if method == "nc-unlearn":
+        scan = folder.parent / "nc-scan"
+        run_once(scan, neural_cleanse, model, NCConfig(seed=seed), data=data, seed=seed, progress=False)
+        configs = (NCUnlearnConfig(reversed_triggers=str(scan)),)
+    if (folder / "result.json").is_file():
+        return read_json(folder / "result.json")
+    try:
+        defend(method, model, *configs, data=data, seed=seed, progress=False, out=folder)
+    except DataError as exc:
+        record = {"refused": str(exc)}
+        write_json(refused, record)
+        shutil.rmtree(folder / "repaired", ignore_errors=True)
+        return record
+    return read_json(folder / "result.json")
 
 
 def der(before: dict, after: dict) -> float | None:
@@ -94,49 +126,126 @@ def main() -> None:
     rows = []
     for i, ((folder, method, _, _, _), result) in enumerate(zip(jobs, mapper(defend_member, jobs))):
         m = members[i // len(args.methods)]
-        before, after = result["before"], result["after"]
-        row = {"id": m["id"], "family": m["family"] if m["status"] == "backdoored" else "clean", "method": method,
-               "ca_before": before["clean_accuracy"], "ca_after": after["clean_accuracy"],
-               "ca_drop": before["clean_accuracy"] - after["clean_accuracy"],
-               "asr_before": before.get("attack_success_rate"), "asr_after": after.get("attack_success_rate"),
-               "der": der(before, after), "predicted_ca_drop": result.get("predicted_clean_accuracy_drop"),
-               "seconds": result["seconds"], "commit": (result.get("provenance") or {}).get("commit")}  # fmt: skip
-        rows.append(row)
-        asr = "" if row["asr_after"] is None else f", ASR {100 * row['asr_before']:.1f} -> {100 * row['asr_after']:.1f}"
-        print(f"[{i + 1}/{len(jobs)}] {m['id']} {method}: CA drop {100 * row['ca_drop']:.1f}{asr}, "
-              f"{row['seconds']:.0f} s", flush=True)  # fmt: skip
-    commits = Counter((r["commit"] or "unknown")[:7] for r in rows)
+        rows.append(row_of(m, method, result))
+        print(f"[{i + 1}/{len(jobs)}] {m['id']} {method}: {said(rows[-1])}", flush=True)
+    commits = Counter((r["commit"] or "unknown")[:7] for r in rows if not r["refused"])
     record = {"commit": source_commit(), "zoo": str(args.zoo), "methods": args.methods, "seed": args.seed,
               "run_commits": dict(commits), "wall_seconds": round(time.perf_counter() - began, 1), "rows": rows}  # fmt: skip
     write_json(args.out / "removal_zoo.json", record)
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "removal_zoo.json", record)
+    command = (f"python benchmarks/removal_zoo.py --zoo {args.zoo} --methods {' '.join(args.methods)} --per-family "
+               f"{args.per_family} --clean {args.clean} --workers {args.workers}")  # fmt: skip
+    text = table(record, command)
+    (RESULTS / "removal_zoo.md").write_text(text)
+    print(text)
+
+
+def row_of(member: dict, method: str, result: dict) -> dict:
+    """A table row of one run: figures before and after, the held-out measure's prediction and how it was read,
+    the test-ASR oracle of a pruning curve, ANP's premise check."""
+    family = member["family"] if member["status"] == "backdoored" else "clean"
+    row = {"id": member["id"], "family": family, "method": method, "refused": result.get("refused")}
+    if row["refused"]:
+        return {**row, "commit": None}
+    before, after, details = result["before"], result["after"], result.get("details", {})
+    measure = details.get("heldout_measure") or {}
+    row.update(ca_before=before["clean_accuracy"], ca_after=after["clean_accuracy"],
+               ca_drop=before["clean_accuracy"] - after["clean_accuracy"],
+               asr_before=before.get("attack_success_rate"), asr_after=after.get("attack_success_rate"),
+               der=der(before, after),
+               predicted_ca_drop=after.get("predicted_clean_accuracy_drop", details.get("predicted_clean_accuracy_drop")),
+               measure=("unchecked" if measure.get("reference") is None else
+                        "jittered" if measure.get("strength", 0) > 0 else "as they are"),
+               measure_strength=measure.get("strength"), stated_accuracy=measure.get("reference"),
+               oracle=oracle(before, details.get("test_curve")), premise=details.get("premise"),
+               changed=result.get("changed"), seconds=result["seconds"],
+               commit=(result.get("provenance") or {}).get("commit"))  # fmt: skip
+    return row
+
+
+def oracle(before: dict, curve: list[dict] | None) -> dict | None:
+    """BackdoorBench's choice on a pruning curve (test images): the lowest ASR whose CA drop is within the tolerance
+    -- an oracle no defender has, to show how far the clean-data rule is from it."""
+    if not curve or "attack_success_rate" not in before:
+        return None
+    allowed = [p for p in curve if before["clean_accuracy"] - p["clean_accuracy"] <= TOLERANCE]
+    if not allowed:
+        return None
+    best = min(allowed, key=lambda p: (p["attack_success_rate"], -p["clean_accuracy"]))
+    return {"asr_after": best["attack_success_rate"], "ca_drop": before["clean_accuracy"] - best["clean_accuracy"],
+            "pruned": best["pruned"]}  # fmt: skip
+
+
+def said(row: dict) -> str:
+    if row["refused"]:
+        return f"refused: {row['refused']}"
+    asr = "" if row["asr_after"] is None else f", ASR {100 * row['asr_before']:.1f} -> {100 * row['asr_after']:.1f}"
+    predicted = row["predicted_ca_drop"]
+    return (f"CA drop {100 * row['ca_drop']:.1f} (predicted {100 * predicted:.1f}, {row['measure']}){asr}, "
+            f"{row['seconds']:.0f} s")  # fmt: skip
+
+
+def table(record: dict, command: str) -> str:
+    rows, methods = record["rows"], record["methods"]
+    commits = record["run_commits"]
     families = sorted({r["family"] for r in rows}, key=lambda f: (f == "clean", f))
-    lines = [(f"`python benchmarks/removal_zoo.py --zoo {args.zoo} --methods {' '.join(args.methods)} --per-family "
-             f"{args.per_family} --clean {args.clean}` on commit `{record['commit'][:7]}` (the runs made on "
-             f"{', '.join(f'`{c}` ({n})' for c, n in commits.items())}), {record['wall_seconds']:.0f} s. "
-             f"Mean (worst) in %; removed: ASR <= {100 * REMOVED:.0f} %; predicted: the drop the method read on "
-             f"the defender's held-out images."), "",
-             ("| method | family | members | CA drop | predicted CA drop | ASR before | ASR after | removed | DER | "
-             "seconds |"), "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for method in args.methods:
+    lines = [(f"`{command}` on commit `{(record['commit'] or 'unknown')[:9]}` (the runs made on "
+              f"{', '.join(f'`{c}` ({n})' for c, n in commits.items())}), {record['wall_seconds']:.0f} s. "
+              f"Mean (worst) in %. removed: ASR <= {100 * REMOVED:.0f} %. predicted: the drop read on the defender's "
+              f"held-out measure (checked against the member's recorded clean accuracy; jittered: the held-out images "
+              f"were fitted, so jittered copies read it). kept: test CA drop <= the {100 * TOLERANCE:.0f}-point "
+              f"tolerance + 1, or refused with a message. oracle: the pruning curve's lowest test ASR within the "
+              f"tolerance (BackdoorBench's choice)."), "",
+             ("| method | family | members | CA drop | predicted | kept | jittered | ASR before | ASR after | removed | "
+              "oracle ASR | DER | seconds |"), "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for method in methods:
         for family in families:
             group = [r for r in rows if r["method"] == method and r["family"] == family]
             if not group:
                 continue
-            ca = [r["ca_drop"] for r in group]
-            predicted = [r["predicted_ca_drop"] for r in group if r["predicted_ca_drop"] is not None]
-            asr_b = [r["asr_before"] for r in group if r["asr_before"] is not None]
-            asr_a = [r["asr_after"] for r in group if r["asr_after"] is not None]
-            removed = f"{sum(a <= REMOVED for a in asr_a)}/{len(asr_a)}" if asr_a and family != "clean" else "-"
-            ders = [r["der"] for r in group if r["der"] is not None and family != "clean"]
+            ran = [r for r in group if not r["refused"]]
             attacked = family != "clean"
-            lines.append(f"| {method} | {family} | {len(group)} | {fmt(ca)} | {fmt(predicted)} | "
+            ca = [r["ca_drop"] for r in ran]
+            predicted = [r["predicted_ca_drop"] for r in ran if r["predicted_ca_drop"] is not None]
+            kept = sum(1 for r in group if r["refused"] or r["ca_drop"] <= TOLERANCE + 0.01 + 1e-9)
+            jittered = sum(r["measure"] == "jittered" for r in ran)
+            asr_b = [r["asr_before"] for r in ran if r["asr_before"] is not None]
+            asr_a = [r["asr_after"] for r in ran if r["asr_after"] is not None]
+            removed = f"{sum(a <= REMOVED for a in asr_a)}/{len(asr_a)}" if asr_a and attacked else "-"
+            oracles = [r["oracle"]["asr_after"] for r in ran if r.get("oracle")]
+            ders = [r["der"] for r in ran if r["der"] is not None and attacked]
+            refused = len(group) - len(ran)
+            lines.append(f"| {method} | {family} | {len(group)}{f' ({refused} refused)' if refused else ''} | "
+                         f"{fmt(ca)} | {fmt(predicted)} | {kept}/{len(group)} | {jittered}/{len(ran)} | "
                          f"{fmt(asr_b) if attacked else '-'} | {fmt(asr_a) if attacked else '-'} | {removed} | "
-                         f"{f'{np.mean(ders):.3f}' if ders else '-'} | "
-                         f"{np.mean([r['seconds'] for r in group]):.0f} |")  # fmt: skip
-    (RESULTS / "removal_zoo.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                         f"{fmt(oracles) if attacked else '-'} | {f'{np.mean(ders):.3f}' if ders else '-'} | "
+                         f"{np.mean([r['seconds'] for r in ran]):.0f} |" if ran else
+                         f"| {method} | {family} | {len(group)} (all refused) | - | - | {kept}/{len(group)} | - | - | - | "
+                         "- | - | - | - |")  # fmt: skip
+    lines += ["", ("Per member: each method's test CA drop / the drop its held-out measure predicted, and ASR after "
+                   "(%); ANP's premise check (accuracy under one ANP perturbation of every neuron, and the share of "
+                   "predictions on the most predicted label: a backdoored model collapses onto its target)."), "",
+              "| member | family | " + " | ".join(methods) + " | ANP premise |",
+              "|---|---|" + "---|" * len(methods) + "---|"]  # fmt: skip
+    for member in dict.fromkeys(r["id"] for r in rows):
+        mine = {r["method"]: r for r in rows if r["id"] == member}
+        cells = []
+        for method in methods:
+            r = mine.get(method)
+            if r is None:
+                cells.append("")
+            elif r["refused"]:
+                cells.append("refused")
+            else:
+                asr = "" if r["asr_after"] is None else f", ASR {100 * r['asr_after']:.1f}"
+                cells.append(f"{100 * r['ca_drop']:.1f} / {100 * (r['predicted_ca_drop'] or 0):.1f}{asr}")
+        premise = (mine.get("anp") or {}).get("premise")
+        shown = (f"{100 * premise['accuracy_under_perturbation']:.0f} % right, {100 * premise['most_predicted'][0][1]:.0f} % "
+                 f"on label {premise['most_predicted'][0][0]}" if premise else "-")  # fmt: skip
+        family = next(iter(mine.values()))["family"]
+        lines.append(f"| {member} | {family} | " + " | ".join(cells) + f" | {shown} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -116,6 +116,10 @@ CASES = [
      r"--labels must be distinct labels", None),
     ("a folder given as a Keras file", "trojannet import-keras {V} --out {NEW}", r"a folder, not the Keras \.h5",
      None),
+    ("a stated clean accuracy no held-out measure reads", "defend ibau --model {V} --data {D} --clean-accuracy 0.02 --out {NEW}",
+     r"held-out images score .* its stated clean accuracy is 2\.0% \(--clean-accuracy\).*no measure here tracks", "V"),
+    ("a clean accuracy above 1", "defend ibau --model {V} --data {D} --clean-accuracy 1.5 --out {NEW}",
+     r"--clean-accuracy must lie in \(0, 1\], got 1\.5", None),
 ]  # fmt: skip
 if not torch.cuda.is_available():
     CASES.append(("--device cuda without a GPU", "train --data {D} --device cuda --out {NEW}",

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ConfigError
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **cli: Any) -> Any:  # noqa: A002
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **cli: Any) -> Any:
     """A dataclass field with its ``--help`` text; ``cli`` holds how the command line shows it: ``flag`` (when not
     ``--field-name``), ``choices``, ``metavar``, or ``cli=False`` for settings only the library and the profiles set."""
     metadata = {"help": help, **cli}

@@ -17,16 +17,23 @@ SUBNETWORK_STEPS = ("sgd", "normalized")
 @dataclass
 class DefenderConfig:
     """The defender's clean images: every image of ``clean_data`` (their own), else ``clean_fraction`` of the data's
-    training split (stratified); ``holdout`` of them are held out for the defenses' automatic rules."""
+    training split (stratified); ``holdout`` of them are held out for the defenses' automatic rules, whose measure is
+    checked against ``clean_accuracy`` (:mod:`trojanlab.defenses.heldout`)."""
 
     clean_fraction: float = option(0.01, "defender's share of the training split")
     clean_data: str | None = option(None, "the defender's own clean images (.npz or image folder) instead of a share "
                                     "of --data's training split")  # fmt: skip
     holdout: float = option(0.5, "share of the defender's images held out for the automatic rule")
+    clean_accuracy: float | None = option(None, "the model's clean accuracy as stated for it (its supplier's figure, "
+                                          "or one measured on your own images): the automatic rules check that their "
+                                          "held-out measure reads it (default: the figure recorded beside a trojanlab "
+                                          "artefact; none: unchecked)")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_number("DefenderConfig", "clean_fraction", self.clean_fraction, 0, 1, low_open=True, high_open=True)
         check_number("DefenderConfig", "holdout", self.holdout, 0, 1, low_open=True, high_open=True)
+        if self.clean_accuracy is not None:
+            check_number("DefenderConfig", "clean_accuracy", self.clean_accuracy, 0, 1, low_open=True)
 
 
 @dataclass

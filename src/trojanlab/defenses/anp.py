@@ -607,6 +607,7 @@ def auto_threshold(
     measure: str = "top1",
     jitter: int = 8,
     seed: int = 0,
+    scored: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[float, list[dict[str, float]]]:
     """The largest threshold of ``grid`` whose pruned model keeps the accuracy on ``holdout`` (clean images the
     masks were not fitted on) within ``tolerance`` of the unpruned model's; the curve measured along the way.
@@ -619,6 +620,10 @@ def auto_threshold(
     copies it falls about as fast as test accuracy does (measured in the README), and the expected accuracy of
     unjittered images falls too, but several times more slowly.
 
+    ``scored`` (images and labels) replaces both: the checked held-out measure's images
+    (:mod:`~trojanlab.defenses.heldout`), already jittered to the strength where the model scores its stated clean
+    accuracy.
+
     Only clean images are read: a defender has no triggered data. Thresholds are tried in increasing order and the
     search stops at the first one that breaks the tolerance (a larger threshold prunes a superset).
     """
@@ -630,7 +635,9 @@ def auto_threshold(
         raise ConfigError(f"the automatic rule's jitter must be >= 0 copies, got {jitter}")
     x = to_tensor(holdout.x)
     y = torch.as_tensor(holdout.y)
-    if jitter:
+    if scored is not None:
+        x, y = scored
+    elif jitter:
         x, y = jitter_images(x, jitter, torch.Generator().manual_seed(seed)), y.repeat(jitter)
     x, y = x.to(device), y.to(device)
     unpruned = _held_out_scores(model, x, y)

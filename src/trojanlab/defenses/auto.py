@@ -36,7 +36,7 @@ from ..config.training import TrainConfig
 from ..detection import neural_cleanse as nc
 from ..detection import run as detection_run
 from ..detection.scan import scan_model
-from ..evaluation import attack_success_rate, clean_accuracy
+from ..evaluation import attack_success_rate
 from ..models.trojannet import TrojanNetInjected
 from . import ibau
 from .base import DefenseContext, DefenseOutcome
@@ -55,7 +55,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                       progress=ctx.progress)  # fmt: skip
     record: dict[str, Any] = {"scan": {"probability": scan.probability, "suspected_labels": scan.suspected_labels,
                                        "features": scan.features, "seconds": scan.seconds}, "steps": []}  # fmt: skip
-    held = clean_accuracy(model, ctx.holdout, device=ctx.device)
+    held = ctx.held_out(model)
     record["holdout_accuracy_before"] = held
     if scan.probability is None or scan.probability < cfg.threshold:
         record["decision"] = (f"the scan's probability {scan.probability} is below {cfg.threshold}: the model is "
@@ -72,7 +72,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
             model = copy.deepcopy(model.victim).eval()
             spec = dict(ctx.loaded.spec["victim"])
             spec["triggers"] = ctx.loaded.spec.get("triggers", [])
-            after = clean_accuracy(model, ctx.holdout, device=ctx.device)
+            after = ctx.held_out(model)
             record["steps"].append({"step": "cut the branch", "why": "the structure check found a branch reading a "
                                     f"small input window merged into the output (label {structure.get('window_target')})",
                                     "holdout_accuracy": after, "kept": True})  # fmt: skip
@@ -98,7 +98,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                 train = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, patience=2, val_fraction=0.1,
                                     seed=cfg.seed + attempt - 1)  # fmt: skip
                 unlearn(model, ctx.fit, [trigger], cfg.stamp_fraction, train, ctx.device, ctx.progress)
-                after = clean_accuracy(model, ctx.holdout, device=ctx.device)
+                after = ctx.held_out(model)
                 kept = held - after <= cfg.tolerance
                 step = {"step": f"unlearn the reversed trigger of label {label}" + (f" (round {attempt})" if attempt > 1 else ""),
                         "why": "the scan's suspected label, reversed by Neural Cleanse" if attempt == 1 else
@@ -129,7 +129,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
         if cfg.ibau:
             saved = copy.deepcopy(model.state_dict())
             log = ibau.unlearn(model, ctx.fit, IBAUConfig(seed=cfg.seed), ctx.device, ctx.progress)
-            after = clean_accuracy(model, ctx.holdout, device=ctx.device)
+            after = ctx.held_out(model)
             kept = held - after <= cfg.tolerance
             step = {"step": "I-BAU", "why": "adversarial unlearning needs no label: it reaches what the reversed "
                     "trigger missed", "ibau": log.to_json(), "holdout_accuracy": after, "kept": kept}  # fmt: skip

@@ -13,6 +13,7 @@ from torch import nn
 from ..data import DataSplits, ImageSet
 from ..models import LoadedModel
 from ..triggers import Trigger
+from .heldout import HeldOutMeasure, held_out_measure
 
 
 @dataclass
@@ -20,8 +21,10 @@ class DefenseContext:
     """The model under repair and the data a defense may read.
 
     ``clean`` are the defender's clean images, split into ``fit`` (what a defense learns from) and ``holdout``
-    (what its automatic rule reads). ``data.test`` and ``triggers`` (the model's own triggers, when the artefact
-    carries them) are for report-only curves: no decision may read them.
+    (what its automatic rule reads). ``measure`` is how the rules read the held-out images (checked against the
+    model's stated clean accuracy by the runner; unchecked, the images as they are, when none is given).
+    ``data.test`` and ``triggers`` (the model's own triggers, when the artefact carries them) are for report-only
+    curves: no decision may read them.
     """
 
     loaded: LoadedModel
@@ -33,6 +36,15 @@ class DefenseContext:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    measure: HeldOutMeasure | None = None
+
+    def __post_init__(self) -> None:
+        if self.measure is None:
+            self.measure = held_out_measure(self.loaded.module, self.holdout, None, device=self.device)
+
+    def held_out(self, model: nn.Module) -> float:
+        """``model``'s accuracy by the held-out measure (what every clean-data rule reads)."""
+        return self.measure.score(model, self.device)
 
     @property
     def model(self) -> nn.Module:

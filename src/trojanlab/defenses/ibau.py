@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 
 from ..config.defenses import IBAUConfig
 from ..data import ImageSet, to_tensor
-from ..evaluation import clean_accuracy
 from .base import DefenseContext, DefenseOutcome
 
 Tensors = Sequence[torch.Tensor]
@@ -216,9 +215,9 @@ def unlearn(
 
 def ibau_defense(ctx: DefenseContext, cfg: IBAUConfig) -> DefenseOutcome:
     """I-BAU with the defender's ``fit`` images; the held-out images measure what it cost (the predicted CA drop)."""
-    held_before = clean_accuracy(ctx.model, ctx.holdout, device=ctx.device)
+    held_before = ctx.held_out(ctx.model)
     log = unlearn(ctx.model, ctx.fit, cfg, ctx.device, ctx.progress)
-    held_after = clean_accuracy(ctx.model, ctx.holdout, device=ctx.device)
+    held_after = ctx.held_out(ctx.model)
     details = {
         "ibau": log.to_json(), "unlearning_images": len(ctx.fit),
         "holdout_accuracy": {"before": held_before, "after": held_after},

@@ -63,20 +63,25 @@ def prune_ranked(ctx: DefenseContext, ranking: Ranking, rule: PruneRule) -> Defe
     details: dict[str, Any] = {}
     values = ranking.values
     if rule.prune == "auto":
+        checked = ctx.measure.checked  # the checked measure replaces the fixed jitter
         threshold, holdout_curve = anp.auto_threshold(
             ctx.model, ranking.layers, values, ctx.holdout, rule.tolerance, grid=ranking.grid,
             prune_bias=rule.prune_bias, device=ctx.device, measure=rule.measure, jitter=rule.jitter, seed=ctx.seed,
+            scored=(ctx.measure.x, ctx.measure.y) if checked else None,
         )  # fmt: skip
         index = anp.select_by_rule(values, "threshold", threshold)
         measured = (
             "top-1 accuracy" if rule.measure == "top1" else "expected accuracy (mean probability of the true label)"
         )
-        scored = f"{rule.jitter} jittered copies of " if rule.jitter else ""
+        if checked:
+            on = ctx.measure.describe()
+        else:
+            on = f"{rule.jitter} jittered copies of " if rule.jitter else ""
+            on += f"{len(ctx.holdout)} held-out clean images (unchecked: no clean accuracy is stated for the model)"
         grid = ranking.grid
         details["rule"] = (
             f"auto: the largest {ranking.what} of {grid[0]}, {grid[1]}, ..., {grid[-1]} whose pruned model keeps the "
-            f"{measured} on {scored}{len(ctx.holdout)} held-out clean images within {rule.tolerance:.1%} of the "
-            f"unpruned model (chosen {threshold:g})"
+            f"{measured} within {rule.tolerance:.1%} of the unpruned model's on {on} (chosen {threshold:g})"
         )
         details["holdout_curve"] = holdout_curve
     else:

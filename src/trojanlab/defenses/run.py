@@ -1,5 +1,6 @@
 """``defend``: the one runner of every defense. It loads the model and the data it was trained on, checks they
-fit, draws the defender's clean images, evaluates before, lets the defense change the model, evaluates after, and
+fit, draws the defender's clean images, checks the held-out measure against the model's stated clean accuracy
+(:mod:`~trojanlab.defenses.heldout`; refusing before any work when none tracks it), evaluates before, lets the defense change the model, evaluates after, and
 writes the repaired artefact and ``result.json`` (atomically) into the run folder."""
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..runs import (
     timed,
 )
 from .base import DefenseContext
+from .heldout import held_out_measure, recorded_clean_accuracy
 from .registry import DEFENSES
 
 
@@ -96,13 +98,19 @@ def defend(
     splits = model_data(data, loaded.spec, seed)
     splits = check_fits(loaded, splits, model)
     clean, fit, holdout = defender_split(splits, defender, loaded.spec, seed)
-    ctx = DefenseContext(loaded, splits, clean, fit, holdout, out, device, seed, progress)
+    reference, source = defender.clean_accuracy, "--clean-accuracy"
+    if reference is None:
+        reference, source = recorded_clean_accuracy(model), "recorded beside the artefact"
+    measure = held_out_measure(loaded.module, holdout, reference, source if reference is not None else None,
+                               seed=seed, device=device)  # fmt: skip
+    ctx = DefenseContext(loaded, splits, clean, fit, holdout, out, device, seed, progress, measure)
     run.start()
     before = evaluate_model(loaded.module, splits.test, loaded.triggers, device=device)
     with timed() as clock:
         outcome = entry.apply(ctx, *configs)
     after = evaluate_model(outcome.model, splits.test, loaded.triggers, device=device)
     after["clean_accuracy_drop"] = before["clean_accuracy"] - after["clean_accuracy"]
+    after["predicted_clean_accuracy_drop"] = measure.predicted_drop(outcome.model, device)
     spec = dict(outcome.spec if outcome.spec is not None else loaded.spec)
     prov = provenance(method, settings, seed, model=str(model), data=str(data))
     spec["provenance"] = {
@@ -113,7 +121,7 @@ def defend(
     report = DefenseReport(
         method=method, seconds=clock(), config=settings,
         provenance=prov,
-        details={**outcome.details, "device": device}, files=[f"{entry.output}/", *outcome.files],
+        details={**outcome.details, "heldout_measure": measure.record, "device": device}, files=[f"{entry.output}/", *outcome.files],
         model=str(model), data=splits.name, before=before, after=after, changed=outcome.changed,
         defender_images=len(clean), fit_images=len(fit), holdout_images=len(holdout), output=entry.output,
     )  # fmt: skip
