@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from trojanlab.data import ImageSet
-from trojanlab.defenses.nc_mitigation import unlearn, unlearning_set
+from trojanlab.defenses.nc_mitigation import region_triggers, unlearn, unlearning_set
 from trojanlab.models import Classifier
 from trojanlab.training import TrainConfig, fit
 from trojanlab.triggers import Trigger
@@ -47,3 +47,22 @@ def test_unlearn_is_the_shared_training_loop_on_the_stamped_set():
     expected = fit(reference, unlearning_set(data, [trigger], 0.2, cfg.seed), cfg, progress=False)
     assert log.history == expected.history and set(log.history[0]) == {"epoch", "train_loss", "val_accuracy"}
     assert all(torch.equal(a, b) for a, b in zip(repaired.state_dict().values(), reference.state_dict().values()))
+
+
+def test_region_triggers_fill_the_reversed_triggers_region_with_other_patterns():
+    mask = np.zeros((16, 16), np.float32)
+    mask[10:12, 12:14] = 0.8  # the reversed core: 2 x 2 pixels
+    mask[0, 0] = 0.2  # below half the largest value: not the region
+    reversed_ = Trigger(np.full((16, 16, 3), 0.7, np.float32), (0, 0), 4, mask=mask, name="nc-reversed-4")
+    triggers = region_triggers(reversed_, dilate=1, noise=2, seed=0)
+    assert len(triggers) == 8 + 2  # the colour cube's corners, then the noise patterns
+    region = triggers[0].mask
+    assert region.sum() == 16 and region[9:13, 11:15].all() and region[0, 0] == 0  # the core grown by one pixel
+    colours = {tuple(t.pattern[10, 12]) for t in triggers[:8]}
+    assert (0.0, 0.0, 0.0) in colours and (1.0, 1.0, 1.0) in colours and len(colours) == 8
+    assert all(t.target_label == 4 for t in triggers)
+    noise = triggers[8].pattern[9:13, 11:15, 0]
+    assert set(np.unique(noise)) <= {0.0, 1.0}
+    # a diffuse trigger (a blend over the whole image) has no region to fill
+    diffuse = Trigger(np.full((16, 16, 3), 0.7, np.float32), (0, 0), 4, mask=np.full((16, 16), 0.3, np.float32))
+    assert region_triggers(diffuse) == []

@@ -256,6 +256,12 @@ class AutoConfig:
                                      "norm is at least this (the zoo's clean members: mean 1.49)")  # fmt: skip
     unlearn_lr: float = option(1e-3, "unlearning learning rate (Adam)")
     stamp_fraction: float = option(0.2, "share of the defender's images stamped with the reversed trigger")
+    region_area: float = option(0.1, "also unlearn the reversed trigger's region filled with other patterns (colour "
+                                "cube corners, binary noise) where it covers at most this share of the image (0: "
+                                "never)")  # fmt: skip
+    scan_like_measure: bool = option(True, "scan the defender's images jittered as the held-out measure is (images "
+                                     "the model fitted read like unseen ones; the calibration was fitted on "
+                                     "unseen images)")  # fmt: skip
     ibau: bool = option(True, "follow the unlearning with I-BAU")
     tolerance: float = option(0.02, "largest held-out accuracy drop a step may cost before it is undone")
     seed: int = option(0, cli=False)
@@ -269,3 +275,4 @@ class AutoConfig:
         check_number("AutoConfig", "unlearn_lr", self.unlearn_lr, 0, low_open=True)
         check_number("AutoConfig", "stamp_fraction", self.stamp_fraction, 0, 1, low_open=True, high_open=True)
         check_number("AutoConfig", "tolerance", self.tolerance, 0, 1)
+        check_number("AutoConfig", "region_area", self.region_area, 0, 1)

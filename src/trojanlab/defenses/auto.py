@@ -40,7 +40,7 @@ from ..evaluation import attack_success_rate
 from ..models.trojannet import TrojanNetInjected
 from . import ibau
 from .base import DefenseContext, DefenseOutcome
-from .nc_mitigation import unlearn
+from .nc_mitigation import region_triggers, unlearn
 
 
 def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
@@ -50,11 +50,15 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
     _, height, width, channels = ctx.fit.x.shape
     shape = tuple(int(v) for v in ctx.loaded.spec.get("input_size", (channels, height, width)))
     scan_cfg = ScanConfig(seed=cfg.seed)
-    scan = scan_model(model, ctx.num_classes, shape, scan_cfg, examples=ctx.fit,
+    scanned = ctx.measure.like_measure(ctx.fit, cfg.seed) if cfg.scan_like_measure else ctx.fit
+    scan = scan_model(model, ctx.num_classes, shape, scan_cfg, examples=scanned,
                       calibration=detection_run.default_calibrations(), loaded=ctx.loaded, device=ctx.device,
                       progress=ctx.progress)  # fmt: skip
     record: dict[str, Any] = {"scan": {"probability": scan.probability, "suspected_labels": scan.suspected_labels,
-                                       "features": scan.features, "seconds": scan.seconds}, "steps": []}  # fmt: skip
+                                       "features": scan.features, "seconds": scan.seconds,
+                                       "images": "the defender's fitting images" + (
+                                           f", jittered at strength {ctx.measure.strength:.2f} as the held-out "
+                                           "measure" if scanned is not ctx.fit else "")}, "steps": []}  # fmt: skip
     held = ctx.held_out(model)
     record["holdout_accuracy_before"] = held
     if scan.probability is None or scan.probability < cfg.threshold:
@@ -85,7 +89,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
         reversed_labels = [label for label in scan.suspected_labels if scan.nc is not None and label in scan.nc.labels]
         labels = reversed_labels[: cfg.labels]
         median_norm = float(np.median(scan.nc.l1_norms))
-        nc_data = ctx.fit
+        nc_data = scanned
         if len(nc_data) > scan_cfg.nc_images:
             pick = np.random.default_rng(cfg.seed).choice(len(nc_data), scan_cfg.nc_images, replace=False)
             nc_data = nc_data.subset(np.sort(pick))
@@ -97,14 +101,15 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                 saved = copy.deepcopy(model.state_dict())
                 train = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, patience=2, val_fraction=0.1,
                                     seed=cfg.seed + attempt - 1)  # fmt: skip
-                unlearn(model, ctx.fit, [trigger], cfg.stamp_fraction, train, ctx.device, ctx.progress)
+                region = region_triggers(trigger, max_area=cfg.region_area, seed=cfg.seed) if cfg.region_area else []
+                unlearn(model, ctx.fit, [trigger, *region], cfg.stamp_fraction, train, ctx.device, ctx.progress)
                 after = ctx.held_out(model)
                 kept = held - after <= cfg.tolerance
                 step = {"step": f"unlearn the reversed trigger of label {label}" + (f" (round {attempt})" if attempt > 1 else ""),
                         "why": "the scan's suspected label, reversed by Neural Cleanse" if attempt == 1 else
                                f"reversed again after unlearning, its trigger is still small: median norm / its norm "
                                f"{median_norm / norm:.2f} >= {cfg.clean_norm_ratio}",
-                        "reversed_trigger_l1_norm": norm,
+                        "reversed_trigger_l1_norm": norm, "region_patterns": len(region),
                         "reversed_trigger_success": {"before": before_success,
                                                      "after": attack_success_rate(model, ctx.holdout, trigger, device=ctx.device)},
                         "holdout_accuracy": after, "kept": kept}  # fmt: skip

@@ -119,6 +119,16 @@ class HeldOutMeasure:
         """The clean-accuracy drop the measure predicts for ``model`` against the unrepaired one."""
         return self.base - self.score(model, device)
 
+    def like_measure(self, images: ImageSet, seed: int = 0) -> ImageSet:
+        """``images`` jittered (one copy each) at this measure's strength: images the model scores about its stated
+        accuracy on, where ``images`` are fitted like the held-out ones (unchanged when the measure reads the images
+        as they are)."""
+        if self.strength == 0:
+            return images
+        x = Jitter(to_tensor(images.x), 1, seed).apply(self.strength)
+        pixels = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return ImageSet(pixels, images.y.copy())
+
     def describe(self) -> str:
         if not self.checked:
             return (f"{len(self.y)} held-out images as they are, unchecked: no clean accuracy is stated for the model "

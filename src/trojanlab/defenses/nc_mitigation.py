@@ -53,6 +53,34 @@ def unlearning_set(data: ImageSet, triggers: Sequence[Trigger], stamp_fraction: 
     return PoisonedImageSet(data, np.arange(len(data)), trigger_id, list(triggers), relabel=False)
 
 
+def region_triggers(trigger: Trigger, dilate: int = 1, max_area: float = 0.1, noise: int = 4,
+                    seed: int = 0) -> list[Trigger]:  # fmt: skip
+    """Triggers that fill the region of a reversed full-image ``trigger`` with other patterns: its mask's core (at
+    least half its largest value), grown by ``dilate`` pixels, filled with each corner of the colour cube (black,
+    white, the primaries and their mixtures) and ``noise`` random binary patterns -- empty when the region covers
+    more than ``max_area`` of the image (a diffuse trigger is no patch).
+
+    Neural Cleanse reverses the *smallest* trigger that flips the model: a subset of a patch's pixels, in the
+    colours that flip it most easily. Unlearning that subset leaves the rest of the patch working (measured on
+    BadNets members of the zoo: ASR 96 -> 14-39 %). Where the trigger is is known; what it shows is not, so the
+    region is unlearnt with every pattern a patch trigger is likely to show."""
+    mask = np.asarray(trigger.mask, dtype=np.float32)
+    if mask.max() <= 0:
+        return []
+    core = torch.from_numpy((mask >= 0.5 * mask.max()).astype(np.float32))[None, None]
+    region = torch.nn.functional.max_pool2d(core, 2 * dilate + 1, stride=1, padding=dilate)[0, 0].numpy()
+    if region.mean() > max_area:
+        return []
+    h, w = mask.shape
+    channels = trigger.pattern.shape[2] if trigger.pattern.ndim == 3 else 3
+    rng = np.random.default_rng(seed)
+    corners = [np.array([(k >> c) & 1 for c in range(channels)], dtype=np.float32) for k in range(2**channels)]
+    patterns = [np.broadcast_to(c, (h, w, channels)).copy() for c in corners]
+    patterns += [np.repeat(rng.integers(0, 2, (h, w, 1)).astype(np.float32), channels, 2) for _ in range(noise)]
+    return [Trigger(pattern, (0, 0), trigger.target_label, mask=region, name=f"{trigger.name}-region-{k}")
+            for k, pattern in enumerate(patterns)]  # fmt: skip
+
+
 def unlearn(
     model: nn.Module,
     clean: ImageSet,
