@@ -50,8 +50,14 @@ def test_fitted_images_are_jittered_until_the_model_scores_its_stated_accuracy()
 
 def test_images_that_read_the_stated_accuracy_are_used_as_they_are():
     images = _images()
-    measure = held_out_measure(Brightness(), images, 0.995, "stated")
+    measure = held_out_measure(Brightness(), images, 1.0, "stated")
     assert measure.checked and measure.strength == 0 and measure.base == 1.0
+    wrong = _images(200, seed=2)
+    wrong.y[:4] = 1 - wrong.y[:4]  # 98 %: below the stated 99 % by less than two standard errors
+    below = held_out_measure(Brightness(), wrong, 0.99, "stated")
+    assert below.checked and below.strength == 0 and below.base == 0.98
+    slightly_above = held_out_measure(Brightness(), images, 0.99, "stated")  # fitted, however little: jittered
+    assert slightly_above.strength > 0 and slightly_above.base == pytest.approx(0.99, abs=0.01)
     unchecked = held_out_measure(Brightness(), images, None)
     assert not unchecked.checked and unchecked.strength == 0 and "unchecked" in unchecked.describe()
 

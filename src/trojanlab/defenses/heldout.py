@@ -9,15 +9,17 @@ it to 66 %).
 
 So the measure is checked before it is used. Its reference is the model's clean accuracy as stated for it -- given
 by the defender (``--clean-accuracy``: the supplier's figure, or one measured on their own data), else the figure
-recorded beside a trojanlab artefact when it was made. The unrepaired model's score on the held-out images must be
-within ``margin`` of it (at least two standard errors of an accuracy read on that many images):
+recorded beside a trojanlab artefact when it was made. The unrepaired model's score on the held-out images is
+compared with it:
 
-- within: the images are scored as they are;
-- above (images the model has fitted): they are scored through a jitter (sub-pixel shift, brightness, contrast,
-  noise; drawn once, so a strength only scales it) whose strength is chosen by bisection so that the unrepaired
-  model scores its reference on the jittered copies -- images about as hard for it as its test images;
-- below, or above by more than the strongest jitter takes away: no measure here tracks its clean accuracy, and the
-  defense refuses before any work, saying so.
+- at or below it, by at most ``margin`` (at least two standard errors of an accuracy read on that many images):
+  the images are scored as they are;
+- above it (images the model has fitted, however few): they are scored through a jitter (sub-pixel shift,
+  brightness, contrast, noise; drawn once, so a strength only scales it) whose strength is chosen by bisection so
+  that the unrepaired model scores its reference on the jittered copies -- images about as hard for it as its test
+  images (fitted images barely move when a repair costs test accuracy);
+- further below, or above by more than the strongest jitter takes away: no measure here tracks its clean accuracy,
+  and the defense refuses before any work, saying so.
 
 Without a reference nothing can be checked: the images are scored as the rule always scored them and the report
 says the measure is unchecked. Every defense's report gives the drop this measure predicts beside the measured one.
@@ -160,7 +162,7 @@ def held_out_measure(
         margin = max(margin, 2 * math.sqrt(reference * (1 - reference) / max(1, len(y))))
     record: dict[str, Any] = {"plain_accuracy": plain, "reference": reference, "reference_from": reference_from,
                               "margin": margin, "images": len(y)}  # fmt: skip
-    if reference is None or abs(plain - reference) <= margin:
+    if reference is None or reference - margin <= plain <= reference:
         record["strength"] = 0.0
         measure = HeldOutMeasure(x, y, plain, 0.0, reference, reference_from, plain, reference is not None, record)
         record["measure"] = measure.describe()
