@@ -119,6 +119,7 @@ def main() -> None:
     jobs = [(args.out / "members" / m["id"] / method, method, str(args.zoo / m["path"]), data, args.seed)
             for m in members for method in args.methods]  # fmt: skip
     mapper = map
+    torch.set_num_threads(1)  # one torch thread per run, whatever the workers: runs of one thread agree with each other
     if args.workers > 1:
         pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=torch.set_num_threads, initargs=(1,))  # fmt: skip
