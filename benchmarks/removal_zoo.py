@@ -149,7 +149,7 @@ def row_of(member: dict, method: str, result: dict) -> dict:
     row = {"id": member["id"], "family": family, "method": method, "refused": result.get("refused")}
     if row["refused"]:
         return {**row, "commit": None}
-    before, after, details = result["before"], result["after"], result.get("details", {})
+    before, after, details = result["before"], result["after"], result  # a report's details sit at its top level
     measure = details.get("heldout_measure") or {}
     row.update(ca_before=before["clean_accuracy"], ca_after=after["clean_accuracy"],
                ca_drop=before["clean_accuracy"] - after["clean_accuracy"],
