@@ -93,6 +93,31 @@ def pick_members(manifest: dict, per_family: int, clean: int) -> list[dict]:
     return out
 
 
+def sample_limits(given: list[str], methods: list[str]) -> dict[str, tuple[int, int]]:
+    """``--sample`` as {method: (per family, clean)}."""
+    limits = {}
+    for item in given:
+        method, _, counts = item.partition("=")
+        per_family, _, clean = counts.partition("/")
+        if method not in methods or not per_family.isdigit() or not clean.isdigit():
+            raise SystemExit(f"--sample {item}: expected METHOD=N/M with METHOD one of --methods")
+        limits[method] = (int(per_family), int(clean))
+    return limits
+
+
+def within(member: dict, method: str, members: list[dict], limits: dict[str, tuple[int, int]]) -> bool:
+    """Whether ``member`` is among the first of its family (or of the clean members) that ``method`` runs on."""
+    if method not in limits:
+        return True
+    rank = [m["id"] for m in members if kind_of(m) == kind_of(member)].index(member["id"])
+    per_family, clean = limits[method]
+    return rank < (clean if kind_of(member) == "clean" else per_family)
+
+
+def kind_of(member: dict) -> str:
+    return "clean" if member["status"] == "clean" else member["family"]
+
+
 def fmt(values: list[float], scale: float = 100.0) -> str:
     if not values:
         return "-"
@@ -107,6 +132,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ibau"], choices=list(DEFENSES), help="defenses to run")
     parser.add_argument("--per-family", type=int, default=6, help="backdoored members per family")
     parser.add_argument("--clean", type=int, default=6, help="clean members")
+    parser.add_argument("--sample", nargs="*", default=[], metavar="METHOD=N/M",
+                        help="run METHOD on only the first N backdoored members of each family and M clean ones")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one process and torch thread each")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -115,9 +142,11 @@ def main() -> None:
     if manifest is None:
         raise SystemExit(f"{args.zoo}: no zoo.json")
     members = pick_members(manifest, args.per_family, args.clean)
+    limits = sample_limits(args.sample, args.methods)
     data = manifest["config"]["data"]
+    pairs = [(m, method) for m in members for method in args.methods if within(m, method, members, limits)]
     jobs = [(args.out / "members" / m["id"] / method, method, str(args.zoo / m["path"]), data, args.seed)
-            for m in members for method in args.methods]  # fmt: skip
+            for m, method in pairs]  # fmt: skip
     mapper = map
     torch.set_num_threads(1)  # one torch thread per run, whatever the workers: runs of one thread agree with each other
     if args.workers > 1:
@@ -126,7 +155,7 @@ def main() -> None:
         mapper = pool.map
     rows = []
     for i, ((folder, method, _, _, _), result) in enumerate(zip(jobs, mapper(defend_member, jobs))):
-        m = members[i // len(args.methods)]
+        m = pairs[i][0]
         rows.append(row_of(m, method, result))
         print(f"[{i + 1}/{len(jobs)}] {m['id']} {method}: {said(rows[-1])}", flush=True)
     commits = Counter((r["commit"] or "unknown")[:7] for r in rows if not r["refused"])
@@ -136,7 +165,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "removal_zoo.json", record)
     command = (f"python benchmarks/removal_zoo.py --zoo {args.zoo} --methods {' '.join(args.methods)} --per-family "
-               f"{args.per_family} --clean {args.clean} --workers {args.workers}")  # fmt: skip
+               f"{args.per_family} --clean {args.clean}{' --sample ' + ' '.join(args.sample) if args.sample else ''} "
+               f"--workers {args.workers}")  # fmt: skip
     text = table(record, command)
     (RESULTS / "removal_zoo.md").write_text(text)
     print(text)
