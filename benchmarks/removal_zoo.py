@@ -132,8 +132,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ibau"], choices=list(DEFENSES), help="defenses to run")
     parser.add_argument("--per-family", type=int, default=6, help="backdoored members per family")
     parser.add_argument("--clean", type=int, default=6, help="clean members")
-    parser.add_argument("--sample", nargs="*", default=[], metavar="METHOD=N/M",
-                        help="run METHOD on only the first N backdoored members of each family and M clean ones")
+    parser.add_argument(
+        "--sample",
+        nargs="*",
+        default=[],
+        metavar="METHOD=N/M",
+        help="run METHOD on only the first N backdoored members of each family and M clean ones",
+    )
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one process and torch thread each")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -52,3 +52,5 @@ def test_bad_settings_are_refused():
         AutoConfig(threshold=1.5)
     with pytest.raises(ConfigError, match="stamp_fraction"):
         AutoConfig(stamp_fraction=1.0)
+    with pytest.raises(ConfigError, match="backoff"):
+        AutoConfig(backoff=1.0)

@@ -264,9 +264,12 @@ class AutoConfig:
                                      "unseen images)")  # fmt: skip
     ibau: bool = option(True, "follow the unlearning with I-BAU")
     tolerance: float = option(0.02, "largest held-out accuracy drop a step may cost before it is undone")
+    backoff: float = option(0.3, "a step over the tolerance is undone and tried once more at this times its learning "
+                            "rate (0: not tried again)")  # fmt: skip
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
+        check_number("AutoConfig", "backoff", self.backoff, 0, 1, high_open=True)
         check_number("AutoConfig", "threshold", self.threshold, 0, 1)
         check_int("AutoConfig", "labels", self.labels, 0)
         check_int("AutoConfig", "unlearn_epochs", self.unlearn_epochs, 1)

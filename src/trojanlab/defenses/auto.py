@@ -4,27 +4,32 @@ images and the scan's outputs, never the planted trigger or a test figure.
 The rule, in order:
 
 1. **Scan** (:func:`~trojanlab.detection.scan.scan_model`: structure check, MM-BD, Neural Cleanse on the defender's
-   ``fit`` images, the shipped calibration). Below ``threshold`` the model is returned unchanged: a defense costs a
-   model that had no backdoor accuracy, and the scan is the evidence that there is one.
+   ``fit`` images -- jittered as the held-out measure is where the model fitted them, since the calibration was
+   fitted on scans of unseen images --, the shipped calibration). Below ``threshold`` the model is returned unchanged:
+   a defense costs a model that had no backdoor accuracy, and the scan is the evidence that there is one.
 2. **A branch merged into the output** (the structure check: how TrojanNet enters a model): where the model is a
    trojanlab TrojanNet-injected artefact, the branch and the merge are cut and the victim kept (the sub-network
    variant's result, without its search); otherwise said so, and step 3 runs.
 3. **Unlearning the reversed trigger** of the scan's first ``labels`` suspected labels that Neural Cleanse reversed
-   (Neural Cleanse's own mitigation: fine-tune on the defender's images, ``stamp_fraction`` of them stamped with the
-   reversed trigger and kept at their true label), repeated while Neural Cleanse, run again for that label alone,
-   still finds a small trigger (median norm over its norm >= ``clean_norm_ratio``; the zoo's clean members have a
-   mean ratio of 1.49 for their smallest label), up to ``unlearn_rounds`` times; then **I-BAU** where ``ibau`` is
-   set (it needs no label and reaches what the reversed trigger missed).
-4. **Each unlearning step and I-BAU is kept only if the defender's held-out images allow it** (the branch cut is
-   structural and always kept; its held-out accuracy is reported): its held-out accuracy drop must stay within
-   ``tolerance``, else the step is undone and the report says so. Each step's held-out accuracy and the reversed
-   trigger's success on held-out images (before and after) are reported: the rule's predicted cost beside the
-   measured one.
+   (Neural Cleanse's own mitigation: fine-tune on the defender's images, ``stamp_fraction`` of them stamped and kept
+   at their true label). Where the reversed mask is patch-sized (at most ``region_area`` of the image) its region is
+   stamped too, filled with other patterns (:func:`~trojanlab.defenses.nc_mitigation.region_triggers`): Neural
+   Cleanse reverses the smallest part of a patch that flips the model, not the patch. Repeated while Neural Cleanse,
+   run again for that label alone, still finds a small trigger (median norm over its norm >= ``clean_norm_ratio``;
+   the zoo's clean members have a mean ratio of 1.49 for their smallest label), up to ``unlearn_rounds`` times; then
+   **I-BAU** where ``ibau`` is set (it needs no label and reaches what the reversed trigger missed).
+4. **Each unlearning step and I-BAU is kept only if the defender's held-out measure allows it**
+   (:mod:`~trojanlab.defenses.heldout`: checked against the model's stated clean accuracy; the branch cut is
+   structural and always kept): its drop must stay within ``tolerance``, else the step is undone and tried once
+   more at ``backoff`` times its learning rate, and undone for good if that too costs more. Each step's held-out
+   accuracy and the reversed trigger's success on held-out images (before and after) are reported: the rule's
+   predicted cost beside the measured one.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from typing import Any
 
@@ -93,32 +98,39 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
         if len(nc_data) > scan_cfg.nc_images:
             pick = np.random.default_rng(cfg.seed).choice(len(nc_data), scan_cfg.nc_images, replace=False)
             nc_data = nc_data.subset(np.sort(pick))
+        scales = (1.0, cfg.backoff) if cfg.backoff else (1.0,)  # a step over the tolerance is tried once gentler
         for label in labels:
             trigger = scan.nc.trigger(label)
             norm = scan.nc.norms()[label]
             for attempt in range(1, cfg.unlearn_rounds + 1):
                 before_success = attack_success_rate(model, ctx.holdout, trigger, device=ctx.device)
                 saved = copy.deepcopy(model.state_dict())
-                train = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, patience=2, val_fraction=0.1,
-                                    seed=cfg.seed + attempt - 1)  # fmt: skip
                 region = region_triggers(trigger, max_area=cfg.region_area, seed=cfg.seed) if cfg.region_area else []
-                unlearn(model, ctx.fit, [trigger, *region], cfg.stamp_fraction, train, ctx.device, ctx.progress)
-                after = ctx.held_out(model)
-                kept = held - after <= cfg.tolerance
-                step = {"step": f"unlearn the reversed trigger of label {label}" + (f" (round {attempt})" if attempt > 1 else ""),
-                        "why": "the scan's suspected label, reversed by Neural Cleanse" if attempt == 1 else
-                               f"reversed again after unlearning, its trigger is still small: median norm / its norm "
-                               f"{median_norm / norm:.2f} >= {cfg.clean_norm_ratio}",
-                        "reversed_trigger_l1_norm": norm, "region_patterns": len(region),
-                        "reversed_trigger_success": {"before": before_success,
-                                                     "after": attack_success_rate(model, ctx.holdout, trigger, device=ctx.device)},
-                        "holdout_accuracy": after, "kept": kept}  # fmt: skip
-                record["steps"].append(step)
-                if not kept:
+                for scale in scales:
+                    train = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr * scale, patience=2,
+                                        val_fraction=0.1, seed=cfg.seed + attempt - 1)  # fmt: skip
+                    unlearn(model, ctx.fit, [trigger, *region], cfg.stamp_fraction, train, ctx.device, ctx.progress)
+                    after = ctx.held_out(model)
+                    kept = held - after <= cfg.tolerance
+                    name = f"unlearn the reversed trigger of label {label}" + (
+                        f" (round {attempt})" if attempt > 1 else ""
+                    )
+                    step = {"step": name + (f" (gentler: lr x {scale:g})" if scale != 1 else ""),
+                            "why": "the scan's suspected label, reversed by Neural Cleanse" if attempt == 1 else
+                                   f"reversed again after unlearning, its trigger is still small: median norm / its "
+                                   f"norm {median_norm / norm:.2f} >= {cfg.clean_norm_ratio}",
+                            "lr": train.lr, "reversed_trigger_l1_norm": norm, "region_patterns": len(region),
+                            "reversed_trigger_success": {"before": before_success,
+                                                         "after": attack_success_rate(model, ctx.holdout, trigger, device=ctx.device)},
+                            "holdout_accuracy": after, "kept": kept}  # fmt: skip
+                    record["steps"].append(step)
+                    if kept:
+                        break
                     model.load_state_dict(saved)
                     step["undone"] = (
                         f"held-out accuracy fell {100 * (held - after):.2f} points > {100 * cfg.tolerance:.0f}"
                     )
+                if not kept:
                     break
                 held = after
                 if attempt == cfg.unlearn_rounds:
@@ -133,17 +145,21 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                 trigger = again.trigger(label)
         if cfg.ibau:
             saved = copy.deepcopy(model.state_dict())
-            log = ibau.unlearn(model, ctx.fit, IBAUConfig(seed=cfg.seed), ctx.device, ctx.progress)
-            after = ctx.held_out(model)
-            kept = held - after <= cfg.tolerance
-            step = {"step": "I-BAU", "why": "adversarial unlearning needs no label: it reaches what the reversed "
-                    "trigger missed", "ibau": log.to_json(), "holdout_accuracy": after, "kept": kept}  # fmt: skip
-            if kept:
-                held = after
-            else:
+            for scale in scales:
+                ibau_cfg = IBAUConfig(seed=cfg.seed)
+                ibau_cfg = dataclasses.replace(ibau_cfg, lr=ibau_cfg.lr * scale)
+                log = ibau.unlearn(model, ctx.fit, ibau_cfg, ctx.device, ctx.progress)
+                after = ctx.held_out(model)
+                kept = held - after <= cfg.tolerance
+                step = {"step": "I-BAU" + (f" (gentler: lr x {scale:g})" if scale != 1 else ""),
+                        "why": "adversarial unlearning needs no label: it reaches what the reversed trigger missed",
+                        "ibau": log.to_json(), "holdout_accuracy": after, "kept": kept}  # fmt: skip
+                record["steps"].append(step)
+                if kept:
+                    held = after
+                    break
                 model.load_state_dict(saved)
                 step["undone"] = f"held-out accuracy fell {100 * (held - after):.2f} points > {100 * cfg.tolerance:.0f}"
-            record["steps"].append(step)
     record["holdout_accuracy_after"] = held
     record["predicted_clean_accuracy_drop"] = record["holdout_accuracy_before"] - held
     record["defense_seconds"] = time.perf_counter() - began
