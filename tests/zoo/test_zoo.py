@@ -233,3 +233,16 @@ def test_a_zoo_grows_when_its_counts_rise_and_keeps_what_it_built(tmp_path, make
     # other sampling settings are still another zoo
     with pytest.raises(Exception, match="other settings"):
         build_zoo(ZooConfig(**{**bigger.__dict__, "asr_floor": 0.5}), out=zoo, executor="sequential", progress=False)
+
+
+def test_members_named_to_build_come_with_the_clean_members_they_are_planted_into():
+    from trojanlab.zoo.build import select_members
+
+    members = sample(ZooConfig(clean=10, backdoored=24, seed=7), 43, 32, 32)
+    planted = next(m for m in members if m["family"] == "trojannet")
+    patch = next(m for m in members if m["family"] == "patch")
+    chosen = select_members(members, [patch["id"], planted["id"]])
+    assert [m["id"] for m in chosen] == [m["id"] for m in members if m["id"] in {patch["id"], planted["id"],
+                                                                                 planted["base"]}]  # fmt: skip
+    with pytest.raises(ConfigError, match="no member banana-000 in this zoo"):
+        select_members(members, ["banana-000"])
