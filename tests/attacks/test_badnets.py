@@ -152,7 +152,7 @@ def test_random_patch_triggers_anywhere_at_any_opacity(tmp_path, make_bright_thi
     data = make_bright_thirds(tmp_path / "data.npz", 600, 150, seed=6)
     out = tmp_path / "patch"
     argv = ["attack", "badnets", "--data", str(data), "--target", "2", "--pattern", "random-colour",
-            "--trigger-size", "5", "--location", "3", "11", "--alpha", "0.8", "--poison-rate", "0.2", "--epochs", "8",
+            "--trigger-size", "5", "--location", "3", "11", "--alpha", "0.8", "--poison-rate", "0.3", "--epochs", "8",
             "--batch-size", "32", "--val-fraction", "0", "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     result = json.loads((out / "result.json").read_text())
