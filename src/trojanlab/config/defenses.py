@@ -246,7 +246,7 @@ class AutoConfig:
     """``defend auto``'s rule (:mod:`trojanlab.defenses.auto`): repair where the scan's probability reaches
     ``threshold``; unlearn the reversed triggers of the first ``labels`` suspected labels (``unlearn_epochs`` at
     ``unlearn_lr``, ``stamp_fraction`` of the images stamped), then I-BAU (``ibau``); a step whose held-out accuracy
-    drop exceeds ``tolerance`` is undone."""
+    drop exceeds ``tolerance`` is undone. Below ``threshold``, I-BAU alone within ``quiet_tolerance``."""
 
     threshold: float = option(0.5, "the scan's probability from which the model is repaired")
     labels: int = option(1, "suspected labels whose reversed triggers are unlearnt", flag="--repair-count")
@@ -263,6 +263,8 @@ class AutoConfig:
                                      "the model fitted read like unseen ones; the calibration was fitted on "
                                      "unseen images)")  # fmt: skip
     ibau: bool = option(True, "follow the unlearning with I-BAU")
+    quiet_tolerance: float = option(0.01, "below the threshold, I-BAU alone, kept only if its held-out accuracy drop "
+                                    "is at most this (0: the model is returned unchanged)")  # fmt: skip
     tolerance: float = option(0.02, "largest held-out accuracy drop a step may cost before it is undone")
     backoff: float = option(0.3, "a step over the tolerance is undone and tried once more at this times its learning "
                             "rate (0: not tried again)")  # fmt: skip
@@ -278,4 +280,5 @@ class AutoConfig:
         check_number("AutoConfig", "unlearn_lr", self.unlearn_lr, 0, low_open=True)
         check_number("AutoConfig", "stamp_fraction", self.stamp_fraction, 0, 1, low_open=True, high_open=True)
         check_number("AutoConfig", "tolerance", self.tolerance, 0, 1)
+        check_number("AutoConfig", "quiet_tolerance", self.quiet_tolerance, 0, 1)
         check_number("AutoConfig", "region_area", self.region_area, 0, 1)
