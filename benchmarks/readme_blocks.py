@@ -21,6 +21,7 @@ BLOCKS = {
     "scan-zoo": RESULTS / "scan_zoo.md",  # benchmarks/scan_zoo.py
     "scan-onnx": RESULTS / "scan_onnx.md",  # benchmarks/scan_onnx.py
     "removal-zoo": RESULTS / "removal_zoo.md",  # benchmarks/removal_zoo.py
+    "removal-zoo-quiet": RESULTS / "removal_zoo_quiet.md",  # the same, --name removal_zoo_quiet
 }
 
 

@@ -71,6 +71,28 @@ def defend_member(job: tuple) -> dict:
     return read_json(folder / "result.json")
 
 
+def premise_of(folder: Path, model: str, data: str, seed: int) -> dict:
+    """ANP's premise check on a member, whatever methods run (cheap: one perturbation, one forward): the unmasked
+    model under one ANP perturbation of every neuron on the held-out images of ANP's defender split; cached in
+    ``folder/premise.json``."""
+    cached = folder / "premise.json"
+    if cached.is_file():
+        return read_json(cached)
+    from trojanlab.config import ANPConfig
+    from trojanlab.data import to_tensor
+    from trojanlab.defenses.anp import collapse_check, find_neurons
+    from trojanlab.runs import check_fits, defender_split, load_artifact, model_data
+
+    loaded = load_artifact(model)
+    splits = check_fits(loaded, model_data(data, loaded.spec, seed), model)
+    _, fit, holdout = defender_split(splits, DEFENSES["anp"].defender, loaded.spec, seed)
+    layers = find_neurons(loaded.module, to_tensor(fit.x[:2]), loaded.num_classes)
+    record = collapse_check(loaded.module, layers, holdout, ANPConfig().eps, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(cached, record)
+    return record
+
+
 def der(before: dict, after: dict) -> float | None:
     """BackdoorBench's defense effectiveness rating (1: ASR removed at no accuracy cost, 0.5: nothing changed)."""
     if "attack_success_rate" not in before:
@@ -141,6 +163,7 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one process and torch thread each")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="removal_zoo", help="the results' file name in benchmarks/results")
     args = parser.parse_args()
     began = time.perf_counter()
     manifest = read_json(args.zoo / "zoo.json")
@@ -163,17 +186,20 @@ def main() -> None:
         m = pairs[i][0]
         rows.append(row_of(m, method, result))
         print(f"[{i + 1}/{len(jobs)}] {m['id']} {method}: {said(rows[-1])}", flush=True)
+    premises = {m["id"]: premise_of(args.out / "members" / m["id"], str(args.zoo / m["path"]), data, args.seed)
+                for m in {m["id"]: m for m, _ in pairs}.values()}  # fmt: skip
     commits = Counter((r["commit"] or "unknown")[:7] for r in rows if not r["refused"])
     record = {"commit": source_commit(), "zoo": str(args.zoo), "methods": args.methods, "seed": args.seed,
-              "run_commits": dict(commits), "wall_seconds": round(time.perf_counter() - began, 1), "rows": rows}  # fmt: skip
+              "run_commits": dict(commits), "wall_seconds": round(time.perf_counter() - began, 1), "rows": rows,
+              "premises": premises}  # fmt: skip
     write_json(args.out / "removal_zoo.json", record)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "removal_zoo.json", record)
+    write_json(RESULTS / f"{args.name}.json", record)
     command = (f"python benchmarks/removal_zoo.py --zoo {args.zoo} --methods {' '.join(args.methods)} --per-family "
                f"{args.per_family} --clean {args.clean}{' --sample ' + ' '.join(args.sample) if args.sample else ''} "
                f"--workers {args.workers}")  # fmt: skip
     text = table(record, command)
-    (RESULTS / "removal_zoo.md").write_text(text)
+    (RESULTS / f"{args.name}.md").write_text(text)
     print(text)
 
 
@@ -276,7 +302,7 @@ def table(record: dict, command: str) -> str:
             else:
                 asr = "" if r["asr_after"] is None else f", ASR {100 * r['asr_after']:.1f}"
                 cells.append(f"{100 * r['ca_drop']:.1f} / {100 * (r['predicted_ca_drop'] or 0):.1f}{asr}")
-        premise = (mine.get("anp") or {}).get("premise")
+        premise = record.get("premises", {}).get(member) or (mine.get("anp") or {}).get("premise")
         shown = (f"{100 * premise['accuracy_under_perturbation']:.0f} % right, {100 * premise['most_predicted'][0][1]:.0f} % "
                  f"on label {premise['most_predicted'][0][0]}" if premise else "-")  # fmt: skip
         family = next(iter(mine.values()))["family"]

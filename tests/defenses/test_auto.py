@@ -29,9 +29,8 @@ def test_auto_unlearns_the_scans_reversed_trigger_and_reports_each_step(small_ba
     for before, after in zip(written["steps"], written["steps"][1:]):
         assert after["step"].startswith("unlearn the reversed trigger of label 1 (round")
         assert before["kept"] and "reversed_again_l1_norm" in before  # the reason a further round ran
-    for s in written["steps"]:
+    for s in written["steps"]:  # one budget for the whole repair: each step against the model as it was given
         assert s["kept"] == (held - s["holdout_accuracy"] <= 0.02)
-        held = s["holdout_accuracy"] if s["kept"] else held
     assert written["predicted_clean_accuracy_drop"] == pytest.approx(
         written["holdout_accuracy_before"] - written["holdout_accuracy_after"]
     )

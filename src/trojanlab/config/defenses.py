@@ -265,7 +265,8 @@ class AutoConfig:
     ibau: bool = option(True, "follow the unlearning with I-BAU")
     quiet_tolerance: float = option(0.01, "below the threshold, I-BAU alone, kept only if its held-out accuracy drop "
                                     "is at most this (0: the model is returned unchanged)")  # fmt: skip
-    tolerance: float = option(0.02, "largest held-out accuracy drop a step may cost before it is undone")
+    tolerance: float = option(0.02, "largest held-out accuracy drop the repair may cost (all steps together; a step "
+                              "that takes it further is undone)")  # fmt: skip
     backoff: float = option(0.3, "a step over the tolerance is undone and tried once more at this times its learning "
                             "rate (0: not tried again)")  # fmt: skip
     seed: int = option(0, cli=False)

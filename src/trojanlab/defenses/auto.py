@@ -23,7 +23,8 @@ The rule, in order:
    **I-BAU** where ``ibau`` is set (it needs no label and reaches what the reversed trigger missed).
 4. **Each unlearning step and I-BAU is kept only if the defender's held-out measure allows it**
    (:mod:`~trojanlab.defenses.heldout`: checked against the model's stated clean accuracy; the branch cut is
-   structural and always kept): its drop must stay within ``tolerance``, else the step is undone and tried once
+   structural and always kept): the held-out accuracy after it must stay within ``tolerance`` of the model's as
+   given -- one budget for the whole repair, not one per step --, else the step is undone and tried once
    more at ``backoff`` times its learning rate, and undone for good if that too costs more. Each step's held-out
    accuracy and the reversed trigger's success on held-out images (before and after) are reported: the rule's
    predicted cost beside the measured one.
@@ -126,7 +127,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                                         val_fraction=0.1, seed=cfg.seed + attempt - 1)  # fmt: skip
                     unlearn(model, ctx.fit, [trigger, *region], cfg.stamp_fraction, train, ctx.device, ctx.progress)
                     after = ctx.held_out(model)
-                    kept = held - after <= cfg.tolerance
+                    kept = record["holdout_accuracy_before"] - after <= cfg.tolerance  # the whole repair's budget
                     name = f"unlearn the reversed trigger of label {label}" + (
                         f" (round {attempt})" if attempt > 1 else ""
                     )
@@ -143,7 +144,8 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                         break
                     model.load_state_dict(saved)
                     step["undone"] = (
-                        f"held-out accuracy fell {100 * (held - after):.2f} points > {100 * cfg.tolerance:.0f}"
+                        f"held-out accuracy {100 * (record['holdout_accuracy_before'] - after):.2f} points below the "
+                        f"model's as given > {100 * cfg.tolerance:g}"
                     )
                 if not kept:
                     break
@@ -182,22 +184,24 @@ def _ibau_step(
     record: dict[str, Any],
     why: str,
 ) -> float:
-    """I-BAU on ``model`` in place, undone where its held-out drop exceeds ``tolerance`` (tried again at each further
-    learning-rate scale); the step is appended to ``record``; returns the held-out accuracy after it."""
+    """I-BAU on ``model`` in place, undone where the held-out accuracy falls more than ``tolerance`` below the
+    model's as given (tried again at each further learning-rate scale); the step is appended to ``record``; returns
+    the held-out accuracy after it."""
     saved = copy.deepcopy(model.state_dict())
     for scale in scales:
         ibau_cfg = IBAUConfig(seed=cfg.seed)
         ibau_cfg = dataclasses.replace(ibau_cfg, lr=ibau_cfg.lr * scale)
         log = ibau.unlearn(model, ctx.fit, ibau_cfg, ctx.device, ctx.progress)
         after = ctx.held_out(model)
-        kept = held - after <= tolerance
+        kept = record["holdout_accuracy_before"] - after <= tolerance  # the whole repair's budget
         step = {"step": "I-BAU" + (f" (gentler: lr x {scale:g})" if scale != 1 else ""), "why": why,
                 "tolerance": tolerance, "ibau": log.to_json(), "holdout_accuracy": after, "kept": kept}  # fmt: skip
         record["steps"].append(step)
         if kept:
             return after
         model.load_state_dict(saved)
-        step["undone"] = f"held-out accuracy fell {100 * (held - after):.2f} points > {100 * tolerance:g}"
+        step["undone"] = (f"held-out accuracy {100 * (record['holdout_accuracy_before'] - after):.2f} points below "
+                          f"the model's as given > {100 * tolerance:g}")  # fmt: skip
     return held
 
 
