@@ -30,12 +30,14 @@ import numpy as np
 import torch
 
 from _runs import run_once
-from trojanlab.config import AutoConfig, NCConfig, NCUnlearnConfig, PruneRule
+from trojanlab.config import ANPConfig, AutoConfig, NCConfig, NCUnlearnConfig, PruneRule
+from trojanlab.data import to_tensor
 from trojanlab.defenses import DEFENSES, defend
+from trojanlab.defenses.anp import collapse_check, find_neurons
 from trojanlab.detection.run import neural_cleanse
 from trojanlab.errors import DataError
 from trojanlab.io import read_json, write_json
-from trojanlab.runs import source_commit
+from trojanlab.runs import check_fits, defender_split, load_artifact, model_data, source_commit
 
 RESULTS = Path(__file__).parent / "results"
 REMOVED = 0.02
@@ -78,11 +80,6 @@ def premise_of(folder: Path, model: str, data: str, seed: int) -> dict:
     cached = folder / "premise.json"
     if cached.is_file():
         return read_json(cached)
-    from trojanlab.config import ANPConfig
-    from trojanlab.data import to_tensor
-    from trojanlab.defenses.anp import collapse_check, find_neurons
-    from trojanlab.runs import check_fits, defender_split, load_artifact, model_data
-
     loaded = load_artifact(model)
     splits = check_fits(loaded, model_data(data, loaded.spec, seed), model)
     _, fit, holdout = defender_split(splits, DEFENSES["anp"].defender, loaded.spec, seed)

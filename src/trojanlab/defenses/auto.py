@@ -127,7 +127,8 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                                         val_fraction=0.1, seed=cfg.seed + attempt - 1)  # fmt: skip
                     unlearn(model, ctx.fit, [trigger, *region], cfg.stamp_fraction, train, ctx.device, ctx.progress)
                     after = ctx.held_out(model)
-                    kept = record["holdout_accuracy_before"] - after <= cfg.tolerance  # the whole repair's budget
+                    over = _over_budget(record, after, cfg.tolerance)
+                    kept = over is None
                     name = f"unlearn the reversed trigger of label {label}" + (
                         f" (round {attempt})" if attempt > 1 else ""
                     )
@@ -143,10 +144,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                     if kept:
                         break
                     model.load_state_dict(saved)
-                    step["undone"] = (
-                        f"held-out accuracy {100 * (record['holdout_accuracy_before'] - after):.2f} points below the "
-                        f"model's as given > {100 * cfg.tolerance:g}"
-                    )
+                    step["undone"] = over
                 if not kept:
                     break
                 held = after
@@ -193,16 +191,25 @@ def _ibau_step(
         ibau_cfg = dataclasses.replace(ibau_cfg, lr=ibau_cfg.lr * scale)
         log = ibau.unlearn(model, ctx.fit, ibau_cfg, ctx.device, ctx.progress)
         after = ctx.held_out(model)
-        kept = record["holdout_accuracy_before"] - after <= tolerance  # the whole repair's budget
+        over = _over_budget(record, after, tolerance)
+        kept = over is None
         step = {"step": "I-BAU" + (f" (gentler: lr x {scale:g})" if scale != 1 else ""), "why": why,
                 "tolerance": tolerance, "ibau": log.to_json(), "holdout_accuracy": after, "kept": kept}  # fmt: skip
         record["steps"].append(step)
         if kept:
             return after
         model.load_state_dict(saved)
-        step["undone"] = (f"held-out accuracy {100 * (record['holdout_accuracy_before'] - after):.2f} points below "
-                          f"the model's as given > {100 * tolerance:g}")  # fmt: skip
+        step["undone"] = over
     return held
+
+
+def _over_budget(record: dict[str, Any], after: float, tolerance: float) -> str | None:
+    """Why a step leaving held-out accuracy ``after`` is undone, or None when it is kept: one budget for the whole
+    repair, measured from the model as it was given (not from the step before)."""
+    drop = record["holdout_accuracy_before"] - after
+    if drop <= tolerance:
+        return None
+    return f"held-out accuracy {100 * drop:.2f} points below the model's as given > {100 * tolerance:g}"
 
 
 def _finish(
