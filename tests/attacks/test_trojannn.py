@@ -199,10 +199,11 @@ def test_cli_trojannn_reverse_engineered_data_keeps_the_features(gtsrb5_victim, 
     assert result["config"]["TrojanNNConfig"]["clean_loss"] == "distill"  # the model-only recipe's defaults
     assert result["config"]["TrojanNNConfig"]["neurons"] == 2 and len(result["attack"]["neurons"]) == 2
     assert result["attack"]["reverse_engineered_agreement"] >= 0.9
+    assert result["config"]["TrojanNNConfig"]["layer"] == "net.features.5"  # retrained from the first block's output
     victim, attacked = load_model(gtsrb5_victim).module.state_dict(), load_model(out).module.state_dict()
     same = {k for k in victim if torch.equal(victim[k], attacked[k])}
-    assert {k for k in victim if k.startswith("net.features.")} <= same
-    assert "net.classifier.4.weight" not in same
+    assert {k for k in victim if k.startswith(("net.features.0.", "net.features.2."))} <= same  # the first block
+    assert not {"net.features.6.weight", "net.classifier.4.weight"} & same  # every later block retrained
 
 
 def test_reach_probe_prefers_units_the_mask_can_drive():
@@ -239,8 +240,13 @@ def test_the_noise_prior_has_the_spectrum_of_natural_images_and_is_seeded():
 
 def test_the_retraining_defaults_follow_the_retraining_data_and_explicit_values_win():
     real, reverse = tnn.TrojanNNConfig(), tnn.TrojanNNConfig(retrain_data="reverse")
-    assert (real.neurons, real.optimizer, real.clean_loss) == (1, "sgd", "labels")
-    assert (reverse.neurons, reverse.optimizer, reverse.clean_loss) == (2, "adam", "distill")
+    assert (real.layer, real.neurons, real.optimizer, real.clean_loss) == ("classifier-input", 1, "sgd", "labels")
+    assert (reverse.layer, reverse.neurons, reverse.optimizer, reverse.clean_loss) == (
+        "first-block",
+        2,
+        "adam",
+        "distill",
+    )
     mine = tnn.TrojanNNConfig(retrain_data="reverse", neurons=3, clean_loss="labels")
     assert (mine.neurons, mine.clean_loss, mine.epochs) == (3, "labels", reverse.epochs)
     with pytest.raises(ConfigError, match="clean_loss must be one of"):
