@@ -1,7 +1,7 @@
 """Backdoor removal over a zoo: every chosen defense on backdoored members of every family and on clean members.
 
     python benchmarks/removal_zoo.py --zoo ZOO --out RUN --methods ibau [anp ...] [--per-family 6] [--clean 6]
-                                     [--workers 2]
+                                     [--members ID ...] [--workers 2] [--threads 1]
 
 Each (member, method) is one ``trojanlab defend`` run with the method's defaults (the defender's clean images are
 its registry default share of the training split, seeded) into ``RUN/members/<id>/<method>/`` (a finished run is
@@ -158,7 +158,10 @@ def main() -> None:
         metavar="METHOD=N/M",
         help="run METHOD on only the first N backdoored members of each family and M clean ones",
     )
-    parser.add_argument("--workers", type=int, default=1, help="runs at once, one process and torch thread each")
+    parser.add_argument("--members", nargs="+", help="these members instead of --per-family / --clean")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (--workers 1 --threads 2: one "
+                        "run on both of this machine's cores, the issue's '2 CPU cores' per model)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="removal_zoo", help="the results' file name in benchmarks/results")
     args = parser.parse_args()
@@ -167,16 +170,22 @@ def main() -> None:
     if manifest is None:
         raise SystemExit(f"{args.zoo}: no zoo.json")
     members = pick_members(manifest, args.per_family, args.clean)
+    if args.members:
+        known = {m["id"]: m for m in manifest["members"]}
+        unknown = [i for i in args.members if known.get(i, {}).get("status") not in ("clean", "backdoored")]
+        if unknown:
+            raise SystemExit(f"--members: {', '.join(unknown)} not clean or backdoored members of {args.zoo}")
+        members = [known[i] for i in args.members]
     limits = sample_limits(args.sample, args.methods)
     data = manifest["config"]["data"]
     pairs = [(m, method) for m in members for method in args.methods if within(m, method, members, limits)]
     jobs = [(args.out / "members" / m["id"] / method, method, str(args.zoo / m["path"]), data, args.seed)
             for m, method in pairs]  # fmt: skip
     mapper = map
-    torch.set_num_threads(1)  # one torch thread per run, whatever the workers: runs of one thread agree with each other
+    torch.set_num_threads(args.threads)  # the same threads per run, whatever the workers
     if args.workers > 1:
         pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=torch.set_num_threads, initargs=(1,))  # fmt: skip
+                                   initializer=torch.set_num_threads, initargs=(args.threads,))  # fmt: skip
         mapper = pool.map
     rows = []
     for i, ((folder, method, _, _, _), result) in enumerate(zip(jobs, mapper(defend_member, jobs))):
@@ -187,14 +196,17 @@ def main() -> None:
                 for m in {m["id"]: m for m, _ in pairs}.values()}  # fmt: skip
     commits = Counter((r["commit"] or "unknown")[:7] for r in rows if not r["refused"])
     record = {"commit": source_commit(), "zoo": str(args.zoo), "methods": args.methods, "seed": args.seed,
+              "workers": args.workers, "threads": args.threads,
               "run_commits": dict(commits), "wall_seconds": round(time.perf_counter() - began, 1), "rows": rows,
               "premises": premises}  # fmt: skip
     write_json(args.out / "removal_zoo.json", record)
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{args.name}.json", record)
-    command = (f"python benchmarks/removal_zoo.py --zoo {args.zoo} --methods {' '.join(args.methods)} --per-family "
-               f"{args.per_family} --clean {args.clean}{' --sample ' + ' '.join(args.sample) if args.sample else ''} "
-               f"--workers {args.workers}")  # fmt: skip
+    chosen = f"--members {' '.join(args.members)}" if args.members else (f"--per-family {args.per_family} --clean "
+                                                                         f"{args.clean}")  # fmt: skip
+    command = (f"python benchmarks/removal_zoo.py --zoo {args.zoo} --methods {' '.join(args.methods)} {chosen}"
+               f"{' --sample ' + ' '.join(args.sample) if args.sample else ''} --workers {args.workers} --threads "
+               f"{args.threads}")  # fmt: skip
     text = table(record, command)
     (RESULTS / f"{args.name}.md").write_text(text)
     print(text)

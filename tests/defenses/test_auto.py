@@ -73,3 +73,48 @@ def test_bad_settings_are_refused():
         AutoConfig(backoff=1.0)
     with pytest.raises(ConfigError, match="quiet_tolerance"):
         AutoConfig(quiet_tolerance=-0.01)
+
+
+def test_i_bau_keeps_the_rounds_within_the_budget_and_stops_at_the_first_over_it():
+    """The held-out measure is scripted (0.90 as given; 0.89 after round 1; 0.87 after round 2, over the 2-point
+    budget): round 1 is kept, round 2 undone -- the weights are round 1's -- and no round 3 runs."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from trojanlab.data import ImageSet
+    from trojanlab.defenses.auto import _ibau_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 3))
+    rng = np.random.default_rng(0)
+    images = ImageSet(rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, 60))
+    script, seen = iter([0.89, 0.87, 0.95]), []
+
+    def held_out(m):
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(script)
+
+    ctx = SimpleNamespace(fit=images, device="cpu", progress=False, held_out=held_out)
+    record = {"holdout_accuracy_before": 0.90, "steps": []}
+    given = {k: v.clone() for k, v in model.state_dict().items()}
+    held = _ibau_step(model, ctx, AutoConfig(), 0.90, 0.02, (1.0,), record, "test")
+    (step,) = record["steps"]
+    assert held == 0.89 and step["kept"] and step["rounds_kept"] == 1 and step["holdout_accuracy"] == 0.89
+    rounds = step["ibau"]["rounds"]
+    assert len(rounds) == 2 and "undone" not in rounds[0]
+    assert rounds[1]["undone"].startswith("held-out accuracy 3.00 points below") and "round 2 undone" in step["stopped"]
+    now = model.state_dict()
+    assert all(torch.equal(now[k], seen[0][k]) for k in now)  # round 1's weights, not round 2's
+    assert not all(torch.equal(now[k], given[k]) for k in now)  # round 1 did change the model
+
+    # not even the first round fits: the model as given comes back, tried once more gentler (each scale one round)
+    script, seen = iter([0.80, 0.80]), []
+    record = {"holdout_accuracy_before": 0.90, "steps": []}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert _ibau_step(model, ctx, AutoConfig(), 0.90, 0.02, (1.0, 0.3), record, "test") == 0.90
+    assert [s["kept"] for s in record["steps"]] == [False, False] and record["steps"][1]["step"].endswith("lr x 0.3)")
+    assert all(len(s["ibau"]["rounds"]) == 1 and s["rounds_kept"] == 0 for s in record["steps"])
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)

@@ -21,11 +21,14 @@ The rule, in order:
    run again for that label alone, still finds a small trigger (median norm over its norm >= ``clean_norm_ratio``;
    the zoo's clean members have a mean ratio of 1.49 for their smallest label), up to ``unlearn_rounds`` times; then
    **I-BAU** where ``ibau`` is set (it needs no label and reaches what the reversed trigger missed).
-4. **Each unlearning step and I-BAU is kept only if the defender's held-out measure allows it**
+4. **Each unlearning step and each I-BAU round is kept only if the defender's held-out measure allows it**
    (:mod:`~trojanlab.defenses.heldout`: checked against the model's stated clean accuracy; the branch cut is
    structural and always kept): the held-out accuracy after it must stay within ``tolerance`` of the model's as
-   given -- one budget for the whole repair, not one per step --, else the step is undone and tried once
-   more at ``backoff`` times its learning rate, and undone for good if that too costs more. Each step's held-out
+   given -- one budget for the whole repair, not one per step --, else it is undone. An unlearning step is then
+   tried once more at ``backoff`` times its learning rate, and undone for good if that too costs more; I-BAU stops
+   at the first round over the budget and keeps the rounds before it (tried again gentler only where not even its
+   first round fits): a round costs a fifth of I-BAU, so a model that cannot afford it all -- a clean one above
+   all -- pays for one round, not for all five twice. Each step's held-out
    accuracy and the reversed trigger's success on held-out images (before and after) are reported: the rule's
    predicted cost beside the measured one.
 """
@@ -182,24 +185,37 @@ def _ibau_step(
     record: dict[str, Any],
     why: str,
 ) -> float:
-    """I-BAU on ``model`` in place, undone where the held-out accuracy falls more than ``tolerance`` below the
-    model's as given (tried again at each further learning-rate scale); the step is appended to ``record``; returns
-    the held-out accuracy after it."""
-    saved = copy.deepcopy(model.state_dict())
+    """I-BAU on ``model`` in place, its rounds checked one by one: the first round after which the held-out accuracy
+    falls more than ``tolerance`` below the model's as given is undone and ends I-BAU (the rounds before it are kept).
+    Where not even the first round is kept, I-BAU is tried again at each further learning-rate scale. The step is
+    appended to ``record``; returns the held-out accuracy after it."""
     for scale in scales:
         ibau_cfg = IBAUConfig(seed=cfg.seed)
         ibau_cfg = dataclasses.replace(ibau_cfg, lr=ibau_cfg.lr * scale)
-        log = ibau.unlearn(model, ctx.fit, ibau_cfg, ctx.device, ctx.progress)
-        after = ctx.held_out(model)
-        over = _over_budget(record, after, tolerance)
-        kept = over is None
+        kept = {"weights": copy.deepcopy(model.state_dict()), "held": held, "undone": None}  # the last round kept
+
+        def check(round_record: dict[str, Any], kept: dict[str, Any] = kept) -> bool:
+            after = ctx.held_out(model)
+            round_record["holdout_accuracy"] = after
+            over = _over_budget(record, after, tolerance)
+            if over is not None:
+                model.load_state_dict(kept["weights"])
+                round_record["undone"] = kept["undone"] = over
+                return False
+            kept.update(weights=copy.deepcopy(model.state_dict()), held=after)
+            return True
+
+        log = ibau.unlearn(model, ctx.fit, ibau_cfg, ctx.device, ctx.progress, after_round=check)
+        rounds = sum("undone" not in r for r in log.rounds)
         step = {"step": "I-BAU" + (f" (gentler: lr x {scale:g})" if scale != 1 else ""), "why": why,
-                "tolerance": tolerance, "ibau": log.to_json(), "holdout_accuracy": after, "kept": kept}  # fmt: skip
+                "tolerance": tolerance, "rounds_kept": rounds, "ibau": log.to_json(), "holdout_accuracy": kept["held"],
+                "kept": rounds > 0}  # fmt: skip
+        if kept["undone"] is not None:
+            step["stopped"] = f"round {rounds + 1} undone: {kept['undone']}"
         record["steps"].append(step)
-        if kept:
-            return after
-        model.load_state_dict(saved)
-        step["undone"] = over
+        if rounds:
+            return kept["held"]
+        step["undone"] = kept["undone"]
     return held
 
 
