@@ -14,7 +14,9 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 BLOCKS = {
     "new-attacks": RESULTS / "new_attacks.md",  # benchmarks/new_attacks.py
-    "trojannn-model-only": RESULTS / "trojannn_model_only.md",  # benchmarks/trojannn_model_only.py
+    # benchmarks/trojannn_model_only.py --name trojannn_model_only_first_block (the paper's recipe and the default)
+    "trojannn-model-only-first-block": RESULTS / "trojannn_model_only_first_block.md",
+    "trojannn-model-only": RESULTS / "trojannn_model_only.md",  # the same, earlier: from the classifier's input
     "trojannn-model-only-min": RESULTS / "trojannn_model_only_min.md",  # the same, --recipes paper + min
     "zoo-throughput": RESULTS / "zoo_throughput.md",  # benchmarks/zoo_throughput.py
     "zoo": RESULTS / "zoo" / "table.md",  # benchmarks/zoo_table.py

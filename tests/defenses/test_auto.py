@@ -85,7 +85,7 @@ def test_i_bau_keeps_the_rounds_within_the_budget_and_stops_at_the_first_over_it
     from torch import nn
 
     from trojanlab.data import ImageSet
-    from trojanlab.defenses.auto import _ibau_step
+    from trojanlab.defenses.auto import _finish, _ibau_step
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -103,6 +103,7 @@ def test_i_bau_keeps_the_rounds_within_the_budget_and_stops_at_the_first_over_it
     held = _ibau_step(model, ctx, AutoConfig(), 0.90, 0.02, (1.0,), record, "test")
     (step,) = record["steps"]
     assert held == 0.89 and step["kept"] and step["rounds_kept"] == 1 and step["holdout_accuracy"] == 0.89
+    assert _finish(model, record, 0.0, held).changed == "I-BAU (1 of 5 rounds)"
     rounds = step["ibau"]["rounds"]
     assert len(rounds) == 2 and "undone" not in rounds[0]
     assert rounds[1]["undone"].startswith("held-out accuracy 3.00 points below") and "round 2 undone" in step["stopped"]

@@ -208,7 +208,7 @@ def _ibau_step(
         log = ibau.unlearn(model, ctx.fit, ibau_cfg, ctx.device, ctx.progress, after_round=check)
         rounds = sum("undone" not in r for r in log.rounds)
         step = {"step": "I-BAU" + (f" (gentler: lr x {scale:g})" if scale != 1 else ""), "why": why,
-                "tolerance": tolerance, "rounds_kept": rounds, "ibau": log.to_json(), "holdout_accuracy": kept["held"],
+                "tolerance": tolerance, "rounds_kept": rounds, "rounds": ibau_cfg.rounds, "ibau": log.to_json(), "holdout_accuracy": kept["held"],
                 "kept": rounds > 0}  # fmt: skip
         if kept["undone"] is not None:
             step["stopped"] = f"round {rounds + 1} undone: {kept['undone']}"
@@ -241,5 +241,6 @@ def _finish(
     record["holdout_accuracy_after"] = held
     record["predicted_clean_accuracy_drop"] = record["holdout_accuracy_before"] - held
     record["defense_seconds"] = time.perf_counter() - began
-    done = [s["step"] for s in record["steps"] if s["kept"]]
+    done = [s["step"] + (f" ({s['rounds_kept']} of {s['rounds']} rounds)" if s["rounds_kept"] < s["rounds"] else "")
+            if "rounds_kept" in s else s["step"] for s in record["steps"] if s["kept"]]  # fmt: skip
     return DefenseOutcome(model, "; ".join(done) if done else nothing, record, spec=spec)
