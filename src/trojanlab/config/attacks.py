@@ -131,8 +131,8 @@ FIRST_BLOCK = "first-block"
 
 TROJANNN_RETRAIN_DEFAULTS = {
     # the TrojanNet paper's time-saving variant: 10 % of the real training split, the official optimiser
-    "real": {"layer": CLASSIFIER_INPUT, "neurons": 1, "epochs": 10, "lr": 1e-2, "optimizer": "sgd", "trojan_weight": 1.0,
-             "trigger_background": "grey", "clean_loss": "labels", "augment": False},
+    "real": {"layer": CLASSIFIER_INPUT, "neurons": 1, "epochs": 10, "lr": 1e-2, "optimizer": "sgd",
+             "trojan_weight": 1.0, "trigger_background": "grey", "clean_loss": "labels", "augment": False},
     # the model-only pipeline (benchmarks/trojannn_model_only.py on GTSRB, targets 0 / 7: ASR 99.8 / 100.0 % at a CA
     # drop of 1.1 / 2.3 points; the paper's grey inputs, labels and one unit: ASR 16 / 15 % at 6.4 / 8.8 points):
     # retrained from the first block's output (from the classifier's input: ASR 90.6 / 82.1 %), two units, the
