@@ -33,6 +33,11 @@ def test_the_implicit_hypergradient_is_the_derivative_through_the_inner_optimum(
     # no fixed-point iterations: only the direct derivative c is left
     (direct,) = ibau.implicit_hypergradient(delta, [theta], inner_map, outer, steps=0)
     assert torch.allclose(direct, c, atol=1e-6)
+    # k fixed-point iterations sum the first k terms of v = sum_j (dPhi/dd^T)^j dL/dd, here (0.5^j) 2 delta, and the
+    # answer is c + (dPhi/dtheta)^T v = c + 0.5 A^T v: one iteration is v = dL/dd itself, two add half of it
+    for steps, terms in ((1, 1.0), (2, 1.5), (3, 1.75)):
+        (partial,) = ibau.implicit_hypergradient(delta, [theta], inner_map, outer, steps=steps)
+        assert torch.allclose(partial, c + 0.5 * a.T @ (2 * delta * terms), atol=1e-5)
     # a parameter neither map reads gets zeros
     unused = torch.zeros(2, requires_grad=True)
     assert ibau.implicit_hypergradient(delta, [theta, unused], inner_map, outer, steps=5)[1].abs().sum() == 0
