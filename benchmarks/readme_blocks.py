@@ -24,6 +24,7 @@ BLOCKS = {
     "scan-onnx": RESULTS / "scan_onnx.md",  # benchmarks/scan_onnx.py
     "removal-zoo": RESULTS / "removal_zoo.md",  # benchmarks/removal_zoo.py
     "removal-zoo-quiet": RESULTS / "removal_zoo_quiet.md",  # the same, --name removal_zoo_quiet
+    "removal-zoo-auto": RESULTS / "removal_zoo_auto.md",  # the same, --methods auto --name removal_zoo_auto
 }
 
 
