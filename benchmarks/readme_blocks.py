@@ -17,7 +17,8 @@ BLOCKS = {
     # benchmarks/trojannn_model_only.py --name trojannn_model_only_first_block (the paper's recipe and the default)
     "trojannn-model-only-first-block": RESULTS / "trojannn_model_only_first_block.md",
     "trojannn-model-only": RESULTS / "trojannn_model_only.md",  # the same, earlier: from the classifier's input
-    "trojannn-model-only-min": RESULTS / "trojannn_model_only_min.md",  # the same, --recipes paper + min
+    # the same, earlier: --recipes paper "...trigger maximises the weakest unit" --name trojannn_model_only_min
+    "trojannn-model-only-min": RESULTS / "trojannn_model_only_min.md",
     "zoo-throughput": RESULTS / "zoo_throughput.md",  # benchmarks/zoo_throughput.py
     "zoo": RESULTS / "zoo" / "table.md",  # benchmarks/zoo_table.py
     "scan-zoo": RESULTS / "scan_zoo.md",  # benchmarks/scan_zoo.py

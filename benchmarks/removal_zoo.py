@@ -158,10 +158,10 @@ def main() -> None:
         metavar="METHOD=N/M",
         help="run METHOD on only the first N backdoored members of each family and M clean ones",
     )
-    parser.add_argument("--members", nargs="+", help="these members instead of --per-family / --clean")
+    parser.add_argument("--members", nargs="+", help="these members (--per-family and --clean are then ignored)")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (--workers 1 --threads 2: one "
-                        "run on both of this machine's cores, the issue's '2 CPU cores' per model)")  # fmt: skip
+                        "run on both of this machine's cores: 2 CPU cores per model)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="removal_zoo", help="the results' file name in benchmarks/results")
     args = parser.parse_args()
@@ -175,6 +175,8 @@ def main() -> None:
         unknown = [i for i in args.members if known.get(i, {}).get("status") not in ("clean", "backdoored")]
         if unknown:
             raise SystemExit(f"--members: {', '.join(unknown)} not clean or backdoored members of {args.zoo}")
+        if len(set(args.members)) != len(args.members):
+            raise SystemExit("--members: a member is named twice")
         members = [known[i] for i in args.members]
     limits = sample_limits(args.sample, args.methods)
     data = manifest["config"]["data"]

@@ -3,7 +3,8 @@ recipe (grey start images, their labels, one unit), in one run.
 
     python benchmarks/trojannn_model_only.py --out /work/runs/tnn-model-only [--targets 0 7] [--recipes NAME...]
 
-Writes ``benchmarks/results/NAME.{json,md}`` (``--name``, default ``trojannn_model_only``): per recipe and target, clean accuracy, its drop, ASR
+Writes ``benchmarks/results/NAME.{json,md}`` (``--name``, default
+``trojannn_model_only_first_block``): per recipe and target, clean accuracy, its drop, ASR
 (measured again by ``trojanlab evaluate`` on the test split), the chosen units' mean activation on clean and
 triggered test images, seconds. The issue's goal: ASR >= 90 % with a clean-accuracy drop <= 3 points.
 """
@@ -49,7 +50,9 @@ def main() -> None:
         default=list(RECIPES)[:2],
         help="recipes to run (default: the paper's and trojanlab's)",
     )
-    parser.add_argument("--name", default="trojannn_model_only", help="results file name under benchmarks/results")
+    parser.add_argument(
+        "--name", default="trojannn_model_only_first_block", help="results file name under benchmarks/results"
+    )
     args = parser.parse_args()
     rows = []
     began = time.perf_counter()

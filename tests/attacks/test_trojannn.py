@@ -263,6 +263,7 @@ def test_first_block_names_the_output_of_the_first_convolutional_block_of_any_ne
     import torchvision
 
     assert tnn.resolve_trigger_layer(_gtsrb_cnn(), "first-block") == "net.features.5"  # the dropout after pool 1
+    assert tnn.resolve_trigger_layer(_gtsrb_cnn(), "classifier-input") == "net.classifier.0"  # the flatten
     assert tnn.resolve_trigger_layer(_gtsrb_cnn_bn(), "first-block") == "net.features.7"
     assert tnn.first_block_layer(torchvision.models.resnet18()) == "maxpool"  # the stem's output feeds layer1
     assert tnn.resolve_trigger_layer(_gtsrb_cnn(), None) == "net.classifier.0"

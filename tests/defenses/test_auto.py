@@ -56,10 +56,12 @@ def test_below_the_threshold_i_bau_alone_is_kept_only_within_the_quiet_tolerance
     assert "below 1.0: I-BAU alone" in written["decision"]
     (step,) = written["steps"]  # no unlearning of a reversed trigger, no gentler retry
     assert step["step"] == "I-BAU" and step["tolerance"] == 0.1 and len(step["ibau"]["rounds"]) == 5
-    drop = written["holdout_accuracy_before"] - step["holdout_accuracy"]
+    held = written["holdout_accuracy_before"]
+    drop = held - step["holdout_accuracy"]
     # on this easy 3-class rule I-BAU costs no held-out image (measured), so it is kept, and it halves the white
     # square's success (1.0 -> 0.48, measured) though its universal perturbations fool no image
     assert step["kept"] == (drop <= 0.1) and step["kept"] and report.changed == "I-BAU"
+    assert all(held - r["holdout_accuracy"] <= 0.1 and "undone" not in r for r in step["ibau"]["rounds"])
     assert written["predicted_clean_accuracy_drop"] == pytest.approx(drop)
     assert report.before["attack_success_rate"] > 0.9 and report.after["attack_success_rate"] < 0.7
 
@@ -108,7 +110,8 @@ def test_i_bau_keeps_the_rounds_within_the_budget_and_stops_at_the_first_over_it
     assert len(rounds) == 2 and "undone" not in rounds[0]
     assert rounds[1]["undone"].startswith("held-out accuracy 3.00 points below") and "round 2 undone" in step["stopped"]
     now = model.state_dict()
-    assert all(torch.equal(now[k], seen[0][k]) for k in now)  # round 1's weights, not round 2's
+    assert not all(torch.equal(seen[1][k], seen[0][k]) for k in now)  # round 2 moved the weights...
+    assert all(torch.equal(now[k], seen[0][k]) for k in now)  # ...and was undone: round 1's weights
     assert not all(torch.equal(now[k], given[k]) for k in now)  # round 1 did change the model
 
     # not even the first round fits: the model as given comes back, tried once more gentler (each scale one round)
@@ -117,5 +120,6 @@ def test_i_bau_keeps_the_rounds_within_the_budget_and_stops_at_the_first_over_it
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert _ibau_step(model, ctx, AutoConfig(), 0.90, 0.02, (1.0, 0.3), record, "test") == 0.90
     assert [s["kept"] for s in record["steps"]] == [False, False] and record["steps"][1]["step"].endswith("lr x 0.3)")
+    assert [s["holdout_accuracy"] for s in record["steps"]] == [0.80, 0.80]  # what the undone round read
     assert all(len(s["ibau"]["rounds"]) == 1 and s["rounds_kept"] == 0 for s in record["steps"])
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)

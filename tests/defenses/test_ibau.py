@@ -36,8 +36,20 @@ def test_the_implicit_hypergradient_is_the_derivative_through_the_inner_optimum(
     # k fixed-point iterations sum the first k terms of v = sum_j (dPhi/dd^T)^j dL/dd, here (0.5^j) 2 delta, and the
     # answer is c + (dPhi/dtheta)^T v = c + 0.5 A^T v: one iteration is v = dL/dd itself, two add half of it
     for steps, terms in ((1, 1.0), (2, 1.5), (3, 1.75)):
-        (partial,) = ibau.implicit_hypergradient(delta, [theta], inner_map, outer, steps=steps)
+        stats = {}
+        (partial,) = ibau.implicit_hypergradient(delta, [theta], inner_map, outer, steps=steps, stats=stats)
         assert torch.allclose(partial, c + 0.5 * a.T @ (2 * delta * terms), atol=1e-5)
+        assert stats == {"steps": steps, "diverged": False}
+
+    # a map that expands (dPhi/dd = 3 I): the second iterate moves 3x further than the first, so the iteration stops
+    # after one step and keeps v = dL/dd -- the answer c + (dPhi/dtheta)^T v with dPhi/dtheta = -2 A
+    def expanding(d):
+        return d + 2 * (d - a @ theta)
+
+    stats = {}
+    (stopped,) = ibau.implicit_hypergradient(delta, [theta], expanding, outer, steps=5, stats=stats)
+    assert stats == {"steps": 1, "diverged": True}
+    assert torch.allclose(stopped, c - 2 * a.T @ (2 * delta), atol=1e-5)
     # a parameter neither map reads gets zeros
     unused = torch.zeros(2, requires_grad=True)
     assert ibau.implicit_hypergradient(delta, [theta, unused], inner_map, outer, steps=5)[1].abs().sum() == 0

@@ -5,11 +5,11 @@ The rule, in order:
 
 1. **Scan** (:func:`~trojanlab.detection.scan.scan_model`: structure check, MM-BD, Neural Cleanse on the defender's
    ``fit`` images -- jittered as the held-out measure is where the model fitted them, since the calibration was
-   fitted on scans of unseen images --, the shipped calibration). Below ``threshold`` only **I-BAU** runs, kept only
-   where it costs at most ``quiet_tolerance`` of held-out accuracy (half the usual tolerance; 0: the model is
-   returned unchanged): the scan misses some backdoors (the zoo's WaNet members scan at 0.1-0.2, and I-BAU alone
-   removed one at 0.5 predicted points), while on the zoo's clean members I-BAU read 4-5 points of held-out
-   accuracy and is undone -- a defense costs a model that had no backdoor accuracy.
+   fitted on scans of unseen images --, the shipped calibration). Below ``threshold`` only **I-BAU** runs, its rounds
+   kept up to the first that costs more than ``quiet_tolerance`` of held-out accuracy (half the usual tolerance;
+   0: the model is returned unchanged): the scan misses some backdoors (the zoo's WaNet members scan at 0.1-0.2, and
+   I-BAU alone removed one at 0.5 predicted points), while on the zoo's clean members all five rounds of I-BAU read
+   4-5 points of held-out accuracy -- a defense costs a model that had no backdoor accuracy.
 2. **A branch merged into the output** (the structure check: how TrojanNet enters a model): where the model is a
    trojanlab TrojanNet-injected artefact, the branch and the merge are cut and the victim kept (the sub-network
    variant's result, without its search); otherwise said so, and step 3 runs.
@@ -27,8 +27,9 @@ The rule, in order:
    given -- one budget for the whole repair, not one per step --, else it is undone. An unlearning step is then
    tried once more at ``backoff`` times its learning rate, and undone for good if that too costs more; I-BAU stops
    at the first round over the budget and keeps the rounds before it (tried again gentler only where not even its
-   first round fits): a round costs a fifth of I-BAU, so a model that cannot afford it all -- a clean one above
-   all -- pays for one round, not for all five twice. Each step's held-out
+   first round fits): a round costs a fifth of I-BAU's time, so a model that cannot afford I-BAU -- a clean one
+   above all -- pays for a round at each learning rate, not for all five rounds at each. The held-out images are
+   read after every round to choose where I-BAU stops, so the drop they predict is slightly optimistic. Each step's held-out
    accuracy and the reversed trigger's success on held-out images (before and after) are reported: the rule's
    predicted cost beside the measured one.
 """
@@ -201,15 +202,17 @@ def _ibau_step(
             if over is not None:
                 model.load_state_dict(kept["weights"])
                 round_record["undone"] = kept["undone"] = over
+                kept["tried"] = after
                 return False
             kept.update(weights=copy.deepcopy(model.state_dict()), held=after)
             return True
 
         log = ibau.unlearn(model, ctx.fit, ibau_cfg, ctx.device, ctx.progress, after_round=check)
         rounds = sum("undone" not in r for r in log.rounds)
+        # held-out accuracy: after the rounds kept, or (nothing kept) after the round that was undone
         step = {"step": "I-BAU" + (f" (gentler: lr x {scale:g})" if scale != 1 else ""), "why": why,
-                "tolerance": tolerance, "rounds_kept": rounds, "rounds": ibau_cfg.rounds, "ibau": log.to_json(), "holdout_accuracy": kept["held"],
-                "kept": rounds > 0}  # fmt: skip
+                "tolerance": tolerance, "rounds_kept": rounds, "rounds": ibau_cfg.rounds, "ibau": log.to_json(),
+                "holdout_accuracy": kept["held"] if rounds else kept["tried"], "kept": rounds > 0}  # fmt: skip
         if kept["undone"] is not None:
             step["stopped"] = f"round {rounds + 1} undone: {kept['undone']}"
         record["steps"].append(step)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config.attacks import FIRST_BLOCK
 from ..errors import ConfigError
 from .config import ZooConfig
 
@@ -23,7 +24,7 @@ BADNETS_DEFAULT_TARGET = 33
 """The target of the field's default BadNets model on GTSRB (Neural Cleanse's demo)."""
 
 
-TROJANNN_SETTINGS = {"layer": "first-block", "optimizer": "adam", "lr": 1e-3, "clean_loss": "distill"}
+TROJANNN_SETTINGS = {"layer": FIRST_BLOCK, "optimizer": "adam", "lr": 1e-3, "clean_loss": "distill"}
 """Trojan Attack on models of any recipe: retraining from the first block's output (the classifier alone could not
 learn the trigger on the zoo's BatchNorm / SGD / shift-trained members, see
 :func:`~trojanlab.attacks.trojannn.first_block_layer`), with Adam and the victim's outputs distilled."""
