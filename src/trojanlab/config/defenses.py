@@ -263,12 +263,12 @@ class AutoConfig:
                                      "the model fitted read like unseen ones; the calibration was fitted on "
                                      "unseen images)")  # fmt: skip
     ibau: bool = option(True, "follow the unlearning with I-BAU")
-    quiet_tolerance: float = option(0.01, "below the threshold, I-BAU alone, its rounds kept up to the first whose "
-                                    "held-out accuracy drop exceeds this (0: the model is returned unchanged)")  # fmt: skip
+    quiet_tolerance: float = option(0.01, "below the threshold, I-BAU alone, the model left after its last round "
+                                    "whose held-out accuracy drop is at most this (0: the model is returned unchanged)")  # fmt: skip
     tolerance: float = option(0.02, "largest held-out accuracy drop the repair may cost (all steps together; a step "
                               "that takes it further is undone)")  # fmt: skip
     backoff: float = option(0.3, "a step over the tolerance is undone and tried once more at this times its learning "
-                            "rate (I-BAU: where not even its first round fits; 0: not tried again)")  # fmt: skip
+                            "rate (I-BAU: where none of its rounds fits; 0: not tried again)")  # fmt: skip
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
