@@ -188,14 +188,14 @@ def _ibau_step(
 ) -> float:
     """I-BAU on ``model`` in place, every round read on the held-out images: the model is left as it was after the
     last round whose held-out accuracy stays within ``tolerance`` of the model's as given (a round over it does not
-    stop I-BAU: a later round may come back within it). Where no round is within it, I-BAU is undone and tried again at each further learning-rate scale.
-    The step is appended to ``record``; returns the held-out accuracy after it."""
+    stop I-BAU: a later round may come back within it). Where no round is within it, I-BAU is undone and tried again
+    at each further learning-rate scale. The step is appended to ``record``; returns the held-out accuracy after it."""
     for scale in scales:
         ibau_cfg = IBAUConfig(seed=cfg.seed)
         ibau_cfg = dataclasses.replace(ibau_cfg, lr=ibau_cfg.lr * scale)
         kept = {"weights": copy.deepcopy(model.state_dict()), "held": held, "round": 0}  # the last round within
 
-        def check(round_record: dict[str, Any], kept: dict[str, Any] = kept) -> bool:
+        def check(round_record: dict[str, Any], kept: dict[str, Any] = kept) -> None:
             after = ctx.held_out(model)
             round_record["holdout_accuracy"] = after
             over = _over_budget(record, after, tolerance)
@@ -203,7 +203,6 @@ def _ibau_step(
                 kept.update(weights=copy.deepcopy(model.state_dict()), held=after, round=round_record["round"])
             else:
                 round_record["over_budget"] = over
-            return True
 
         log = ibau.unlearn(model, ctx.fit, ibau_cfg, ctx.device, ctx.progress, after_round=check)
         rounds = kept["round"]

@@ -125,12 +125,11 @@ def unlearn(
     cfg: IBAUConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    after_round: Callable[[dict[str, Any]], bool] | None = None,
+    after_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> IBAULog:
     """I-BAU on ``model`` in place, with the clean ``images`` (their labels are read by the outer loss only).
 
-    ``after_round`` is called with each round's record once its weight steps are done (it may add to the record and
-    change the model, e.g. undo the round); where it returns False, no further round runs."""
+    ``after_round`` is called with each round's record once its weight steps are done (it may add to the record)."""
     cfg = cfg or IBAUConfig()
     began = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -210,8 +209,8 @@ def unlearn(
                 "fixed_point_steps_mean": float(np.mean(kept)), "fixed_point_stopped_diverging": diverged,
                 "seconds": round(time.perf_counter() - round_began, 2),
             })  # fmt: skip
-            if after_round is not None and not after_round(log.rounds[-1]):
-                break
+            if after_round is not None:
+                after_round(log.rounds[-1])
     finally:
         bar.close()
         for p in params:
