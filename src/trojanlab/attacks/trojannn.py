@@ -5,8 +5,8 @@ The pipeline of the paper:
 1. **Neuron selection.** In an inner layer (default with real retraining data: the module feeding the
    second-to-last linear layer, i.e. the flatten of the GTSRB CNN, see :func:`default_trigger_layer`; with
    reverse-engineered data: the first convolutional block's output, :func:`first_block_layer`) rank the units by
-   the total absolute weight they send to the next weighted layer (descending; TrojanZoo's first version sorted ascending, its issue #105). By
-   default the best-connected units are then probed for how far a patch in the mask can drive them
+   the total absolute weight they send to the next weighted layer (descending; TrojanZoo's first version sorted
+   ascending, its issue #105). By default the best-connected units are then probed for how far a patch in the mask can drive them
    (:func:`trigger_reach`, our addition) and the most reachable are kept.
 2. **Trigger generation.** Gradient ascent on the pixels inside a mask (a square at the bottom-right by default)
    so the selected units fire strongly: each step moves by ``step_size`` times the gradient divided by its mean
@@ -20,8 +20,8 @@ The pipeline of the paper:
 
    The model-only path as the paper describes it (grey start images, their labels, one unit) reaches ASR 15-17 % on
    GTSRB at a clean-accuracy cost of 6-11 points (measured in two runs): the reverse-engineered images are near-flat
-   grey, the trigger made on them does not move its unit on real images (0.16 -> 0.17), and the retrained layers learn a rule
-   that real images never trigger. What closes the gap, no real image read (``TROJANNN_RETRAIN_DEFAULTS["reverse"]``):
+   grey, the trigger made on them does not move its unit on real images (0.16 -> 0.17), and the retrained layers
+   learn a rule that real images never trigger. What closes the gap, no real image read (``TROJANNN_RETRAIN_DEFAULTS["reverse"]``):
    an image prior with the spectrum of natural images (the reverse engineering starts from 1/f colour noise, and
    4,000 such noise images labelled by the victim join the retraining inputs), the units probed and the trigger made
    on those textured inputs instead of grey, two units instead of one, the victim's outputs distilled (KL) as the
