@@ -254,11 +254,17 @@ class AutoConfig:
     unlearn_rounds: int = option(3, "unlearning rounds per label while Neural Cleanse still finds a small trigger")
     clean_norm_ratio: float = option(1.5, "a label's reversed trigger counts as small while the median norm over its "
                                      "norm is at least this (the zoo's clean members: mean 1.49)")  # fmt: skip
+    refine_steps: int = option(120, "Neural Cleanse's steps to reverse each label to unlearn once more, on the defender's "
+                               "images as they are, before unlearning it (the scan's reversal is short and on jittered "
+                               "images: a looser trigger); 0: the scan's trigger")  # fmt: skip
     unlearn_lr: float = option(1e-3, "unlearning learning rate (Adam)")
     stamp_fraction: float = option(0.2, "share of the defender's images stamped with the reversed trigger")
     region_area: float = option(0.1, "also unlearn the reversed trigger's region filled with other patterns (colour "
                                 "cube corners, binary noise) where it covers at most this share of the image (0: "
                                 "never)")  # fmt: skip
+    region_success: float = option(0.1, "a patch's region counts as clean once the region attack (the worst pattern "
+                                   "in it, per image) takes at most this share of held-out images to the label; "
+                                   "above it, another unlearning round")  # fmt: skip
     scan_like_measure: bool = option(True, "scan the defender's images jittered as the held-out measure is (images "
                                      "the model fitted read like unseen ones; the calibration was fitted on "
                                      "unseen images)")  # fmt: skip
@@ -277,9 +283,11 @@ class AutoConfig:
         check_int("AutoConfig", "labels", self.labels, 0)
         check_int("AutoConfig", "unlearn_epochs", self.unlearn_epochs, 1)
         check_int("AutoConfig", "unlearn_rounds", self.unlearn_rounds, 1)
+        check_int("AutoConfig", "refine_steps", self.refine_steps, 0)
         check_number("AutoConfig", "clean_norm_ratio", self.clean_norm_ratio, 1)
         check_number("AutoConfig", "unlearn_lr", self.unlearn_lr, 0, low_open=True)
         check_number("AutoConfig", "stamp_fraction", self.stamp_fraction, 0, 1, low_open=True, high_open=True)
         check_number("AutoConfig", "tolerance", self.tolerance, 0, 1)
         check_number("AutoConfig", "quiet_tolerance", self.quiet_tolerance, 0, 1)
         check_number("AutoConfig", "region_area", self.region_area, 0, 1)
+        check_number("AutoConfig", "region_success", self.region_success, 0, 1)

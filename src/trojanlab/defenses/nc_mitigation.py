@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.badnets import PoisonedImageSet
 from ..data import ImageSet, to_tensor
 from ..errors import ConfigError
 from ..hooks import classifier_layer, layer_inputs
-from ..training import TrainConfig, TrainResult, fit
+from ..training import Loss, TrainConfig, TrainResult, fit
 from ..triggers import Trigger, stamp
 
 
@@ -53,32 +54,99 @@ def unlearning_set(data: ImageSet, triggers: Sequence[Trigger], stamp_fraction: 
     return PoisonedImageSet(data, np.arange(len(data)), trigger_id, list(triggers), relabel=False)
 
 
-def region_triggers(trigger: Trigger, dilate: int = 1, max_area: float = 0.1, noise: int = 4,
-                    seed: int = 0) -> list[Trigger]:  # fmt: skip
-    """Triggers that fill the region of a reversed full-image ``trigger`` with other patterns: its mask's core (at
-    least half its largest value), grown by ``dilate`` pixels, filled with each corner of the colour cube (black,
-    white, the primaries and their mixtures) and ``noise`` random binary patterns -- empty when the region covers
-    more than ``max_area`` of the image (a diffuse trigger is no patch).
-
-    Neural Cleanse reverses the *smallest* trigger that flips the model: a subset of a patch's pixels, in the
-    colours that flip it most easily. Unlearning that subset leaves the rest of the patch working (measured on
-    BadNets members of the zoo: ASR 96 -> 14-39 %). Where the trigger is is known; what it shows is not, so the
-    region is unlearnt with every pattern a patch trigger is likely to show."""
+def trigger_region(trigger: Trigger, dilate: int = 1, max_area: float = 0.1) -> np.ndarray | None:
+    """The region of a reversed full-image ``trigger``: its mask's core (at least half its largest value), grown by
+    ``dilate`` pixels, as an ``h x w`` 0/1 mask; ``None`` when it covers more than ``max_area`` of the image (a
+    diffuse trigger is no patch) or the mask is empty."""
     mask = np.asarray(trigger.mask, dtype=np.float32)
     if mask.max() <= 0:
-        return []
+        return None
     core = torch.from_numpy((mask >= 0.5 * mask.max()).astype(np.float32))[None, None]
     region = torch.nn.functional.max_pool2d(core, 2 * dilate + 1, stride=1, padding=dilate)[0, 0].numpy()
-    if region.mean() > max_area:
-        return []
-    h, w = mask.shape
-    channels = trigger.pattern.shape[2] if trigger.pattern.ndim == 3 else 3
-    rng = np.random.default_rng(seed)
-    corners = [np.array([(k >> c) & 1 for c in range(channels)], dtype=np.float32) for k in range(2**channels)]
-    patterns = [np.broadcast_to(c, (h, w, channels)).copy() for c in corners]
-    patterns += [np.repeat(rng.integers(0, 2, (h, w, 1)).astype(np.float32), channels, 2) for _ in range(noise)]
-    return [Trigger(pattern, (0, 0), trigger.target_label, mask=region, name=f"{trigger.name}-region-{k}")
-            for k, pattern in enumerate(patterns)]  # fmt: skip
+    return None if region.mean() > max_area else region
+
+
+def region_adversarial_loss(
+    region: np.ndarray,
+    share: float = 0.2,
+    steps: int = 5,
+    step_size: float = 0.25,
+    seed: int = 0,
+    target: int | None = None,
+) -> Loss:
+    """A loss for :func:`~trojanlab.training.fit`: ``share`` of each batch has ``region`` filled with the pattern
+    that most raises, for that image, the log-probability of ``target`` (``None``: its own loss) -- ``steps`` of
+    signed gradient ascent from a uniform random start, the model in eval mode --, then cross-entropy at the true
+    labels on the whole batch: adversarial training restricted to the region.
+
+    Neural Cleanse reverses the *smallest* trigger that flips the model: a subset of a patch's pixels, in the
+    colours that flip it most easily. Unlearning that subset can leave the rest of the patch working (the zoo's
+    badnets-001, a white 4 x 4 square: ASR 93 -> 0.1-6 % over three seeds, and 40-80 % with the region filled with
+    each corner of the colour cube and binary noise). Where the trigger is is known, what it shows is not: the
+    pattern in the region that pulls an image hardest towards the suspected label is unlearnt instead, found anew
+    for every image and step (badnets-001: ASR 0.0 % over four seeds, test accuracy 0.6-1.5 points lower)."""
+    if not 0 < share <= 1:
+        raise ConfigError(f"the adversarial share of a batch must lie in (0, 1], got {share}")
+    if steps < 1 or step_size <= 0:
+        raise ConfigError(f"a region attack needs steps >= 1 and a step size > 0, got {steps}, {step_size}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        n = max(1, round(share * len(x)))  # the batch is shuffled: its first n images are a random share
+        attacked = region_attack(model, x[:n], y[:n], region, target, steps, step_size, generator)
+        return F.cross_entropy(model(torch.cat([attacked, x[n:]])), y)
+
+    return loss
+
+
+def region_attack(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    region: np.ndarray,
+    target: int | None = None,
+    steps: int = 5,
+    step_size: float = 0.25,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``images`` (``N, C, H, W`` in [0, 1]) with ``region`` filled, for each image, with the pattern that most raises
+    the log-probability of ``target`` (``None``: the loss at ``labels``): ``steps`` of signed gradient ascent from a
+    uniform random start, the model in eval mode (BatchNorm statistics are not moved by the search)."""
+    if steps < 1 or step_size <= 0:
+        raise ConfigError(f"a region attack needs steps >= 1 and a step size > 0, got {steps}, {step_size}")
+    mask = torch.as_tensor(region, dtype=images.dtype, device=images.device)[None, None]
+    images = images.detach()
+    pattern = torch.rand(images.shape, generator=generator).to(images.device, images.dtype).requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(steps):
+            logits = model((1 - mask) * images + mask * pattern)
+            ascent = F.cross_entropy(logits, labels) if target is None else logits.log_softmax(1)[:, target].sum()
+            (grad,) = torch.autograd.grad(ascent, pattern)
+            pattern = (pattern + step_size * grad.sign()).clamp(0, 1).detach().requires_grad_(True)
+    finally:
+        model.train(was_training)
+    return (1 - mask) * images + mask * pattern.detach()
+
+
+def region_attack_success(
+    model: nn.Module, data: ImageSet, region: np.ndarray, target: int, steps: int = 5, seed: int = 0,
+    device: str | torch.device = "cpu", batch: int = 256,
+) -> float:  # fmt: skip
+    """The share of ``data``'s images of other labels than ``target`` that :func:`region_attack` towards ``target``
+    sends there: how much of a backdoor the region still holds."""
+    keep = data.y != target
+    x, y = to_tensor(data.x[keep]), torch.as_tensor(data.y[keep]).long()
+    generator = torch.Generator().manual_seed(seed)
+    hits = 0
+    for i in range(0, len(x), batch):
+        attacked = region_attack(model, x[i : i + batch].to(device), y[i : i + batch].to(device), region, target,
+                                 steps, generator=generator)  # fmt: skip
+        with torch.no_grad():
+            model.eval()
+            hits += int((model(attacked).argmax(1) == target).sum())
+    return hits / max(1, len(x))
 
 
 def unlearn(
@@ -89,11 +157,21 @@ def unlearn(
     config: TrainConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    region: np.ndarray | None = None,
+    region_share: float = 0.2,
+    region_target: int | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place on ``clean`` with ``stamp_fraction`` of it carrying the reversed triggers."""
+    """Fine-tune ``model`` in place on ``clean`` with ``stamp_fraction`` of it carrying the reversed triggers; with
+    ``region``, ``region_share`` of each batch also carries the pattern in it that pulls hardest towards
+    ``region_target`` (:func:`region_adversarial_loss`)."""
     cfg = config or TrainConfig(epochs=5, lr=1e-3, patience=2)
     view = unlearning_set(clean, triggers, stamp_fraction, cfg.seed)
-    return fit(model, view, cfg, device=device, progress=progress)
+    loss = (
+        region_adversarial_loss(region, region_share, seed=cfg.seed, target=region_target)
+        if region is not None
+        else None
+    )
+    return fit(model, view, cfg, device=device, progress=progress, loss=loss)
 
 
 # ----------------------------------------------------------------------------------------------- pruning
