@@ -16,26 +16,30 @@ def test_auto_unlearns_the_scans_reversed_trigger_and_reports_each_step(small_ba
     defender = DefenderConfig(clean_fraction=0.5, holdout=0.2)
     out = tmp_path / "auto"
     # threshold 0: repair whatever the scan says (the shipped calibration was fitted on 43-class models)
-    report = defend("auto", model, AutoConfig(threshold=0.0, ibau=False), data=data, defender=defender, out=out,
+    report = defend("auto", model, AutoConfig(threshold=0.0), data=data, defender=defender, out=out,
                     progress=False)  # fmt: skip
     written = json.loads((out / "result.json").read_text())
     assert written["scan"]["suspected_labels"][0] == 1  # the backdoor's target, named by the scan
-    step = written["steps"][0]
+    *unlearning, last = written["steps"]
+    step = unlearning[0]
     assert step["step"] == "unlearn the reversed trigger of label 1" and step["kept"]
     assert step["reversed_trigger_success"]["before"] > 0.8 and step["reversed_trigger_success"]["after"] < 0.2
-    # every step was kept because its held-out cost is within the tolerance, or undone; a further round of the
-    # same label only where Neural Cleanse, run again, still found a small trigger
+    # reversed again on the images as they are, the trigger is a patch: its region is unlearnt with the worst
+    # pattern in it, rounds while the region attack still takes held-out images to the label
+    assert step["unlearnt_trigger_l1_norm"] < step["reversed_trigger_l1_norm"] and step["region_pixels"] > 0
     held = written["holdout_accuracy_before"]
-    for before, after in zip(written["steps"], written["steps"][1:]):
+    for before, after in zip(unlearning, unlearning[1:]):
         assert after["step"].startswith("unlearn the reversed trigger of label 1 (round")
-        assert before["kept"] and "reversed_again_l1_norm" in before  # the reason a further round ran
-    for s in written["steps"]:  # one budget for the whole repair: each step against the model as it was given
+        assert before["kept"] and before["region_attack_success"] > 0.1  # the reason a further round ran
+    assert unlearning[-1]["region_attack_success"] <= 0.1
+    # the region no longer reaches the label: I-BAU, which can bring a removed patch back, is not run
+    assert last["step"] == "I-BAU" and not last["kept"] and last["why"].startswith("not run")
+    for s in unlearning:  # one budget for the whole repair: each step against the model as it was given
         assert s["kept"] == (held - s["holdout_accuracy"] <= 0.02)
     assert written["predicted_clean_accuracy_drop"] == pytest.approx(
         written["holdout_accuracy_before"] - written["holdout_accuracy_after"]
     )
-    assert report.before["attack_success_rate"] > 0.8 and report.after["attack_success_rate"] < report.before[
-        "attack_success_rate"]  # fmt: skip
+    assert report.before["attack_success_rate"] > 0.8 and report.after["attack_success_rate"] < 0.1
     assert (out / "repaired").is_dir()
 
     # a threshold no probability reaches: the model comes back unchanged, and the report says why
@@ -75,6 +79,10 @@ def test_bad_settings_are_refused():
         AutoConfig(backoff=1.0)
     with pytest.raises(ConfigError, match="quiet_tolerance"):
         AutoConfig(quiet_tolerance=-0.01)
+    with pytest.raises(ConfigError, match="region_success"):
+        AutoConfig(region_success=1.5)
+    with pytest.raises(ConfigError, match="refine_steps"):
+        AutoConfig(refine_steps=-1)
 
 
 def test_i_bau_leaves_the_model_after_its_last_round_within_the_budget():
