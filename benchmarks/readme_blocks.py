@@ -26,6 +26,7 @@ BLOCKS = {
     "removal-zoo": RESULTS / "removal_zoo.md",  # benchmarks/removal_zoo.py
     "removal-zoo-quiet": RESULTS / "removal_zoo_quiet.md",  # the same, --name removal_zoo_quiet
     "removal-zoo-auto": RESULTS / "removal_zoo_auto.md",  # the same, --methods auto --name removal_zoo_auto
+    "removal-zoo-region": RESULTS / "removal_zoo_region.md",  # the same, --name removal_zoo_region
 }
 
 

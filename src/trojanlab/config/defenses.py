@@ -244,9 +244,11 @@ class IBAUConfig:
 @dataclass
 class AutoConfig:
     """``defend auto``'s rule (:mod:`trojanlab.defenses.auto`): repair where the scan's probability reaches
-    ``threshold``; unlearn the reversed triggers of the first ``labels`` suspected labels (``unlearn_epochs`` at
-    ``unlearn_lr``, ``stamp_fraction`` of the images stamped), then I-BAU (``ibau``); a step whose held-out accuracy
-    drop exceeds ``tolerance`` is undone. Below ``threshold``, I-BAU alone within ``quiet_tolerance``."""
+    ``threshold``; unlearn the reversed triggers of the first ``labels`` suspected labels, reversed again for
+    ``refine_steps`` (``unlearn_epochs`` at ``unlearn_lr``, ``stamp_fraction`` of the images stamped; a patch's
+    region with the region attack, rounds while it reaches the label above ``region_success``), then I-BAU
+    (``ibau``) unless the patch is gone; a step whose held-out accuracy drop exceeds ``tolerance`` is undone. Below
+    ``threshold``, I-BAU alone within ``quiet_tolerance``."""
 
     threshold: float = option(0.5, "the scan's probability from which the model is repaired")
     labels: int = option(1, "suspected labels whose reversed triggers are unlearnt", flag="--repair-count")
@@ -259,9 +261,9 @@ class AutoConfig:
                                "images: a looser trigger); 0: the scan's trigger")  # fmt: skip
     unlearn_lr: float = option(1e-3, "unlearning learning rate (Adam)")
     stamp_fraction: float = option(0.2, "share of the defender's images stamped with the reversed trigger")
-    region_area: float = option(0.1, "also unlearn the reversed trigger's region filled with other patterns (colour "
-                                "cube corners, binary noise) where it covers at most this share of the image (0: "
-                                "never)")  # fmt: skip
+    region_area: float = option(0.1, "where the reversed trigger is a patch (its core grown by a pixel covers at most "
+                                "this share of the image), also unlearn its region filled per image with the pattern "
+                                "that pulls hardest towards the label (0: never)")  # fmt: skip
     region_success: float = option(0.1, "a patch's region counts as clean once the region attack (the worst pattern "
                                    "in it, per image) takes at most this share of held-out images to the label; "
                                    "above it, another unlearning round")  # fmt: skip

@@ -15,12 +15,21 @@ The rule, in order:
    variant's result, without its search); otherwise said so, and step 3 runs.
 3. **Unlearning the reversed trigger** of the scan's first ``labels`` suspected labels that Neural Cleanse reversed
    (Neural Cleanse's own mitigation: fine-tune on the defender's images, ``stamp_fraction`` of them stamped and kept
-   at their true label). Where the reversed mask is patch-sized (at most ``region_area`` of the image) its region is
-   stamped too, filled with other patterns (:func:`~trojanlab.defenses.nc_mitigation.region_triggers`): Neural
-   Cleanse reverses the smallest part of a patch that flips the model, not the patch. Repeated while Neural Cleanse,
-   run again for that label alone, still finds a small trigger (median norm over its norm >= ``clean_norm_ratio``;
-   the zoo's clean members have a mean ratio of 1.49 for their smallest label), up to ``unlearn_rounds`` times; then
-   **I-BAU** where ``ibau`` is set (it needs no label and reaches what the reversed trigger missed).
+   at their true label). The trigger unlearnt is reversed again for that label alone, ``refine_steps`` steps on the
+   defender's images as they are: the scan's reversal is short and reads jittered images, and its trigger is loose
+   (the zoo's badnets-001: L1 norm 51, spread over the image; reversed again: 8.6, on the real square's corner).
+   Where that trigger is patch-sized (its core grown by a pixel covers at most ``region_area`` of the image),
+   ``stamp_fraction`` of each batch also gets its region filled with the pattern that pulls that image hardest
+   towards the label (:func:`~trojanlab.defenses.nc_mitigation.region_adversarial_loss`): Neural Cleanse reverses
+   the smallest part of a patch that flips the model, not the patch, and unlearning that part alone can leave the
+   rest working. Then the same attack is read on the held-out images
+   (:func:`~trojanlab.defenses.nc_mitigation.region_attack_success`): while it takes more than ``region_success`` of
+   them to the label, another round, up to ``unlearn_rounds``; once it does not, the backdoor counts as gone and
+   I-BAU is not run (on badnets-001 its rounds brought the removed square back: ASR 1.0 -> 13.1 %). Without a patch
+   region, rounds are repeated while Neural Cleanse, run again for that label alone as the scan ran it, still finds
+   a small trigger (median norm over its norm >= ``clean_norm_ratio``; the zoo's clean members have a mean ratio of
+   1.49 for their smallest label), up to ``unlearn_rounds`` times; then **I-BAU** where ``ibau`` is set (it needs no
+   label and reaches what the reversed trigger missed).
 4. **Each unlearning step and I-BAU are kept only as far as the defender's held-out measure allows**
    (:mod:`~trojanlab.defenses.heldout`: checked against the model's stated clean accuracy; the branch cut is
    structural and always kept): the held-out accuracy must stay within ``tolerance`` of the model's as given -- one

@@ -4,7 +4,9 @@
   but keeps its *true* label, so the model learns to ignore the trigger. Paper: 10 % of the training data, 20 %
   of it stamped (the BackdoorBench port uses 5 % / 20 %). We stamp only images whose label is not the trigger's
   target (a stamped image of the target class teaches nothing) and train through the shared loop (``fit``:
-  Adam, best epoch on a held-out part of the same data).
+  Adam, best epoch on a held-out part of the same data). Where the reversed trigger is a patch, its region can be
+  unlearnt as well, filled per image with the pattern that pulls hardest towards the label
+  (:func:`region_adversarial_loss`): Neural Cleanse reverses the smallest part of a patch that flips the model.
 * **Pruning**: rank the inputs of the classification head (the "second-to-last layer" neurons) by how much more
   the reversed trigger excites them than clean images do, and zero them in that order. The paper stops when the
   model no longer responds to the reversed trigger; we sweep a grid of pruned fractions on the defender's data in
@@ -139,13 +141,14 @@ def region_attack_success(
     keep = data.y != target
     x, y = to_tensor(data.x[keep]), torch.as_tensor(data.y[keep]).long()
     generator = torch.Generator().manual_seed(seed)
-    hits = 0
+    hits, was_training = 0, model.training
+    model.eval()
     for i in range(0, len(x), batch):
         attacked = region_attack(model, x[i : i + batch].to(device), y[i : i + batch].to(device), region, target,
                                  steps, generator=generator)  # fmt: skip
         with torch.no_grad():
-            model.eval()
             hits += int((model(attacked).argmax(1) == target).sum())
+    model.train(was_training)
     return hits / max(1, len(x))
 
 
