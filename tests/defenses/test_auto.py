@@ -54,11 +54,11 @@ def test_below_the_threshold_i_bau_alone_is_kept_only_within_the_quiet_tolerance
     model, data = small_backdoor
     defender = DefenderConfig(clean_fraction=0.5, holdout=0.2)
     # a lenient quiet tolerance: on 60 held-out images one image is 1.7 points, above the default's 1
-    report = defend("auto", model, AutoConfig(threshold=1.0, quiet_tolerance=0.1), data=data, defender=defender,
-                    out=tmp_path / "quiet", progress=False)  # fmt: skip
+    report = defend("auto", model, AutoConfig(threshold=1.0, quiet_tolerance=0.1, warp_strength=0), data=data,
+                    defender=defender, out=tmp_path / "quiet", progress=False)  # fmt: skip
     written = json.loads((tmp_path / "quiet" / "result.json").read_text())
-    assert "below 1.0: I-BAU alone" in written["decision"]
-    (step,) = written["steps"]  # no unlearning of a reversed trigger, no gentler retry
+    assert "below 1.0: I-BAU" in written["decision"]
+    (step,) = written["steps"]  # no unlearning of a reversed trigger or of warps, no gentler retry
     assert step["step"] == "I-BAU" and step["tolerance"] == 0.1 and len(step["ibau"]["rounds"]) == 5
     held = written["holdout_accuracy_before"]
     drop = held - step["holdout_accuracy"]

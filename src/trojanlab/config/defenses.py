@@ -271,6 +271,9 @@ class AutoConfig:
                                      "the model fitted read like unseen ones; the calibration was fitted on "
                                      "unseen images)")  # fmt: skip
     ibau: bool = option(True, "follow the unlearning with I-BAU")
+    warp_strength: float = option(6.0, "below the threshold, first unlearn random smooth warps (WaNet's kind, strength "
+                                  "uniform up to this; 0: not)")  # fmt: skip
+    warp_epochs: int = option(10, "epochs of the warp unlearning (all run)")
     quiet_tolerance: float = option(0.01, "below the threshold, I-BAU alone, the model left after its last round "
                                     "whose held-out accuracy drop is at most this (0: the model is returned unchanged)")  # fmt: skip
     tolerance: float = option(0.02, "largest held-out accuracy drop the repair may cost (all steps together; a step "
@@ -293,3 +296,5 @@ class AutoConfig:
         check_number("AutoConfig", "quiet_tolerance", self.quiet_tolerance, 0, 1)
         check_number("AutoConfig", "region_area", self.region_area, 0, 1)
         check_number("AutoConfig", "region_success", self.region_success, 0, 1)
+        check_number("AutoConfig", "warp_strength", self.warp_strength, 0)
+        check_int("AutoConfig", "warp_epochs", self.warp_epochs, 1)

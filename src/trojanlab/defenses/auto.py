@@ -5,11 +5,13 @@ The rule, in order:
 
 1. **Scan** (:func:`~trojanlab.detection.scan.scan_model`: structure check, MM-BD, Neural Cleanse on the defender's
    ``fit`` images -- jittered as the held-out measure is where the model fitted them, since the calibration was
-   fitted on scans of unseen images --, the shipped calibration). Below ``threshold`` only **I-BAU** runs, the model
-   left as it was after its last round within ``quiet_tolerance`` of held-out accuracy (half the usual tolerance;
-   0: the model is returned unchanged): the scan misses some backdoors (the zoo's WaNet members scan at 0.1-0.2, and
-   I-BAU alone removed one at 0.5 predicted points), while on the zoo's clean members all five rounds of I-BAU read
-   4-5 points of held-out accuracy -- a defense costs a model that had no backdoor accuracy.
+   fitted on scans of unseen images --, the shipped calibration). Below ``threshold``, **random smooth warps are
+   unlearnt** (:mod:`~trojanlab.defenses.warp_unlearning`, ``warp_strength``; a warping trigger paints no pixel for
+   Neural Cleanse to reverse, and the zoo's WaNet members scan at 0.1-0.2), then **I-BAU** runs, the model left as
+   it was after its last round within ``quiet_tolerance`` of held-out accuracy for both together (half the usual
+   tolerance; 0: the model is returned unchanged): the scan misses some backdoors, while on the zoo's clean members
+   all five rounds of I-BAU read 4-5 points of held-out accuracy -- a defense costs a model that had no backdoor
+   accuracy.
 2. **A branch merged into the output** (the structure check: how TrojanNet enters a model): where the model is a
    trojanlab TrojanNet-injected artefact, the branch and the merge are cut and the victim kept (the sub-network
    variant's result, without its search); otherwise said so, and step 3 runs.
@@ -63,6 +65,7 @@ from ..models.trojannet import TrojanNetInjected
 from . import ibau
 from .base import DefenseContext, DefenseOutcome
 from .nc_mitigation import region_attack_success, trigger_region, unlearn
+from .warp_unlearning import unlearn_warps
 
 
 def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
@@ -88,9 +91,13 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
             record["decision"] = (f"the scan's probability {scan.probability} is below {cfg.threshold}: the model is "
                                   "returned unchanged")  # fmt: skip
             return _finish(model, record, began, held, nothing="nothing: the scan found no backdoor")
-        record["decision"] = (f"the scan's probability {scan.probability} is below {cfg.threshold}: I-BAU alone, kept "
-                              f"only if it costs at most {100 * cfg.quiet_tolerance:g} held-out points (a scan misses "
-                              "some triggers, warps above all; a model without a backdoor pays more for it)")  # fmt: skip
+        record["decision"] = (f"the scan's probability {scan.probability} is below {cfg.threshold}: "
+                              + ("random warps unlearnt, then " if cfg.warp_strength else "") + "I-BAU, kept only as "
+                              f"far as they cost at most {100 * cfg.quiet_tolerance:g} held-out points together (a "
+                              "scan misses some triggers, warps above all; a model without a backdoor pays more for "
+                              "it)")  # fmt: skip
+        if cfg.warp_strength:
+            held = _warp_step(model, ctx, cfg, held, record)
         held = _ibau_step(
             model,
             ctx,
@@ -223,6 +230,28 @@ def _unlearn_label(
                    f"{median_norm / norm:.2f} >= {cfg.clean_norm_ratio}")  # fmt: skip
             trigger = again.trigger(label)
     return held, False
+
+
+def _warp_step(model, ctx: DefenseContext, cfg: AutoConfig, held: float, record: dict[str, Any]) -> float:
+    """Random smooth warps unlearnt (:func:`~trojanlab.defenses.warp_unlearning.unlearn_warps`: ``warp_epochs``,
+    all run, at ``unlearn_lr``), in place, kept within ``quiet_tolerance`` of the model's held-out accuracy as given,
+    else undone and tried once more at ``backoff`` times the rate; the step is appended to ``record``."""
+    saved = copy.deepcopy(model.state_dict())
+    for scale in (1.0, cfg.backoff) if cfg.backoff else (1.0,):
+        train = TrainConfig(epochs=cfg.warp_epochs, lr=cfg.unlearn_lr * scale, val_fraction=0.0, seed=cfg.seed)
+        unlearn_warps(model, ctx.fit, train, strength=cfg.warp_strength, device=ctx.device, progress=ctx.progress)
+        after = ctx.held_out(model)
+        over = _over_budget(record, after, cfg.quiet_tolerance)
+        step = {"step": "unlearn random warps" + (f" (gentler: lr x {scale:g})" if scale != 1 else ""),
+                "why": "a warping trigger paints no pixel for Neural Cleanse to reverse: random smooth warps at true "
+                       "labels teach the network that a warp is no evidence of a label",
+                "lr": train.lr, "strength": cfg.warp_strength, "holdout_accuracy": after, "kept": over is None}  # fmt: skip
+        record["steps"].append(step)
+        if over is None:
+            return after
+        model.load_state_dict(saved)
+        step["undone"] = over
+    return held
 
 
 def _ibau_step(
