@@ -88,6 +88,21 @@ class Trigger:
         )
 
 
+def warp_grid(
+    flow: torch.Tensor, strength: float | torch.Tensor, height: int, width: int, rescale: float = 1.0
+) -> torch.Tensor:
+    """WaNet's ``(N, H, W, 2)`` sampling grid (x, y order, as ``grid_sample`` reads it) of control offsets ``flow``
+    ``(N, 2, k, k)``, upsampled (bicubic) to ``height`` x ``width``: ``clamp((identity + strength * flow / H) *
+    rescale, -1, 1)``; ``strength`` a number or one per field (``(N, 1, 1, 1)``)."""
+    flow = torch.nn.functional.interpolate(flow, size=(height, width), mode="bicubic", align_corners=True)
+    rows, cols = torch.linspace(-1, 1, height), torch.linspace(-1, 1, width)
+    y, x = torch.meshgrid(rows, cols, indexing="ij")
+    identity = torch.stack((x, y), dim=-1)[None]
+    # the paper divides by the image height for both axes; its images are square
+    grid = (identity + strength * flow.permute(0, 2, 3, 1) / height) * rescale
+    return grid.clamp(-1, 1)
+
+
 @dataclass
 class WarpTrigger:
     """WaNet's trigger (Nguyen & Tran, ICLR 2021): a fixed, smooth warping field applied with ``grid_sample``.
@@ -129,13 +144,7 @@ class WarpTrigger:
     def grid(self, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The ``(1, H, W, 2)`` sampling grid (x, y order, as ``grid_sample`` reads it), before any noise."""
         flow = torch.as_tensor(self.flow, dtype=torch.float32).permute(2, 0, 1)[None]
-        flow = torch.nn.functional.interpolate(flow, size=(height, width), mode="bicubic", align_corners=True)
-        rows, cols = torch.linspace(-1, 1, height), torch.linspace(-1, 1, width)
-        y, x = torch.meshgrid(rows, cols, indexing="ij")
-        identity = torch.stack((x, y), dim=-1)[None]
-        # the paper divides by the image height for both axes; its images are square
-        grid = (identity + self.strength * flow.permute(0, 2, 3, 1) / height) * self.rescale
-        return grid.clamp(-1, 1).to(device)
+        return warp_grid(flow, self.strength, height, width, self.rescale).to(device)
 
     def warp(self, x: torch.Tensor) -> torch.Tensor:
         """Warp float images ``(N, C, H, W)`` or ``(C, H, W)`` in [0, 1]."""

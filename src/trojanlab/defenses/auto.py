@@ -97,7 +97,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                               "scan misses some triggers, warps above all; a model without a backdoor pays more for "
                               "it)")  # fmt: skip
         if cfg.warp_strength:
-            held = _warp_step(model, ctx, cfg, held, record)
+            held = _warp_step(model, ctx, cfg, held, _scales(cfg), record)
         held = _ibau_step(
             model,
             ctx,
@@ -134,7 +134,7 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
         if len(scanned) > scan_cfg.nc_images:
             pick = np.sort(np.random.default_rng(cfg.seed).choice(len(scanned), scan_cfg.nc_images, replace=False))
         nc_data, plain = scanned.subset(pick), ctx.fit.subset(pick)
-        scales = (1.0, cfg.backoff) if cfg.backoff else (1.0,)  # a step over the tolerance is tried once gentler
+        scales = _scales(cfg)
         cleared = []
         for label in labels:
             held, gone = _unlearn_label(
@@ -232,12 +232,19 @@ def _unlearn_label(
     return held, False
 
 
-def _warp_step(model, ctx: DefenseContext, cfg: AutoConfig, held: float, record: dict[str, Any]) -> float:
+def _scales(cfg: AutoConfig) -> tuple[float, ...]:
+    """The learning-rate scales an unlearning step is tried at: a step over the tolerance is tried once gentler."""
+    return (1.0, cfg.backoff) if cfg.backoff else (1.0,)
+
+
+def _warp_step(
+    model, ctx: DefenseContext, cfg: AutoConfig, held: float, scales: tuple[float, ...], record: dict[str, Any]
+) -> float:
     """Random smooth warps unlearnt (:func:`~trojanlab.defenses.warp_unlearning.unlearn_warps`: ``warp_epochs``,
     all run, at ``unlearn_lr``), in place, kept within ``quiet_tolerance`` of the model's held-out accuracy as given,
-    else undone and tried once more at ``backoff`` times the rate; the step is appended to ``record``."""
+    else undone and tried again at each further learning-rate scale; the step is appended to ``record``."""
     saved = copy.deepcopy(model.state_dict())
-    for scale in (1.0, cfg.backoff) if cfg.backoff else (1.0,):
+    for scale in scales:
         train = TrainConfig(epochs=cfg.warp_epochs, lr=cfg.unlearn_lr * scale, val_fraction=0.0, seed=cfg.seed)
         unlearn_warps(model, ctx.fit, train, strength=cfg.warp_strength, device=ctx.device, progress=ctx.progress)
         after = ctx.held_out(model)

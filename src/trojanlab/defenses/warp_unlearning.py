@@ -23,6 +23,7 @@ from torch import nn
 from ..data import ImageSet
 from ..errors import ConfigError
 from ..training import Loss, TrainConfig, TrainResult, fit
+from ..triggers import warp_grid
 
 
 def random_warps(
@@ -38,12 +39,8 @@ def random_warps(
     n, _, height, width = x.shape
     field = torch.rand(n, 2, grid_size, grid_size, generator=generator) * 2 - 1
     field = field / field.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-    scale = torch.rand(n, 1, 1, 1, generator=generator) * strength / height
-    flow = F.interpolate(field, size=(height, width), mode="bicubic", align_corners=True) * scale
-    rows, cols = torch.linspace(-1, 1, height), torch.linspace(-1, 1, width)
-    y, x_axis = torch.meshgrid(rows, cols, indexing="ij")
-    grid = (torch.stack((x_axis, y), dim=-1)[None] + flow.permute(0, 2, 3, 1)).clamp(-1, 1)
-    grid = grid.to(x.device, x.dtype)
+    strengths = torch.rand(n, 1, 1, 1, generator=generator) * strength
+    grid = warp_grid(field, strengths, height, width).to(x.device, x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
