@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -68,6 +69,28 @@ def test_below_the_threshold_i_bau_alone_is_kept_only_within_the_quiet_tolerance
     assert all(held - r["holdout_accuracy"] <= 0.1 and "over_budget" not in r for r in step["ibau"]["rounds"])
     assert written["predicted_clean_accuracy_drop"] == pytest.approx(drop)
     assert report.before["attack_success_rate"] > 0.9 and report.after["attack_success_rate"] < 0.7
+
+
+def test_below_the_threshold_a_kept_warp_step_is_not_followed_by_i_bau(small_backdoor, tmp_path):
+    model, data = small_backdoor
+    defender = DefenderConfig(clean_fraction=0.5, holdout=0.2)
+    quiet = AutoConfig(threshold=1.0, quiet_tolerance=0.1, warp_epochs=2)
+    defend("auto", model, quiet, data=data, defender=defender, out=tmp_path / "warps", progress=False)
+    written = json.loads((tmp_path / "warps" / "result.json").read_text())
+    assert "random warps unlearnt, I-BAU where that step is undone" in written["decision"]
+    warps, ibau = written["steps"]
+    # warps keep this brightness rule (measured: no held-out image lost), so the step is kept and I-BAU, whose
+    # rounds can bring a warp back, is not run
+    assert warps["step"] == "unlearn random warps" and warps["kept"]
+    assert ibau["step"] == "I-BAU" and not ibau["kept"] and ibau["why"].startswith("not run")
+    assert written["holdout_accuracy_after"] == warps["holdout_accuracy"]
+
+    # asked for, I-BAU follows the kept warp step, within the same budget
+    both = defend("auto", model, dataclasses.replace(quiet, quiet_ibau=True), data=data, defender=defender,
+                  out=tmp_path / "both", progress=False)  # fmt: skip
+    warps, ibau = json.loads((tmp_path / "both" / "result.json").read_text())["steps"]
+    assert warps["kept"] and len(ibau["ibau"]["rounds"]) == 5 and ibau["tolerance"] == 0.1
+    assert both.changed.startswith("unlearn random warps; I-BAU")
 
 
 def test_bad_settings_are_refused():

@@ -7,11 +7,12 @@ The rule, in order:
    ``fit`` images -- jittered as the held-out measure is where the model fitted them, since the calibration was
    fitted on scans of unseen images --, the shipped calibration). Below ``threshold``, **random smooth warps are
    unlearnt** (:mod:`~trojanlab.defenses.warp_unlearning`, ``warp_strength``; a warping trigger paints no pixel for
-   Neural Cleanse to reverse, and the zoo's WaNet members scan at 0.1-0.2), then **I-BAU** runs, the model left as
-   it was after its last round within ``quiet_tolerance`` of held-out accuracy for both together (half the usual
-   tolerance; 0: the model is returned unchanged): the scan misses some backdoors, while on the zoo's clean members
-   all five rounds of I-BAU read 4-5 points of held-out accuracy -- a defense costs a model that had no backdoor
-   accuracy.
+   Neural Cleanse to reverse, and the zoo's WaNet members scan at 0.1-0.2), kept within ``quiet_tolerance`` of
+   held-out accuracy (half the usual tolerance; 0: the model is returned unchanged). Where that step is undone (or
+   off), **I-BAU** runs instead, the model left as it was after its last round within the same budget: the scan
+   misses some backdoors, while on the zoo's clean members all five rounds of I-BAU read 4-5 points of held-out
+   accuracy -- a defense costs a model that had no backdoor accuracy. I-BAU does not follow a kept warp step
+   (``quiet_ibau`` makes it): on the zoo's wanet-000 its rounds brought the warp back (ASR 1.3 -> 6.6 %).
 2. **A branch merged into the output** (the structure check: how TrojanNet enters a model): where the model is a
    trojanlab TrojanNet-injected artefact, the branch and the merge are cut and the victim kept (the sub-network
    variant's result, without its search); otherwise said so, and step 3 runs.
@@ -91,23 +92,29 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
             record["decision"] = (f"the scan's probability {scan.probability} is below {cfg.threshold}: the model is "
                                   "returned unchanged")  # fmt: skip
             return _finish(model, record, began, held, nothing="nothing: the scan found no backdoor")
+        then = "then I-BAU" if cfg.quiet_ibau else "I-BAU where that step is undone"
         record["decision"] = (f"the scan's probability {scan.probability} is below {cfg.threshold}: "
-                              + ("random warps unlearnt, then " if cfg.warp_strength else "") + "I-BAU, kept only as "
-                              f"far as they cost at most {100 * cfg.quiet_tolerance:g} held-out points together (a "
+                              + (f"random warps unlearnt, {then}" if cfg.warp_strength else "I-BAU") + ", kept only "
+                              f"as far as they cost at most {100 * cfg.quiet_tolerance:g} held-out points together (a "
                               "scan misses some triggers, warps above all; a model without a backdoor pays more for "
                               "it)")  # fmt: skip
-        if cfg.warp_strength:
-            held = _warp_step(model, ctx, cfg, held, _scales(cfg), record)
-        held = _ibau_step(
-            model,
-            ctx,
-            cfg,
-            held,
-            cfg.quiet_tolerance,
-            (1.0,),
-            record,
-            "the scan found no backdoor, yet it misses some (warping triggers); I-BAU needs no label",
-        )
+        warped = cfg.warp_strength > 0 and _warp_step(model, ctx, cfg, _scales(cfg), record)
+        if warped:
+            held = record["steps"][-1]["holdout_accuracy"]
+        if warped and not cfg.quiet_ibau:
+            record["steps"].append({"step": "I-BAU", "kept": False, "why": "not run: the warp unlearning was kept, "
+                                    "and I-BAU's rounds can bring a warp back (the zoo's wanet-000: ASR 1.3 -> 6.6 %)"})  # fmt: skip
+        else:
+            held = _ibau_step(
+                model,
+                ctx,
+                cfg,
+                held,
+                cfg.quiet_tolerance,
+                (1.0,),
+                record,
+                "the scan found no backdoor, yet it misses some (warping triggers); I-BAU needs no label",
+            )
         return _finish(model, record, began, held)
 
     spec = None
@@ -238,11 +245,12 @@ def _scales(cfg: AutoConfig) -> tuple[float, ...]:
 
 
 def _warp_step(
-    model, ctx: DefenseContext, cfg: AutoConfig, held: float, scales: tuple[float, ...], record: dict[str, Any]
-) -> float:
+    model, ctx: DefenseContext, cfg: AutoConfig, scales: tuple[float, ...], record: dict[str, Any]
+) -> bool:
     """Random smooth warps unlearnt (:func:`~trojanlab.defenses.warp_unlearning.unlearn_warps`: ``warp_epochs``,
     all run, at ``unlearn_lr``), in place, kept within ``quiet_tolerance`` of the model's held-out accuracy as given,
-    else undone and tried again at each further learning-rate scale; the step is appended to ``record``."""
+    else undone and tried again at each further learning-rate scale; the step is appended to ``record``. Returns
+    whether it was kept."""
     saved = copy.deepcopy(model.state_dict())
     for scale in scales:
         train = TrainConfig(epochs=cfg.warp_epochs, lr=cfg.unlearn_lr * scale, val_fraction=0.0, seed=cfg.seed)
@@ -255,10 +263,10 @@ def _warp_step(
                 "lr": train.lr, "strength": cfg.warp_strength, "holdout_accuracy": after, "kept": over is None}  # fmt: skip
         record["steps"].append(step)
         if over is None:
-            return after
+            return True
         model.load_state_dict(saved)
         step["undone"] = over
-    return held
+    return False
 
 
 def _ibau_step(
