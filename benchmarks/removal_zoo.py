@@ -1,11 +1,12 @@
 """Backdoor removal over a zoo: every chosen defense on backdoored members of every family and on clean members.
 
     python benchmarks/removal_zoo.py --zoo ZOO --out RUN --methods ibau [anp ...] [--per-family 6] [--clean 6]
-                                     [--members ID ...] [--workers 2] [--threads 1]
+                                     [--members ID ...] [--set METHOD.FIELD=VALUE ...] [--workers 2] [--threads 1]
 
 Each (member, method) is one ``trojanlab defend`` run with the method's defaults (the defender's clean images are
 its registry default share of the training split, seeded) into ``RUN/members/<id>/<method>/`` (a finished run is
-reused, so the benchmark resumes; ``nc-unlearn`` reads a ``detect nc`` run made first in ``<id>/nc-scan``). A
+reused, so the benchmark resumes; ``nc-unlearn`` reads a ``detect nc`` run made first in ``<id>/nc-scan``);
+``--set anp.iterations=500`` changes one setting of one method (the table's command line says so). A
 defense that refuses (its held-out measure cannot be made to read the member's recorded clean accuracy) is recorded
 as refused, with its message. The table, per family and method: clean-accuracy drop and attack success rate after
 (mean and worst), the drop the held-out measure predicted beside the measured one, how many kept the promise (drop
@@ -19,23 +20,26 @@ per member with ANP's premise check. Clean members show what a defense costs a m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from _runs import run_once
-from trojanlab.config import ANPConfig, AutoConfig, NCConfig, NCUnlearnConfig, PruneRule
+from trojanlab.config import ANPConfig, AutoConfig, NCConfig, PruneRule
 from trojanlab.data import to_tensor
 from trojanlab.defenses import DEFENSES, defend
 from trojanlab.defenses.anp import collapse_check, find_neurons
 from trojanlab.detection.run import neural_cleanse
-from trojanlab.errors import DataError
+from trojanlab.errors import ConfigError, DataError
 from trojanlab.io import read_json, write_json
 from trojanlab.runs import check_fits, defender_split, load_artifact, model_data, source_commit
 
@@ -52,15 +56,15 @@ def defend_member(job: tuple) -> dict:
     """One (member, method) run, or its earlier result; a defense that refused (no held-out measure tracks the
     model's stated clean accuracy, say) is recorded as refused, with its message. ``nc-unlearn`` reads a
     ``trojanlab detect nc`` run on the same member, made first (and reused) in ``../nc-scan``."""
-    folder, method, model, data, seed = job
+    folder, method, model, data, seed, settings = job
     refused = folder / "refused.json"
     if refused.is_file():
         return read_json(refused)
-    configs = ()
     if method == "nc-unlearn":
         scan = folder.parent / "nc-scan"
         run_once(scan, neural_cleanse, model, NCConfig(seed=seed), data=data, seed=seed, progress=False)
-        configs = (NCUnlearnConfig(reversed_triggers=str(scan)),)
+        settings = {**settings, "reversed_triggers": str(scan)}
+    configs = method_configs(method, settings, seed)
     if (folder / "result.json").is_file():
         return read_json(folder / "result.json")
     try:
@@ -71,6 +75,38 @@ def defend_member(job: tuple) -> dict:
         shutil.rmtree(folder / "repaired", ignore_errors=True)
         return record
     return read_json(folder / "result.json")
+
+
+def method_configs(method: str, settings: dict[str, Any], seed: int) -> tuple:
+    """``method``'s configs with ``settings`` (field: value) set in the config class that has each field; the others
+    at their defaults (``seed`` the run's)."""
+    configs = []
+    for cls in DEFENSES[method].configs:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: v for k, v in settings.items() if k in fields}
+        configs.append(cls(**({"seed": seed} if "seed" in fields else {}), **mine))
+    return tuple(configs)
+
+
+def parse_settings(given: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set METHOD.FIELD=VALUE ...`` as {method: {field: value}} (values read as YAML scalars), each field
+    checked against the method's configs."""
+    settings: dict[str, dict[str, Any]] = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or method not in methods:
+            raise SystemExit(f"--set {item}: expected METHOD.FIELD=VALUE with METHOD one of --methods")
+        known = {f.name for cls in DEFENSES[method].configs for f in dataclasses.fields(cls)} - {"seed"}
+        if name not in known:
+            raise SystemExit(f"--set {item}: {method} has no setting {name!r} (known: {', '.join(sorted(known))})")
+        settings.setdefault(method, {})[name] = yaml.safe_load(value)
+    for method, chosen in settings.items():
+        try:
+            method_configs(method, chosen, 0)
+        except (ConfigError, TypeError) as exc:
+            raise SystemExit(f"--set {method}: {exc}") from None
+    return settings
 
 
 def premise_of(folder: Path, model: str, data: str, seed: int) -> dict:
@@ -159,6 +195,8 @@ def main() -> None:
         help="run METHOD on only the first N backdoored members of each family and M clean ones",
     )
     parser.add_argument("--members", nargs="+", help="these members (--per-family and --clean are then ignored)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="METHOD.FIELD=VALUE", dest="settings",
+                        help="one setting of one method (say anp.iterations=500); the rest at their defaults")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (--workers 1 --threads 2: one "
                         "run on both of this machine's cores: 2 CPU cores per model)")  # fmt: skip
@@ -179,10 +217,11 @@ def main() -> None:
             raise SystemExit("--members: a member is named twice")
         members = [known[i] for i in args.members]
     limits = sample_limits(args.sample, args.methods)
+    settings = parse_settings(args.settings, args.methods)
     data = manifest["config"]["data"]
     pairs = [(m, method) for m in members for method in args.methods if within(m, method, members, limits)]
-    jobs = [(args.out / "members" / m["id"] / method, method, str(args.zoo / m["path"]), data, args.seed)
-            for m, method in pairs]  # fmt: skip
+    jobs = [(args.out / "members" / m["id"] / method, method, str(args.zoo / m["path"]), data, args.seed,
+             settings.get(method, {})) for m, method in pairs]  # fmt: skip
     mapper = map
     torch.set_num_threads(args.threads)  # the same threads per run, whatever the workers
     if args.workers > 1:
@@ -190,14 +229,15 @@ def main() -> None:
                                    initializer=torch.set_num_threads, initargs=(args.threads,))  # fmt: skip
         mapper = pool.map
     rows = []
-    for i, ((folder, method, _, _, _), result) in enumerate(zip(jobs, mapper(defend_member, jobs))):
-        m = pairs[i][0]
+    for i, result in enumerate(mapper(defend_member, jobs)):
+        m, method = pairs[i]
         rows.append(row_of(m, method, result))
         print(f"[{i + 1}/{len(jobs)}] {m['id']} {method}: {said(rows[-1])}", flush=True)
     premises = {m["id"]: premise_of(args.out / "members" / m["id"], str(args.zoo / m["path"]), data, args.seed)
                 for m in {m["id"]: m for m, _ in pairs}.values()}  # fmt: skip
     commits = Counter((r["commit"] or "unknown")[:7] for r in rows if not r["refused"])
-    record = {"commit": source_commit(), "zoo": str(args.zoo), "methods": args.methods, "seed": args.seed,
+    record = {"commit": source_commit(), "zoo": str(args.zoo), "methods": args.methods, "settings": settings,
+              "seed": args.seed,
               "workers": args.workers, "threads": args.threads,
               "run_commits": dict(commits), "wall_seconds": round(time.perf_counter() - began, 1), "rows": rows,
               "premises": premises}  # fmt: skip
@@ -207,7 +247,8 @@ def main() -> None:
     chosen = f"--members {' '.join(args.members)}" if args.members else (f"--per-family {args.per_family} --clean "
                                                                          f"{args.clean}")  # fmt: skip
     command = (f"python benchmarks/removal_zoo.py --zoo {args.zoo} --methods {' '.join(args.methods)} {chosen}"
-               f"{' --sample ' + ' '.join(args.sample) if args.sample else ''} --workers {args.workers} --threads "
+               f"{' --sample ' + ' '.join(args.sample) if args.sample else ''}"
+               f"{' --set ' + ' '.join(args.settings) if args.settings else ''} --workers {args.workers} --threads "
                f"{args.threads}")  # fmt: skip
     text = table(record, command)
     (RESULTS / f"{args.name}.md").write_text(text)

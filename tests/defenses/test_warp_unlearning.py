@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from trojanlab.config import DefenderConfig, WarpUnlearnConfig
 from trojanlab.data import load_dataset, to_tensor
+from trojanlab.defenses import defend
 from trojanlab.defenses.warp_unlearning import random_warps, unlearn_warps, warp_loss
 from trojanlab.errors import ConfigError
 from trojanlab.evaluation import attack_success_rate, clean_accuracy
@@ -33,15 +36,23 @@ def test_random_warps_move_each_image_its_own_way_within_the_strength():
     assert torch.allclose(still, x, atol=1e-4)
 
 
-def test_unlearning_warps_removes_a_warping_backdoor_that_fine_tuning_leaves(tmp_path, make_bright_thirds):
+@pytest.fixture(scope="module")
+def warp_backdoor(tmp_path_factory, make_bright_thirds):
+    """A GTSRB CNN with a WaNet backdoor (label 2, strength 4) on a tiny 3-class rule: ``(model folder, .npz)``."""
     from trojanlab.attacks.run import wanet
     from trojanlab.config import TrainConfig as VictimTraining
     from trojanlab.config import WaNetConfig
 
-    npz = make_bright_thirds(tmp_path / "data.npz", 600, 150, seed=4)
+    folder = tmp_path_factory.mktemp("warp_backdoor")
+    npz = make_bright_thirds(folder / "data.npz", 600, 150, seed=4)
     wanet(WaNetConfig(targets=[2], strength=4.0), VictimTraining(epochs=10, batch_size=32, val_fraction=0.0),
-          data=npz, out=tmp_path / "wanet", progress=False)  # fmt: skip
-    loaded = load_model(tmp_path / "wanet")
+          data=npz, out=folder / "wanet", progress=False)  # fmt: skip
+    return folder / "wanet", npz
+
+
+def test_unlearning_warps_removes_a_warping_backdoor_that_fine_tuning_leaves(warp_backdoor):
+    model, npz = warp_backdoor
+    loaded = load_model(model)
     splits = load_dataset(npz)
     (trigger,) = loaded.triggers
     assert attack_success_rate(loaded.module, splits.test, trigger) > 0.8
@@ -54,6 +65,33 @@ def test_unlearning_warps_removes_a_warping_backdoor_that_fine_tuning_leaves(tmp
     assert attack_success_rate(plain, splits.test, trigger) > 0.5  # 0.95 measured
     assert attack_success_rate(unwarped, splits.test, trigger) < 0.2  # 0.0 measured
     assert clean_accuracy(unwarped, splits.test) > 0.9
+
+
+def test_the_warp_unlearn_defense_reports_what_it_cost_on_the_held_out_images(warp_backdoor, tmp_path):
+    model, npz = warp_backdoor
+    cfg = WarpUnlearnConfig(epochs=2, lr=3e-4, grid_sizes=[4, 8])  # a list, as the command line gives it
+    assert cfg.grid_sizes == (4, 8)
+    report = defend("warp-unlearn", model, cfg, data=npz, defender=DefenderConfig(clean_fraction=0.4, holdout=0.2),
+                    out=tmp_path / "run", progress=False)  # fmt: skip
+    assert report.before["attack_success_rate"] > 0.8 and report.after["attack_success_rate"] < 0.2
+    assert report.after["clean_accuracy"] > 0.9
+    written = json.loads((tmp_path / "run" / "result.json").read_text())
+    held = written["holdout_accuracy"]
+    assert written["predicted_clean_accuracy_drop"] == pytest.approx(held["before"] - held["after"])
+    # 0.4 of the 600 training images, about a fifth of them held out (stratified by class)
+    assert written["epochs"] == 2 and 185 <= written["unlearning_images"] <= 195
+    assert "grids 4, 8" in written["changed"]
+    assert (tmp_path / "run" / "repaired" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [({"strength": 0.0}, "strength"), ({"epochs": 0}, "epochs"), ({"share": 1.5}, "share"),
+     ({"grid_sizes": ()}, "grid_sizes"), ({"grid_sizes": (4, 1)}, "grid_sizes"), ({"lr": -1.0}, "lr")],
+)  # fmt: skip
+def test_bad_warp_unlearn_settings_are_refused(setting, named):
+    with pytest.raises(ConfigError, match=named):
+        WarpUnlearnConfig(**setting)
 
 
 def test_bad_warp_settings_are_refused():

@@ -26,6 +26,7 @@ from .defenses import (
     NCUnlearnConfig,
     PruneRule,
     SubnetworkConfig,
+    WarpUnlearnConfig,
 )
 from .detection import MMBDConfig, MNTDConfig, MNTDScoreConfig, NCConfig, ScanConfig, StructureConfig
 from .training import ModelConfig, TrainConfig, TransferConfig
@@ -50,6 +51,7 @@ __all__ = [
     "ScanConfig",
     "StructureConfig",
     "SubnetworkConfig",
+    "WarpUnlearnConfig",
     "TrainConfig",
     "TransferConfig",
     "TrojanNNConfig",

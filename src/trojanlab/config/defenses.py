@@ -242,6 +242,32 @@ class IBAUConfig:
 
 
 @dataclass
+class WarpUnlearnConfig:
+    """Unlearning random smooth warps (:mod:`trojanlab.defenses.warp_unlearning`): ``epochs`` of fine-tuning (Adam,
+    ``lr``, all run) on the defender's images, ``share`` of each batch moved by a fresh warp on a control grid of
+    one of ``grid_sizes`` points at a strength uniform up to ``strength``, kept at its true label."""
+
+    strength: float = option(6.0, "largest warp strength (WaNet's s; each image its own, uniform up to this)",
+                             flag="--warp-strength")  # fmt: skip
+    epochs: int = option(10, "epochs of the warp unlearning (all run)", flag="--warp-epochs")
+    lr: float = option(1e-3, "learning rate (Adam)")
+    share: float = option(0.5, "share of each batch warped")
+    grid_sizes: tuple[int, ...] = option((2, 4, 8), "control-grid sizes a batch's warps are drawn on", nargs="+")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        self.grid_sizes = tuple(self.grid_sizes)
+        check_number("WarpUnlearnConfig", "strength", self.strength, 0, low_open=True)
+        check_int("WarpUnlearnConfig", "epochs", self.epochs, 1)
+        check_number("WarpUnlearnConfig", "lr", self.lr, 0, low_open=True)
+        check_number("WarpUnlearnConfig", "share", self.share, 0, 1, low_open=True)
+        if not self.grid_sizes:
+            raise ConfigError("WarpUnlearnConfig.grid_sizes must name at least one grid size")
+        for size in self.grid_sizes:
+            check_int("WarpUnlearnConfig", "grid_sizes", size, 2)
+
+
+@dataclass
 class AutoConfig:
     """``defend auto``'s rule (:mod:`trojanlab.defenses.auto`): repair where the scan's probability reaches
     ``threshold``; unlearn the reversed triggers of the first ``labels`` suspected labels, reversed again for
@@ -272,9 +298,9 @@ class AutoConfig:
                                      "the model fitted read like unseen ones; the calibration was fitted on "
                                      "unseen images)")  # fmt: skip
     ibau: bool = option(True, "follow the unlearning with I-BAU")
-    warp_strength: float = option(6.0, "below the threshold, first unlearn random smooth warps (WaNet's kind, strength "
-                                  "uniform up to this; 0: not)")  # fmt: skip
-    warp_epochs: int = option(10, "epochs of the warp unlearning (all run)")
+    warp_strength: float = option(WarpUnlearnConfig.strength, "below the threshold, first unlearn random smooth warps "
+                                  "(WaNet's kind, strength uniform up to this; 0: not)")  # fmt: skip
+    warp_epochs: int = option(WarpUnlearnConfig.epochs, "epochs of the warp unlearning (all run)")
     quiet_ibau: bool = option(False, "below the threshold, follow a kept warp unlearning with I-BAU too (its rounds "
                               "can bring a warp back: the zoo's wanet-000, ASR 1.3 -> 6.6 %); where the warp step is "
                               "undone or off, I-BAU runs regardless")  # fmt: skip

@@ -16,12 +16,14 @@ from ..config.defenses import (
     NCUnlearnConfig,
     PruneRule,
     SubnetworkConfig,
+    WarpUnlearnConfig,
 )
 from .auto import auto_defense
 from .base import DefenseContext, DefenseOutcome
 from .ibau import ibau_defense
 from .pruning import anp_defense, fine_pruning_defense, nc_guided_defense
 from .repair import nc_prune_defense, nc_unlearn_defense, subnetwork_defense
+from .warp_unlearning import warp_unlearn_defense
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ DEFENSES: dict[str, Defense] = {
                     "I-BAU (Zeng et al. 2022): adversarial unlearning of the universal perturbation the model is "
                     "most fooled by, along the implicit hypergradient", output="repaired",
                     defender=DefenderConfig(clean_fraction=0.05, holdout=0.2)),
+    "warp-unlearn": Defense((WarpUnlearnConfig,), warp_unlearn_defense,
+                            "unlearn random smooth warps (WaNet's kind) at the true labels", output="repaired",
+                            defender=DefenderConfig(clean_fraction=0.05, holdout=0.2)),
     "auto": Defense((AutoConfig,), auto_defense,
                     "scan the model, then cut a merged branch or unlearn the reversed trigger and run I-BAU, each step "
                     "kept only within the held-out tolerance", output="repaired",

@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.defenses import WarpUnlearnConfig
 from ..data import ImageSet
 from ..errors import ConfigError
 from ..training import Loss, TrainConfig, TrainResult, fit
 from ..triggers import warp_grid
+from .base import DefenseContext, DefenseOutcome
 
 
 def random_warps(
@@ -44,7 +46,12 @@ def random_warps(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def warp_loss(share: float = 0.5, strength: float = 6.0, grid_sizes: Sequence[int] = (2, 4, 8), seed: int = 0) -> Loss:
+def warp_loss(
+    share: float = WarpUnlearnConfig.share,
+    strength: float = WarpUnlearnConfig.strength,
+    grid_sizes: Sequence[int] = WarpUnlearnConfig.grid_sizes,
+    seed: int = 0,
+) -> Loss:
     """A loss for :func:`~trojanlab.training.fit`: ``share`` of each batch warped by :func:`random_warps` (its grid
     size drawn from ``grid_sizes`` per batch), then cross-entropy at the true labels on the whole batch."""
     if not 0 < share <= 1:
@@ -66,12 +73,30 @@ def unlearn_warps(
     model: nn.Module,
     clean: ImageSet,
     config: TrainConfig,
-    share: float = 0.5,
-    strength: float = 6.0,
-    grid_sizes: Sequence[int] = (2, 4, 8),
+    share: float = WarpUnlearnConfig.share,
+    strength: float = WarpUnlearnConfig.strength,
+    grid_sizes: Sequence[int] = WarpUnlearnConfig.grid_sizes,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``clean``, ``share`` of each batch randomly warped at its true label."""
     return fit(model, clean, config, device=device, progress=progress,
                loss=warp_loss(share, strength, grid_sizes, config.seed))  # fmt: skip
+
+
+def warp_unlearn_defense(ctx: DefenseContext, cfg: WarpUnlearnConfig) -> DefenseOutcome:
+    """Warp unlearning with the defender's ``fit`` images, all epochs run; the held-out images measure what it cost
+    (the predicted CA drop)."""
+    held_before = ctx.held_out(ctx.model)
+    train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, val_fraction=0.0, seed=cfg.seed)
+    result = unlearn_warps(ctx.model, ctx.fit, train, cfg.share, cfg.strength, cfg.grid_sizes, ctx.device,
+                           ctx.progress)  # fmt: skip
+    held_after = ctx.held_out(ctx.model)
+    details = {"unlearning_images": len(ctx.fit), "epochs": len(result.history),
+               "holdout_accuracy": {"before": held_before, "after": held_after},
+               "predicted_clean_accuracy_drop": held_before - held_after}  # fmt: skip
+    changed = (
+        f"{cfg.epochs} epochs of fine-tuning on {len(ctx.fit)} clean images, {cfg.share:.0%} of each batch "
+        f"randomly warped (grids {', '.join(map(str, cfg.grid_sizes))}, strength up to {cfg.strength:g})"
+    )
+    return DefenseOutcome(ctx.model, changed, details)
