@@ -6,7 +6,8 @@
 Each (member, method) is one ``trojanlab defend`` run with the method's defaults (the defender's clean images are
 its registry default share of the training split, seeded) into ``RUN/members/<id>/<method>/`` (a finished run is
 reused, so the benchmark resumes; ``nc-unlearn`` reads a ``detect nc`` run made first in ``<id>/nc-scan``);
-``--set anp.iterations=500`` changes one setting of one method (the table's command line says so). A
+``--set anp.iterations=500`` changes one setting of one method (the table's command line says so; its runs go to
+``<method>[iterations=500]``). A
 defense that refuses (its held-out measure cannot be made to read the member's recorded clean accuracy) is recorded
 as refused, with its message. The table, per family and method: clean-accuracy drop and attack success rate after
 (mean and worst), the drop the held-out measure predicted beside the measured one, how many kept the promise (drop
@@ -24,6 +25,7 @@ import dataclasses
 import multiprocessing
 import shutil
 import time
+import typing
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -97,16 +99,32 @@ def parse_settings(given: list[str], methods: list[str]) -> dict[str, dict[str, 
         method, dot, name = key.partition(".")
         if not sep or not dot or method not in methods:
             raise SystemExit(f"--set {item}: expected METHOD.FIELD=VALUE with METHOD one of --methods")
-        known = {f.name for cls in DEFENSES[method].configs for f in dataclasses.fields(cls)} - {"seed"}
+        hints = {f.name: typing.get_type_hints(cls)[f.name] for cls in DEFENSES[method].configs
+                 for f in dataclasses.fields(cls)}  # fmt: skip
+        known = sorted(set(hints) - {"seed", "reversed_triggers"})  # nc-unlearn's scan is the benchmark's own
         if name not in known:
-            raise SystemExit(f"--set {item}: {method} has no setting {name!r} (known: {', '.join(sorted(known))})")
-        settings.setdefault(method, {})[name] = yaml.safe_load(value)
+            raise SystemExit(f"--set {item}: {method} has no setting {name!r} (known: {', '.join(known)})")
+        read = yaml.safe_load(value)
+        if hints[name] in (int, float, int | None, float | None) and isinstance(read, str):
+            try:  # YAML reads 1e-3 as a string
+                read = float(read)
+            except ValueError:
+                raise SystemExit(f"--set {item}: {name} takes a number") from None
+        settings.setdefault(method, {})[name] = read
     for method, chosen in settings.items():
+        placeholder = {"reversed_triggers": "SCAN"} if method == "nc-unlearn" else {}  # set per member
         try:
-            method_configs(method, chosen, 0)
+            method_configs(method, {**chosen, **placeholder}, 0)
         except (ConfigError, TypeError) as exc:
             raise SystemExit(f"--set {method}: {exc}") from None
     return settings
+
+
+def run_folder(out: Path, member: str, method: str, settings: dict[str, Any]) -> Path:
+    """Where one (member, method) run goes: ``OUT/members/<id>/<method>``, the settings ``--set`` changed in its
+    name (``anp[batch_size=64,iterations=500]``), so that a run with other settings is never reused for it."""
+    tag = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    return out / "members" / member / (f"{method}[{tag}]" if tag else method)
 
 
 def premise_of(folder: Path, model: str, data: str, seed: int) -> dict:
@@ -220,8 +238,8 @@ def main() -> None:
     settings = parse_settings(args.settings, args.methods)
     data = manifest["config"]["data"]
     pairs = [(m, method) for m in members for method in args.methods if within(m, method, members, limits)]
-    jobs = [(args.out / "members" / m["id"] / method, method, str(args.zoo / m["path"]), data, args.seed,
-             settings.get(method, {})) for m, method in pairs]  # fmt: skip
+    jobs = [(run_folder(args.out, m["id"], method, settings.get(method, {})), method, str(args.zoo / m["path"]),
+             data, args.seed, settings.get(method, {})) for m, method in pairs]  # fmt: skip
     mapper = map
     torch.set_num_threads(args.threads)  # the same threads per run, whatever the workers
     if args.workers > 1:

@@ -104,6 +104,11 @@ def test_options_become_the_config_the_library_takes():
     args = build_parser().parse_args(["attack", "badnets", "--out", "o", "--location", "3", "5", "--target", "1", "2"])
     badnets = config_from(args, cfg.BadNetsConfig, "badnets")
     assert badnets.location == (3, 5) and badnets.targets == [1, 2]
+    # a tuple of any length (nargs "+"), not a pair
+    args = build_parser().parse_args(["defend", "warp-unlearn", "--model", "m", "--out", "o", "--grid-sizes", "4", "8",
+                                      "16", "--strength", "3"])  # fmt: skip
+    warps = config_from(args, cfg.WarpUnlearnConfig, "WarpUnlearnConfig")
+    assert warps == cfg.WarpUnlearnConfig(grid_sizes=(4, 8, 16), strength=3.0)
 
 
 @pytest.mark.parametrize("command", [("defend", "anp"), ("train",), ("detect", "nc")])

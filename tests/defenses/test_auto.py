@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -29,7 +30,7 @@ def test_auto_unlearns_the_scans_reversed_trigger_and_reports_each_step(small_ba
     # pattern in it, rounds while the region attack still takes held-out images to the label
     assert step["unlearnt_trigger_l1_norm"] < step["reversed_trigger_l1_norm"] and step["region_pixels"] > 0
     held = written["holdout_accuracy_before"]
-    for before, after in zip(unlearning, unlearning[1:]):
+    for before, after in itertools.pairwise(unlearning):
         assert after["step"].startswith("unlearn the reversed trigger of label 1 (round")
         assert before["kept"] and before["region_attack_success"] > 0.1  # the reason a further round ran
     assert unlearning[-1]["region_attack_success"] <= 0.1
@@ -91,6 +92,22 @@ def test_below_the_threshold_a_kept_warp_step_is_not_followed_by_i_bau(small_bac
     warps, ibau = json.loads((tmp_path / "both" / "result.json").read_text())["steps"]
     assert warps["kept"] and len(ibau["ibau"]["rounds"]) == 5 and ibau["tolerance"] == 0.1
     assert both.changed.startswith("unlearn random warps; I-BAU")
+
+
+def test_below_the_threshold_an_undone_warp_step_is_followed_by_i_bau(small_backdoor, tmp_path):
+    model, data = small_backdoor
+    defender = DefenderConfig(clean_fraction=0.5, holdout=0.2)
+    # a learning rate no network survives: the warp step goes over the budget and is undone (no gentler retry)
+    cfg = AutoConfig(threshold=1.0, quiet_tolerance=0.1, warp_epochs=1, unlearn_lr=1.0, backoff=0)
+    report = defend("auto", model, cfg, data=data, defender=defender, out=tmp_path / "run", progress=False)
+    written = json.loads((tmp_path / "run" / "result.json").read_text())
+    warps, ibau = written["steps"]
+    held = written["holdout_accuracy_before"]
+    assert warps["step"] == "unlearn random warps" and not warps["kept"] and "undone" in warps
+    assert held - warps["holdout_accuracy"] > 0.1
+    # I-BAU runs on the model as given (its own learning rate): each round read against the same budget
+    assert ibau["step"] == "I-BAU" and len(ibau["ibau"]["rounds"]) == 5 and ibau["kept"]
+    assert report.changed == "I-BAU" and report.after["clean_accuracy"] > report.before["clean_accuracy"] - 0.1
 
 
 def test_bad_settings_are_refused():

@@ -247,10 +247,9 @@ class WarpUnlearnConfig:
     ``lr``, all run) on the defender's images, ``share`` of each batch moved by a fresh warp on a control grid of
     one of ``grid_sizes`` points at a strength uniform up to ``strength``, kept at its true label."""
 
-    strength: float = option(6.0, "largest warp strength (WaNet's s; each image its own, uniform up to this)",
-                             flag="--warp-strength")  # fmt: skip
-    epochs: int = option(10, "epochs of the warp unlearning (all run)", flag="--warp-epochs")
-    lr: float = option(1e-3, "learning rate (Adam)")
+    strength: float = option(6.0, "largest warp strength (WaNet's s; each image its own, uniform up to this)")
+    epochs: int = option(10, "epochs of the warp unlearning (all run)")
+    lr: float = option(1e-3, "learning rate (Adam; `defend auto` unlearns warps at its --unlearn-lr)")
     share: float = option(0.5, "share of each batch warped")
     grid_sizes: tuple[int, ...] = option((2, 4, 8), "control-grid sizes a batch's warps are drawn on", nargs="+")
     seed: int = option(0, cli=False)
@@ -274,8 +273,8 @@ class AutoConfig:
     ``refine_steps`` (``unlearn_epochs`` at ``unlearn_lr``, ``stamp_fraction`` of the images stamped; a patch's
     region with the region attack, rounds while it reaches the label above ``region_success``), then I-BAU
     (``ibau``) unless the patch is gone; a step whose held-out accuracy drop exceeds ``tolerance`` is undone. Below
-    ``threshold``, random warps unlearnt (``warp_strength``), or where that is undone (or ``quiet_ibau``) I-BAU, within
-    ``quiet_tolerance``."""
+    ``threshold``, random warps unlearnt (``warp_strength``), then I-BAU where that step is undone or off (always with
+    ``quiet_ibau``), both within ``quiet_tolerance``."""
 
     threshold: float = option(0.5, "the scan's probability from which the model is repaired")
     labels: int = option(1, "suspected labels whose reversed triggers are unlearnt", flag="--repair-count")
@@ -297,7 +296,8 @@ class AutoConfig:
     scan_like_measure: bool = option(True, "scan the defender's images jittered as the held-out measure is (images "
                                      "the model fitted read like unseen ones; the calibration was fitted on "
                                      "unseen images)")  # fmt: skip
-    ibau: bool = option(True, "follow the unlearning with I-BAU")
+    ibau: bool = option(True, "follow the unlearning of a reversed trigger with I-BAU (above the threshold; below it, "
+                        "see --quiet-ibau)")  # fmt: skip
     warp_strength: float = option(WarpUnlearnConfig.strength, "below the threshold, first unlearn random smooth warps "
                                   "(WaNet's kind, strength uniform up to this; 0: not)")  # fmt: skip
     warp_epochs: int = option(WarpUnlearnConfig.epochs, "epochs of the warp unlearning (all run)")
