@@ -27,6 +27,8 @@ BLOCKS = {
     "removal-zoo-quiet": RESULTS / "removal_zoo_quiet.md",  # the same, --name removal_zoo_quiet
     "removal-zoo-auto": RESULTS / "removal_zoo_auto.md",  # the same, --methods auto --name removal_zoo_auto
     "removal-zoo-region": RESULTS / "removal_zoo_region.md",  # the same, --name removal_zoo_region
+    # the same, every method (one member per family for all but auto), --name removal_zoo_methods
+    "removal-zoo-methods": RESULTS / "removal_zoo_methods.md",
 }
 
 
