@@ -238,8 +238,11 @@ def main() -> None:
     settings = parse_settings(args.settings, args.methods)
     data = manifest["config"]["data"]
     pairs = [(m, method) for m in members for method in args.methods if within(m, method, members, limits)]
-    jobs = [(run_folder(args.out, m["id"], method, settings.get(method, {})), method, str(args.zoo / m["path"]),
-             data, args.seed, settings.get(method, {})) for m, method in pairs]  # fmt: skip
+    jobs = []
+    for m, method in pairs:
+        changed = settings.get(method, {})
+        jobs.append((run_folder(args.out, m["id"], method, changed), method, str(args.zoo / m["path"]), data,
+                     args.seed, changed))  # fmt: skip
     mapper = map
     torch.set_num_threads(args.threads)  # the same threads per run, whatever the workers
     if args.workers > 1:

@@ -98,10 +98,9 @@ def auto_defense(ctx: DefenseContext, cfg: AutoConfig) -> DefenseOutcome:
                               f"as far as they cost at most {100 * cfg.quiet_tolerance:g} held-out points together (a "
                               "scan misses some triggers, warps above all; a model without a backdoor pays more for "
                               "it)")  # fmt: skip
-        warped = cfg.warp_strength > 0 and _warp_step(model, ctx, cfg, _scales(cfg), record)
-        if warped:
-            held = record["steps"][-1]["holdout_accuracy"]
-        if warped and not cfg.quiet_ibau:
+        warped = _warp_step(model, ctx, cfg, _scales(cfg), record) if cfg.warp_strength else None
+        held = held if warped is None else warped
+        if warped is not None and not cfg.quiet_ibau:
             record["steps"].append({"step": "I-BAU", "kept": False, "why": "not run: the warp unlearning was kept, "
                                     "and I-BAU's rounds can bring a warp back (the zoo's wanet-000: ASR 1.3 -> 6.6 %)"})  # fmt: skip
         else:
@@ -246,11 +245,11 @@ def _scales(cfg: AutoConfig) -> tuple[float, ...]:
 
 def _warp_step(
     model, ctx: DefenseContext, cfg: AutoConfig, scales: tuple[float, ...], record: dict[str, Any]
-) -> bool:
+) -> float | None:
     """Random smooth warps unlearnt (:func:`~trojanlab.defenses.warp_unlearning.unlearn_warps`: ``warp_epochs``,
     all run, at ``unlearn_lr``), in place, kept within ``quiet_tolerance`` of the model's held-out accuracy as given,
     else undone and tried again at each further learning-rate scale; the step is appended to ``record``. Returns
-    whether it was kept."""
+    the held-out accuracy after it, or None where it was undone."""
     saved = copy.deepcopy(model.state_dict())
     for scale in scales:
         train = TrainConfig(epochs=cfg.warp_epochs, lr=cfg.unlearn_lr * scale, val_fraction=0.0, seed=cfg.seed)
@@ -263,10 +262,10 @@ def _warp_step(
                 "lr": train.lr, "strength": cfg.warp_strength, "holdout_accuracy": after, "kept": over is None}  # fmt: skip
         record["steps"].append(step)
         if over is None:
-            return True
+            return after
         model.load_state_dict(saved)
         step["undone"] = over
-    return False
+    return None
 
 
 def _ibau_step(

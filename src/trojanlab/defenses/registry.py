@@ -38,6 +38,9 @@ class Defense:
     defender: DefenderConfig = field(default_factory=DefenderConfig)
 
 
+UNLEARNING_DEFENDER = DefenderConfig(clean_fraction=0.05, holdout=0.2)
+"""The clean-data default of the unlearning defenses (I-BAU's: 5 % of the training split, a fifth held out)."""
+
 DEFENSES: dict[str, Defense] = {
     "anp": Defense((ANPConfig, PruneRule), anp_defense,
                    "Adversarial Neuron Pruning (Wu & Wang 2021) on any model"),
@@ -57,14 +60,14 @@ DEFENSES: dict[str, Defense] = {
     "ibau": Defense((IBAUConfig,), ibau_defense,
                     "I-BAU (Zeng et al. 2022): adversarial unlearning of the universal perturbation the model is "
                     "most fooled by, along the implicit hypergradient", output="repaired",
-                    defender=DefenderConfig(clean_fraction=0.05, holdout=0.2)),
+                    defender=UNLEARNING_DEFENDER),
     "warp-unlearn": Defense((WarpUnlearnConfig,), warp_unlearn_defense,
                             "unlearn random smooth warps (WaNet's kind) at the true labels", output="repaired",
-                            defender=DefenderConfig(clean_fraction=0.05, holdout=0.2)),
+                            defender=UNLEARNING_DEFENDER),
     "auto": Defense((AutoConfig,), auto_defense,
                     "scan the model, then cut a merged branch or unlearn the reversed trigger and run I-BAU, each step "
                     "kept only within the held-out tolerance", output="repaired",
-                    defender=DefenderConfig(clean_fraction=0.05, holdout=0.2)),
+                    defender=UNLEARNING_DEFENDER),
 }  # fmt: skip
 
 __all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseOutcome"]
