@@ -34,7 +34,9 @@ def test_auto_unlearns_the_scans_reversed_trigger_and_reports_each_step(small_ba
         assert after["step"].startswith("unlearn the reversed trigger of label 1 (round")
         assert before["kept"] and before["region_attack_success"] > 0.1  # the reason a further round ran
     assert unlearning[-1]["region_attack_success"] <= 0.1
-    # the region no longer reaches the label: I-BAU, which can bring a removed patch back, is not run
+    # nor does Neural Cleanse, run again for the label, find a small trigger (measured: median / its norm 0.30)
+    assert unlearning[-1]["reversed_again_norm_ratio"] < 1.5 and "why_not_cleared" not in unlearning[-1]
+    # the patch is gone: I-BAU, which can bring a removed patch back, is not run
     assert last["step"] == "I-BAU" and not last["kept"] and last["why"].startswith("not run")
     for s in unlearning:  # one budget for the whole repair: each step against the model as it was given
         assert s["kept"] == (held - s["holdout_accuracy"] <= 0.02)
@@ -50,6 +52,34 @@ def test_auto_unlearns_the_scans_reversed_trigger_and_reports_each_step(small_ba
     assert unchanged.changed == "nothing: the scan found no backdoor"
     assert unchanged.after["attack_success_rate"] == unchanged.before["attack_success_rate"]
     assert json.loads((tmp_path / "none" / "result.json").read_text())["steps"] == []
+
+
+@pytest.fixture(scope="module")
+def small_blend(tmp_path_factory, make_bright_thirds):
+    """The 3-class rule of ``small_backdoor`` with a Blended backdoor instead (uniform noise at opacity 0.2 -> 1)."""
+    from trojanlab.attacks.run import blended
+    from trojanlab.config import BlendedConfig, TrainConfig
+
+    folder = tmp_path_factory.mktemp("small_blend")
+    data = make_bright_thirds(folder / "data.npz", 600, 150, seed=1)
+    blended(BlendedConfig(targets=[1], poison_rate=0.2, alpha=0.2),
+            TrainConfig(epochs=8, batch_size=32, val_fraction=0.0, patience=8), data=data, out=folder / "model",
+            progress=False)  # fmt: skip
+    return folder / "model", data
+
+
+def test_a_blend_reversed_as_a_patch_is_not_counted_gone_while_a_small_trigger_remains(small_blend, tmp_path):
+    model, data = small_blend
+    report = defend("auto", model, AutoConfig(threshold=0.0), data=data,
+                    defender=DefenderConfig(clean_fraction=0.5, holdout=0.2), out=tmp_path / "auto", progress=False)  # fmt: skip
+    unlearning, ibau = json.loads((tmp_path / "auto" / "result.json").read_text())["steps"]
+    # Neural Cleanse reverses the blend as a blob small enough for a patch, and the region attack then fails ...
+    assert unlearning["kept"] and 0 < unlearning["region_pixels"] <= 0.1 * 32 * 32
+    assert unlearning["region_attack_success"] <= 0.1
+    # ... but reversed again the label still has a small trigger (measured: median / its norm 1.66): I-BAU runs
+    assert unlearning["reversed_again_norm_ratio"] >= 1.5 and "still small" in unlearning["why_not_cleared"]
+    assert ibau["step"] == "I-BAU" and ibau["kept"]
+    assert report.before["attack_success_rate"] > 0.9 and report.after["attack_success_rate"] < 0.1
 
 
 def test_below_the_threshold_i_bau_alone_is_kept_only_within_the_quiet_tolerance(small_backdoor, tmp_path):

@@ -272,9 +272,10 @@ class AutoConfig:
     ``threshold``; unlearn the reversed triggers of the first ``labels`` suspected labels, reversed again for
     ``refine_steps`` (``unlearn_epochs`` at ``unlearn_lr``, ``stamp_fraction`` of the images stamped; a patch's
     region with the region attack, rounds while it reaches the label above ``region_success``), then I-BAU
-    (``ibau``) unless the patch is gone; a step whose held-out accuracy drop exceeds ``tolerance`` is undone. Below
-    ``threshold``, random warps unlearnt (``warp_strength``), then I-BAU where that step is undone or off (always with
-    ``quiet_ibau``), both within ``quiet_tolerance``."""
+    (``ibau``) unless the patch is gone (the region attack fails and Neural Cleanse finds no small trigger again); a
+    step whose held-out accuracy drop exceeds ``tolerance`` is undone. Below ``threshold``, random warps unlearnt
+    (``warp_strength``), then I-BAU where that step is undone or off (always with ``quiet_ibau``), both within
+    ``quiet_tolerance``."""
 
     threshold: float = option(0.5, "the scan's probability from which the model is repaired")
     labels: int = option(1, "suspected labels whose reversed triggers are unlearnt", flag="--repair-count")
@@ -291,8 +292,9 @@ class AutoConfig:
                                 "this share of the image), also unlearn its region filled per image with the pattern "
                                 "that pulls hardest towards the label (0: never)")  # fmt: skip
     region_success: float = option(0.1, "a patch's region counts as clean once the region attack (the worst pattern "
-                                   "in it, per image) takes at most this share of held-out images to the label; "
-                                   "above it, another unlearning round")  # fmt: skip
+                                   "in it, per image) takes at most this share of held-out images to the label "
+                                   "(and the patch counts as gone where Neural Cleanse then finds no small trigger "
+                                   "for the label); above it, another unlearning round")  # fmt: skip
     scan_like_measure: bool = option(True, "scan the defender's images jittered as the held-out measure is (images "
                                      "the model fitted read like unseen ones; the calibration was fitted on "
                                      "unseen images)")  # fmt: skip
