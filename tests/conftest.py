@@ -68,3 +68,16 @@ def small_backdoor(tmp_path_factory):
         progress=False,
     )
     return folder / "model", data
+
+
+@pytest.fixture(scope="session")
+def warp_backdoor(tmp_path_factory):
+    """A GTSRB CNN with a WaNet backdoor (label 2, strength 4) on the tiny 3-class rule: ``(model folder, .npz)``."""
+    from trojanlab.attacks.run import wanet
+    from trojanlab.config import TrainConfig, WaNetConfig
+
+    folder = tmp_path_factory.mktemp("warp_backdoor")
+    npz = bright_thirds(folder / "data.npz", 600, 150, seed=4)
+    wanet(WaNetConfig(targets=[2], strength=4.0), TrainConfig(epochs=10, batch_size=32, val_fraction=0.0),
+          data=npz, out=folder / "wanet", progress=False)  # fmt: skip
+    return folder / "wanet", npz

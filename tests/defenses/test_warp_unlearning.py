@@ -36,20 +36,6 @@ def test_random_warps_move_each_image_its_own_way_within_the_strength():
     assert torch.allclose(still, x, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def warp_backdoor(tmp_path_factory, make_bright_thirds):
-    """A GTSRB CNN with a WaNet backdoor (label 2, strength 4) on a tiny 3-class rule: ``(model folder, .npz)``."""
-    from trojanlab.attacks.run import wanet
-    from trojanlab.config import TrainConfig as VictimTraining
-    from trojanlab.config import WaNetConfig
-
-    folder = tmp_path_factory.mktemp("warp_backdoor")
-    npz = make_bright_thirds(folder / "data.npz", 600, 150, seed=4)
-    wanet(WaNetConfig(targets=[2], strength=4.0), VictimTraining(epochs=10, batch_size=32, val_fraction=0.0),
-          data=npz, out=folder / "wanet", progress=False)  # fmt: skip
-    return folder / "wanet", npz
-
-
 def test_unlearning_warps_removes_a_warping_backdoor_that_fine_tuning_leaves(warp_backdoor):
     model, npz = warp_backdoor
     loaded = load_model(model)

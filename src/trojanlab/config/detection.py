@@ -168,6 +168,35 @@ SCAN_DETECTORS = ("structure", "mmbd", "nc", "mntd")
 
 
 @dataclass
+class TargetConfig:
+    """Naming the target (:mod:`trojanlab.detection.target`): Neural Cleanse's ``nc_candidates`` smallest norms and
+    MM-BD's ``mmbd_candidates`` largest margins examined again -- Neural Cleanse for them alone, ``refine_steps``
+    steps, and a targeted universal warp (one smooth field on a ``warp_grid`` x ``warp_grid`` control grid, offsets
+    within ``warp_bound``, ``warp_steps`` Adam steps on ``warp_images`` images); a label the warp takes at least
+    ``warp_success`` of the images to comes first, then the others by their norm."""
+
+    nc_candidates: int = option(5, "Neural Cleanse's smallest-norm labels examined again")
+    mmbd_candidates: int = option(3, "MM-BD's largest-margin labels examined again")
+    refine_steps: int = option(120, "Neural Cleanse's schedule steps for the candidates alone")
+    warp_steps: int = option(40, "Adam steps of the targeted universal warp")
+    warp_images: int = option(64, "example images the warp is optimised and read on")
+    warp_grid: int = option(4, "control points per side of the warp's field (WaNet's k)")
+    warp_bound: float = option(3.0, "largest control offset, in WaNet's units (strength x flow: 3 moves a pixel by "
+                               "at most 1.5 pixels on a 32-pixel image)")  # fmt: skip
+    warp_success: float = option(0.5, "share of images a warp must take to a label for it to come first")
+    seed: int = option(0, cli=False)
+
+    def __post_init__(self) -> None:
+        for name in ("nc_candidates", "mmbd_candidates"):
+            check_int("TargetConfig", name, getattr(self, name), 0)
+        for name in ("refine_steps", "warp_steps", "warp_images"):
+            check_int("TargetConfig", name, getattr(self, name), 1)
+        check_int("TargetConfig", "warp_grid", self.warp_grid, 2)
+        check_number("TargetConfig", "warp_bound", self.warp_bound, 0, low_open=True)
+        check_number("TargetConfig", "warp_success", self.warp_success, 0, 1, low_open=True)
+
+
+@dataclass
 class ScanConfig:
     """The scan: which detectors run (cheapest first) and their budgets; the probability comes from a calibration.
 
@@ -185,6 +214,10 @@ class ScanConfig:
     nc_steps: int | None = option(30, "Neural Cleanse's schedule steps at most (None: its profile's)")
     nc_images: int | None = option(200, "clean example images Neural Cleanse uses at most")
     small_fraction: float = option(0.25, "the structure check's largest share of the image for a small window")
+    confirm_nc: int = option(TargetConfig.nc_candidates, "Neural Cleanse's smallest-norm labels examined again to "
+                             "name the target (with --confirm-mmbd; both 0: the detectors' own labels)")  # fmt: skip
+    confirm_mmbd: int = option(TargetConfig.mmbd_candidates, "MM-BD's largest-margin labels examined again to name "
+                               "the target")  # fmt: skip
     mntd_file: str | None = option(None, "an MNTD meta-classifier (.safetensors; default: the one the package ships)")
     threshold: float = option(0.5, "probability at or above which the verdict is 'backdoored'")
     seed: int = option(0, cli=False)
@@ -202,11 +235,16 @@ class ScanConfig:
         StructureConfig(self.small_fraction)
         self.mmbd()  # their own checks
         self.nc()
+        self.target()
         check_number("ScanConfig", "threshold", self.threshold, 0, 1)
 
     def mmbd(self) -> MMBDConfig:
         """MM-BD's settings in this scan."""
         return MMBDConfig(profile=self.mmbd_profile, starts=self.mmbd_starts, steps=self.mmbd_steps, seed=self.seed)
+
+    def target(self) -> TargetConfig:
+        """The target check's settings in this scan."""
+        return TargetConfig(nc_candidates=self.confirm_nc, mmbd_candidates=self.confirm_mmbd, seed=self.seed)
 
     def nc(self) -> NCConfig:
         """Neural Cleanse's settings in this scan."""

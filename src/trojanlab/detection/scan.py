@@ -7,7 +7,9 @@
 structure check finds a branch, :func:`~trojanlab.detection.structure.branch_labels` reads the label it serves
 from the branch itself, cut out of the graph and run on window contents. (Optimising a patch in the window through
 the whole model finds nothing for TrojanNet: its 4,369-way softmax gives the armed pattern a probability of zero,
-and no gradient, until the pattern is exact -- measured: the right label on 0 of 4 images after 150 steps.)
+and no gradient, until the pattern is exact -- measured: the right label on 0 of 4 images after 150 steps.) After
+Neural Cleanse, the target check (:mod:`~trojanlab.detection.target`) examines a few candidate labels again, longer,
+to name the target first; it orders the suspected labels and gives no feature.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..errors import ConfigError
 from . import mmbd as mm
 from . import neural_cleanse as nc
 from . import structure as st
+from . import target as tg
 from .calibration import Calibration
 from .mntd import MetaClassifier
 
@@ -158,6 +161,12 @@ def scan_model(
                                   "smallest_norm_label": min(scan.norms(), key=scan.norms().get), "threshold": ncfg.threshold,
                                   "l1_norms": {str(k): v for k, v in scan.norms().items()}, "images": len(data)}  # fmt: skip
         result.seconds["nc"] = round(scan.seconds, 2)
+        tcfg = cfg.target()
+        if tcfg.nc_candidates or tcfg.mmbd_candidates:
+            margins = result.mmbd.by_label() if result.mmbd is not None else None
+            check = tg.check_target(model, data, num_classes, scan.norms(), margins, tcfg, ncfg, device)
+            result.detectors["target"] = check.to_json()
+            result.seconds["target"] = round(check.seconds, 2)
     if "mntd" in cfg.detectors:
         began = time.perf_counter()
         why = "no meta-classifier was given, and none ships" if meta is None else meta.applicable(num_classes, shape)
@@ -176,16 +185,18 @@ def scan_model(
 
 
 def suspected_labels(detectors: dict[str, dict[str, Any]]) -> list[int]:
-    """The labels the evidence points at, strongest first: the structure branch's target, Neural Cleanse's smallest
-    norm, MM-BD's largest margin (each once). Neural Cleanse's label comes before MM-BD's because a small reversed
-    trigger that turns the auditor's own images is direct evidence, where a large margin reached somewhere in the input
-    space is also how some clean labels look (GTSRB's label 12 has the largest margin in 8 of 24 clean zoo models);
-    on the zoo's backdoored models the combined scan detects, Neural Cleanse's own label is the right target for
-    65.5 %, MM-BD's for 58.6 %, and this order (the structure branch's first) for 86.2 %
-    (``benchmarks/results/scan_zoo.md``)."""
+    """The labels the evidence points at, strongest first: the structure branch's target, the target check's first
+    label (:mod:`~trojanlab.detection.target`), Neural Cleanse's smallest norm, MM-BD's largest margin (each once).
+    Neural Cleanse's label comes before MM-BD's because a small reversed trigger that turns the auditor's own images
+    is direct evidence, where a large margin reached somewhere in the input space is also how some clean labels look
+    (GTSRB's label 12 has the largest margin in 8 of 24 clean zoo models); on the zoo's backdoored models the combined
+    scan detects, Neural Cleanse's own label is the right target for 65.5 %, MM-BD's for 58.6 %, and this order
+    without the target check (the structure branch's first) for 86.2 % (``benchmarks/results/scan_zoo.md``)."""
     out: list[int] = []
     if "window_target" in detectors.get("structure", {}):
         out.append(int(detectors["structure"]["window_target"]))
+    if detectors.get("target", {}).get("ranked"):
+        out.append(int(detectors["target"]["ranked"][0]))
     if "nc" in detectors:
         out.append(int(detectors["nc"]["smallest_norm_label"]))
     if "mmbd" in detectors:
