@@ -23,12 +23,15 @@ BLOCKS = {
     "zoo": RESULTS / "zoo" / "table.md",  # benchmarks/zoo_table.py
     "scan-zoo": RESULTS / "scan_zoo.md",  # benchmarks/scan_zoo.py
     "scan-onnx": RESULTS / "scan_onnx.md",  # benchmarks/scan_onnx.py
+    "scan-targets": RESULTS / "scan_targets.md",  # benchmarks/scan_targets.py
     "removal-zoo": RESULTS / "removal_zoo.md",  # benchmarks/removal_zoo.py
     "removal-zoo-quiet": RESULTS / "removal_zoo_quiet.md",  # the same, --name removal_zoo_quiet
     "removal-zoo-auto": RESULTS / "removal_zoo_auto.md",  # the same, --methods auto --name removal_zoo_auto
     "removal-zoo-region": RESULTS / "removal_zoo_region.md",  # the same, --name removal_zoo_region
     # the same, every method (one member per family for all but auto), --name removal_zoo_methods
     "removal-zoo-methods": RESULTS / "removal_zoo_methods.md",
+    # the same, defend auto after the target check and the patch rule, --name removal_zoo_auto_targets
+    "removal-zoo-auto-targets": RESULTS / "removal_zoo_auto_targets.md",
 }
 
 
