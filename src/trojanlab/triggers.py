@@ -95,7 +95,8 @@ def warp_grid(
     ``(N, 2, k, k)``, upsampled (bicubic) to ``height`` x ``width``: ``clamp((identity + strength * flow / H) *
     rescale, -1, 1)``; ``strength`` a number or one per field (``(N, 1, 1, 1)``)."""
     flow = torch.nn.functional.interpolate(flow, size=(height, width), mode="bicubic", align_corners=True)
-    rows, cols = torch.linspace(-1, 1, height), torch.linspace(-1, 1, width)
+    rows = torch.linspace(-1, 1, height, device=flow.device, dtype=flow.dtype)
+    cols = torch.linspace(-1, 1, width, device=flow.device, dtype=flow.dtype)
     y, x = torch.meshgrid(rows, cols, indexing="ij")
     identity = torch.stack((x, y), dim=-1)[None]
     # the paper divides by the image height for both axes; its images are square

@@ -44,6 +44,9 @@ def test_the_check_orders_labels_only_and_can_be_turned_off(small_backdoor):
                                    "nc_log_norm_ratio"}  # fmt: skip
     off = _scan(*small_backdoor, ScanConfig(detectors=["mmbd", "nc"], confirm_nc=0, confirm_mmbd=0))
     assert "target" not in off.detectors and off.features == found.features
+    # no MM-BD and no Neural Cleanse candidates: no label to examine, no check
+    alone = _scan(*small_backdoor, ScanConfig(detectors=["nc"], confirm_nc=0))
+    assert "target" not in alone.detectors
     assert off.suspected_labels[0] == off.detectors["nc"]["smallest_norm_label"]
 
 

@@ -162,8 +162,8 @@ def scan_model(
                                   "l1_norms": {str(k): v for k, v in scan.norms().items()}, "images": len(data)}  # fmt: skip
         result.seconds["nc"] = round(scan.seconds, 2)
         tcfg = cfg.target()
-        if tcfg.nc_candidates or tcfg.mmbd_candidates:
-            margins = result.mmbd.by_label() if result.mmbd is not None else None
+        margins = result.mmbd.by_label() if result.mmbd is not None else None
+        if tg.candidates(scan.norms(), margins, tcfg):
             check = tg.check_target(model, data, num_classes, scan.norms(), margins, tcfg, ncfg, device)
             result.detectors["target"] = check.to_json()
             result.seconds["target"] = round(check.seconds, 2)
