@@ -202,7 +202,8 @@ class ScanConfig:
 
     The budgets are below the detectors' own profiles so that the whole scan of a 43-class GTSRB model fits the
     issue's 2 minutes on 2 CPU cores (MM-BD 5 x 50 steps, Neural Cleanse 30 schedule steps); the calibration is
-    fitted on statistics measured with these budgets, so it reads them as they are."""
+    fitted on statistics measured with these budgets, so it reads them as they are. The target check
+    (``confirm_nc``, ``confirm_mmbd``) adds about 40 s on one thread (``benchmarks/results/scan_targets.md``)."""
 
     detectors: list[str] = option(factory=lambda: list(SCAN_DETECTORS), help="detectors to run: structure (the "
                                   "graph), mmbd (no data), nc (needs --examples), mntd (the meta-classifier; skipped, and said so, on a "

@@ -225,13 +225,14 @@ def _unlearn_label(
             step["region_attack_success"] = success
             if success <= cfg.region_success:
                 # the region is clean; is the label? a blend reversed as a blob can leave a small trigger elsewhere
-                norm = _reversed_again(model, ctx, scan_cfg, label, nc_data, median_norm, step).l1_norms[0]
-                if median_norm / norm < cfg.clean_norm_ratio:
+                _reversed_again(model, ctx, scan_cfg, label, nc_data, median_norm, step)
+                ratio = step["reversed_again_norm_ratio"]
+                if ratio < cfg.clean_norm_ratio:
                     return held, True
                 step["why_not_cleared"] = (
                     f"the region attack no longer reaches the label ({success:.0%} <= {cfg.region_success:.0%}), "
-                    f"but reversed again its trigger is still small (median norm / its norm "
-                    f"{median_norm / norm:.2f} >= {cfg.clean_norm_ratio}): not a patch alone"
+                    f"but reversed again its trigger is still small (median norm / its norm {ratio:.2f} >= "
+                    f"{cfg.clean_norm_ratio}): not a patch alone"
                 )
                 return held, False
             why = (f"the region attack still takes {success:.0%} of the held-out images to the label "
